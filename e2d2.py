@@ -1,0 +1,815 @@
+"""
+E2D2: Encoder-Decoder Diffusion Language Models, in one readable file.
+
+E2D2 (arXiv 2510.22852) is a masked ("absorbing state") discrete diffusion language
+model that writes text block by block, like BD3-LM (arXiv 2503.09573). A sequence x of
+length L = K * B is cut into K blocks of B tokens. Blocks are generated left to right;
+inside a block, tokens start as [MASK] and are filled in over T denoising steps.
+
+What E2D2 changes versus BD3-LM (lines marked `# [E2D2]` below):
+  1. The network is split in two. A big ENCODER (N_enc layers) reads the CLEAN tokens
+     x_0 (prompt + finished blocks); a small DECODER (N_dec << N_enc layers) reads the
+     NOISY block x_t and attends to the encoder's output h.
+  2. Sampling runs the encoder once per finished block and only the cheap decoder at each
+     of the T denoising steps (BD3-LM runs its whole network T times per block).
+  3. Training needs no 2L-long input [x_0 ; x_t]: the encoder runs over the L clean tokens
+     with a block-causal mask, the decoder over the L noisy tokens against 2L keys
+     [h ; x_t] with an (offset block-causal | block-diagonal) mask. About N_enc + N_dec
+     layer-passes per token instead of BD3-LM's 2N.
+  4. In every decoder layer the keys/values of the clean tokens come from h (the
+     encoder's last hidden state, "hidden" variant) or from the encoder's own layer-i
+     keys/values ("shared_kv" variant).
+
+Reading order (bottom-up, each part uses only what comes before it):
+  config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + loss ->
+  transformer pieces (RMSNorm, RoPE, attention, SwiGLU, Layer) -> E2D2 model
+  (encode, decode, loss) -> the sampler (cached and uncached) -> checkpoint helpers.
+
+Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
+H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine", "log", "exp")
+DECODER_VARIANTS = ("hidden", "shared_kv")
+
+
+@dataclass
+class ModelConfig:
+    # Vocabulary. The defaults are those of the byte tokenizer in data.py
+    # (256 bytes, then PAD, BOS, EOS, MASK); train.py always fills them from the tokenizer.
+    vocab_size: int = 260
+    pad_id: int = 256
+    eos_id: int = 258
+    mask_id: int = 259
+    # Lengths: the longest sequence the model handles (prompt + answer), and the
+    # diffusion block length B. seq_len must be a multiple of block_len.
+    seq_len: int = 32
+    block_len: int = 4
+    # Transformer width and depth: N_enc encoder layers, N_dec decoder layers.
+    d_model: int = 128
+    n_heads: int = 4
+    n_enc: int = 4
+    n_dec: int = 2
+    # Where each decoder layer gets the clean tokens' keys/values from:
+    #   "hidden":    project the encoder's final hidden state h with the decoder layer's
+    #                own norm + K/V weights (the paper's default),
+    #   "shared_kv": reuse encoder layer i's keys/values in decoder layer i.
+    decoder: str = "hidden"
+    # Noise schedule alpha(t) and the range [t_min, t_max] that training draws t from
+    # (t_min > 0 keeps the loss weight -alpha'/(1-alpha) finite).
+    schedule: str = "linear"
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        validate_config(self)
+
+
+def validate_config(cfg: ModelConfig) -> None:
+    """Raise a ValueError that says what is wrong, before torch sees a bad shape."""
+    problems = []
+    for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            problems.append(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if not problems:
+        if cfg.seq_len % cfg.block_len != 0:
+            problems.append(
+                f"seq_len={cfg.seq_len} is not a multiple of block_len={cfg.block_len}"
+            )
+        if cfg.d_model % cfg.n_heads != 0:
+            problems.append(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
+        elif (cfg.d_model // cfg.n_heads) % 2 != 0:
+            problems.append(
+                f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)"
+            )
+        if cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
+            problems.append(
+                f"decoder='shared_kv' reads encoder layer i in decoder layer i, so it needs "
+                f"n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})"
+            )
+        for name in ("pad_id", "eos_id", "mask_id"):
+            if not 0 <= getattr(cfg, name) < cfg.vocab_size:
+                problems.append(f"{name}={getattr(cfg, name)} is outside the vocabulary")
+    if cfg.decoder not in DECODER_VARIANTS:
+        problems.append(f"decoder must be one of {DECODER_VARIANTS}, got {cfg.decoder!r}")
+    if cfg.schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
+        problems.append(f"need 0 <= t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if problems:
+        raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------
+# Noise schedules: alpha(t) = probability that a token is still clean at time t.
+# alpha(0) = 1 (clean), alpha(1) ~ 0 (all [MASK]). Each returns (alpha_t, alpha_prime_t),
+# in that order; alpha_prime_t = d alpha / dt <= 0.
+# ---------------------------------------------------------------------------------------
+
+COSINE_EPS = 1e-3  # cosine keeps alpha(0) = 1 - eps, as in MDLM
+EXP_POWER = 2  # "exp": mask probability t^p (the power schedule of MDLM/BD3-LM)
+
+
+def noise_schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "linear":  # alpha = 1 - t
+        return 1.0 - t, -torch.ones_like(t)
+    if name == "cosine":  # alpha = (1 - eps) cos(pi t / 2)
+        alpha = (1.0 - COSINE_EPS) * torch.cos(math.pi * t / 2)
+        alpha_prime = -(1.0 - COSINE_EPS) * (math.pi / 2) * torch.sin(math.pi * t / 2)
+        return alpha, alpha_prime
+    if name == "log":  # alpha = 1 - log(1 + t) / log 2
+        return 1.0 - torch.log1p(t) / math.log(2.0), -1.0 / ((1.0 + t) * math.log(2.0))
+    if name == "exp":  # alpha = 1 - t^p
+        return 1.0 - t**EXP_POWER, -EXP_POWER * t ** (EXP_POWER - 1)
+    raise ValueError(f"unknown noise schedule {name!r}; choose one of {SCHEDULES}")
+
+
+def sample_t(
+    batch: int, n_blocks: int, t_min: float, t_max: float, generator=None, device=None
+) -> torch.Tensor:
+    """One diffusion time per block: t_k ~ U[t_min, t_max] (BD3-LM's clipped schedule
+    when [t_min, t_max] is narrower than [0, 1]). Shape (b, K)."""
+    u = torch.rand(batch, n_blocks, generator=generator, device=device)
+    return t_min + (t_max - t_min) * u
+
+
+def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Tensor:
+    """NELBO weight of a masked token at time t: -alpha'(t) / (1 - alpha(t)). For the
+    linear schedule this is 1/t."""
+    return -alpha_prime_t / (1.0 - alpha_t)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention masks. Blocks are numbered by position: block(i) = i // B.
+# Every mask function below is the ONE place its mask is built; training, the sampler's
+# uncached reference, the tests and the notebooks all call it.
+# A padding query would see no key at all, and softmax over an empty row is NaN; so each
+# padding query sees exactly itself. Its output is never used.
+# ---------------------------------------------------------------------------------------
+
+
+def block_ids(length: int, block_len: int, device=None) -> torch.Tensor:
+    """(length,) tensor with the block index of every position."""
+    return torch.arange(length, device=device) // block_len
+
+
+def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
+    """Encoder self-attention over the clean sequence x_0. (b, L, L), True = may attend.
+
+    Query i may see key j iff key j is a real token (not padding) and
+      block(j) <= block(i)   (block-causal: a block sees itself and the blocks before it)
+      or j is a prompt token (the prompt is read bidirectionally by every query).
+    """
+    b, L = valid.shape
+    blk = block_ids(L, block_len, valid.device)
+    block_causal = blk[None, :, None] >= blk[None, None, :]  # (1, L, L): [i, j] = blk(j) <= blk(i)
+    sees = (block_causal | prompt_mask[:, None, :]) & valid[:, None, :]  # (b, L, L)
+    return sees | _padding_self(valid)
+
+
+def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:  # [E2D2]
+    """Decoder attention: queries are the noisy tokens x_t (L of them); keys are the
+    concatenation [h ; x_t] of the clean encoder outputs and the noisy tokens (2L).
+    Returns (b, L, 2L), True = may attend.
+
+    A noisy query in block k may see
+      clean h_j    iff block(j) <  block(k)   (offset block-causal: only FINISHED blocks)
+      noisy x_t,j  iff block(j) == block(k)   (block-diagonal: its own noisy block)
+    and never a padding key. Clean key j and noisy key j share RoPE position j.
+    """
+    b, L = valid.shape
+    blk = block_ids(L, block_len, valid.device)
+    offset_block_causal = blk[None, :, None] > blk[None, None, :]  # (1, L, L)
+    block_diagonal = blk[None, :, None] == blk[None, None, :]  # (1, L, L)
+    to_clean = offset_block_causal & valid[:, None, :]  # (b, L, L)
+    to_noisy = (block_diagonal & valid[:, None, :]) | _padding_self(valid)  # (b, L, L)
+    return torch.cat([to_clean, to_noisy], dim=-1)  # (b, L, 2L)
+
+
+def _padding_self(valid: torch.Tensor) -> torch.Tensor:
+    """(b, L, L): True on the diagonal of padding rows (a padding query sees itself)."""
+    L = valid.shape[1]
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return eye[None] & ~valid[:, :, None]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward process q(x_t | x_0): one t per block; each target (non-prompt, non-padding)
+# token of block k becomes [MASK] independently with probability 1 - alpha(t_k).
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Noised:
+    x_t: torch.Tensor  # (b, L) noisy tokens
+    masked: torch.Tensor  # (b, L) bool, True where x_t is [MASK]
+    alpha_t: torch.Tensor  # (b, L) alpha(t_k) of each token's block
+    alpha_prime_t: torch.Tensor  # (b, L) alpha'(t_k) of each token's block
+
+
+def q_sample(
+    x0: torch.Tensor,
+    target_mask: torch.Tensor,
+    t: torch.Tensor,
+    block_len: int,
+    mask_id: int,
+    schedule: str = "linear",
+    ensure_masked: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Noised:
+    """Draw x_t ~ q(x_t | x_0). t: (b, K), one time per block.
+
+    ensure_masked (training): a block that has target tokens but drew no [MASK] would
+    teach nothing, so a random number m in [1, n_targets] of its targets get masked.
+    """
+    b, L = x0.shape
+    alpha_blk, alpha_prime_blk = noise_schedule(schedule, t)  # (b, K) each
+    alpha_t = alpha_blk.repeat_interleave(block_len, dim=1)  # (b, L)
+    alpha_prime_t = alpha_prime_blk.repeat_interleave(block_len, dim=1)  # (b, L)
+
+    u = torch.rand(b, L, generator=generator, device=x0.device)
+    masked = (u < 1.0 - alpha_t) & target_mask  # prompt and padding are never masked
+
+    if ensure_masked:
+        targets = rearrange(target_mask, "b (k B) -> b k B", B=block_len)
+        got = rearrange(masked, "b (k B) -> b k B", B=block_len)
+        n_targets = targets.sum(-1)  # (b, K)
+        empty = (n_targets > 0) & (got.sum(-1) == 0)  # blocks that need a re-mask
+        # m ~ U{1..n_targets}: how many of the block's targets to mask
+        m = 1 + (torch.rand(n_targets.shape, generator=generator, device=x0.device) * n_targets).long()
+        m = torch.minimum(m, n_targets.clamp(min=1))
+        # random order of the targets inside each block (non-targets sort last)
+        score = torch.rand(targets.shape, generator=generator, device=x0.device)
+        score = score.masked_fill(~targets, 2.0)
+        rank = score.argsort(-1).argsort(-1)  # rank of each position in its block
+        remask = empty[..., None] & (rank < m[..., None]) & targets
+        masked = masked | rearrange(remask, "b k B -> b (k B)")
+
+    x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    return Noised(x_t, masked, alpha_t, alpha_prime_t)
+
+
+# ---------------------------------------------------------------------------------------
+# SUBS parameterization and the loss.
+# ---------------------------------------------------------------------------------------
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """log p_theta(x_0 | x_t) with the SUBS parameterization of MDLM (b, L, V):
+      - zero mass on [MASK] (the clean data never contains it): logit -inf;
+      - carry-over: where x_t is not [MASK] the prediction is x_t itself (log p = 0 on
+        that token, -inf elsewhere), so unmasked tokens add exactly 0 to the loss.
+    """
+    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
+    log_p = F.log_softmax(logits, dim=-1)
+    V = logits.shape[-1]
+    carry = torch.where(
+        torch.arange(V, device=x_t.device) == x_t[..., None], 0.0, -math.inf
+    )  # (b, L, V): one-hot of x_t, in log space
+    return torch.where((x_t != mask_id)[..., None], carry, log_p)
+
+
+@dataclass
+class Loss:
+    loss: torch.Tensor  # what training minimises (masked_ce or nelbo, see E2D2.forward)
+    nelbo: torch.Tensor  # sum_i w_k * (-log p(x0_i | x_t)) / n_targets
+    masked_ce: torch.Tensor  # sum over masked targets of -log p, / n_targets (unweighted)
+    n_targets: torch.Tensor  # number of target tokens the averages are taken over
+
+
+def diffusion_loss(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    noised: Noised,
+    target_mask: torch.Tensor,
+    mask_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-diffusion NELBO (MDLM / BD3-LM) and the unweighted masked cross-entropy.
+
+    NELBO per token = (1 / n_targets) * sum_{target i, masked} w_k * (-log p(x0_i | x_t)),
+    with w_k = -alpha'(t_k) / (1 - alpha(t_k)) for the block k that holds i. Unmasked
+    targets contribute exactly 0 because of SUBS carry-over. Returns
+    (nelbo, masked_ce, n_targets).
+    """
+    log_p = subs_log_probs(logits, noised.x_t, mask_id)  # (b, L, V)
+    nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (b, L); 0 where x_t == x0
+    w = loss_weight(noised.alpha_t, noised.alpha_prime_t)  # (b, L)
+    n_targets = target_mask.sum().clamp(min=1)
+    zero = torch.zeros_like(nll)
+    masked_ce = torch.where(target_mask, nll, zero).sum() / n_targets
+    nelbo = torch.where(target_mask, w * nll, zero).sum() / n_targets
+    return nelbo, masked_ce, n_targets
+
+
+# ---------------------------------------------------------------------------------------
+# Transformer pieces: RMSNorm, RoPE, attention (with optional prefix keys/values),
+# SwiGLU MLP, and a pre-norm Layer. Encoder and decoder are stacks of the same Layer.
+# ---------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        x_f = x.float()
+        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x_f.type_as(x) * self.weight
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype):
+    """cos, sin of the rotary angles for integer positions (n,) -> (n, hd/2) each."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).double() / head_dim)
+    angles = positions.double()[:, None] * inv_freq[None, :]  # (n, hd/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) of the head dimension by the position's angle.
+    x: (b, H, n, hd); cos, sin: (n, hd/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2)
+
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), RoPE applied
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention with an explicit
+    boolean mask. Optional `prefix` keys/values are put IN FRONT of this input's own
+    keys/values: that one mechanism serves as the KV cache (encoder, AR), as the clean
+    keys of the E2D2 decoder (h), and as BD3-LM's cached clean blocks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def project_kv(self, x: torch.Tensor, cos, sin) -> KV:
+        """Keys and values of x (b, n, d) -> two (b, H, n, hd), keys rotated by RoPE."""
+        k, v = rearrange(self.kv(x), "b n (two H hd) -> two b H n hd", two=2, H=self.n_heads)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, prefix: Optional[KV] = None):
+        """x: (b, n, d) queries (and keys/values); mask: (b, n, n_prefix + n).
+        Returns the output (b, n, d) and this input's own (keys, values) for caching."""
+        q = rearrange(self.q(x), "b n (H hd) -> b H n hd", H=self.n_heads)
+        q = apply_rope(q, cos, sin)
+        k, v = self.project_kv(x, cos, sin)
+        keys, values = k, v
+        if prefix is not None:
+            keys = torch.cat([prefix[0], k], dim=2)  # (b, H, n_prefix + n, hd)
+            values = torch.cat([prefix[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None],  # mask broadcast over heads
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (b, H, n, hd)
+        return self.out(rearrange(y, "b H n hd -> b n (H hd)")), (k, v)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * cfg.d_model / 3 / 64)  # ~ (8/3) d, as in LLaMA
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer: x + Attn(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, prefix: Optional[KV] = None):
+        a, kv = self.attn(self.norm1(x), cos, sin, mask, prefix)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return x, kv
+
+    def clean_kv(self, h, cos, sin) -> KV:  # [E2D2]
+        """Keys/values of the clean stream h as THIS layer sees them: through its own input
+        norm and K/V projection (the decoder's "hidden" variant)."""
+        return self.attn.project_kv(self.norm1(h), cos, sin)
+
+
+# ---------------------------------------------------------------------------------------
+# The E2D2 model: shared token embedding (tied to the output head), an encoder stack over
+# clean tokens and a decoder stack over noisy tokens.
+# ---------------------------------------------------------------------------------------
+
+
+class E2D2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by enc and dec  [E2D2]
+        self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # [E2D2]
+        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # [E2D2]
+        self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
+        self.dec_norm = RMSNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self._init_weights()
+
+    def _init_weights(self):
+        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * depth)
+        n_layers = self.cfg.n_enc + self.cfg.n_dec
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def rope(self, positions: torch.Tensor):
+        hd = self.cfg.d_model // self.cfg.n_heads
+        return rope_angles(positions, hd, self.cfg.rope_base, self.embed.weight.dtype)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head tied to the token embedding: (b, n, d) -> (b, n, V)."""
+        return F.linear(self.dec_norm(z), self.embed.weight)
+
+    # -- encoder -----------------------------------------------------------------------
+
+    def encode(self, x0, positions, mask, cache: Optional[list] = None):
+        """Run the N_enc encoder layers over clean tokens x0 (b, n).
+        mask: (b, n, n_cache + n). cache: per-layer (k, v) of earlier clean tokens, or None.
+        Returns h = enc_norm(hidden) (b, n, d) and this call's per-layer (k, v)."""
+        cos, sin = self.rope(positions)
+        x = self.drop(self.embed(x0))  # (b, n, d)
+        new_kv = []
+        for i, layer in enumerate(self.encoder):
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            new_kv.append(kv)
+        return self.enc_norm(x), new_kv
+
+    def clean_kv(self, h, positions, enc_kv) -> list:  # [E2D2]
+        """Per decoder layer, the keys/values of the clean tokens:
+        "hidden":    decoder layer l projects h with its own norm and K/V weights;
+        "shared_kv": decoder layer l reuses encoder layer l's keys/values."""
+        if self.cfg.decoder == "shared_kv":
+            return list(enc_kv[: self.cfg.n_dec])
+        cos, sin = self.rope(positions)
+        return [layer.clean_kv(h, cos, sin) for layer in self.decoder]
+
+    # -- decoder -----------------------------------------------------------------------
+
+    def decode(self, x_t, positions, mask, clean: list) -> torch.Tensor:  # [E2D2]
+        """Run the N_dec decoder layers over noisy tokens x_t (b, n). In every layer the
+        queries come from the noisy stream only and the keys/values are
+        [clean[l] ; the noisy stream's own], mask (b, n, n_clean + n). The layer output
+        replaces only the noisy stream: the clean keys stay the same in every pass.
+        Returns raw logits (b, n, V) (SUBS is applied by the loss and the sampler)."""
+        cos, sin = self.rope(positions)
+        z = self.drop(self.embed(x_t))  # (b, n, d)
+        for layer, kv in zip(self.decoder, clean):
+            z, _ = layer(z, cos, sin, mask, kv)
+        return self.head(z)
+
+    # -- training forward --------------------------------------------------------------
+
+    def logits(self, x0, x_t, prompt_mask) -> torch.Tensor:
+        """Decoder logits for ALL blocks in one pass (b, L, V). [E2D2] The encoder reads x0
+        (L tokens, block-causal), the decoder reads x_t (L queries, 2L keys)."""
+        valid = x0 != self.cfg.pad_id
+        positions = torch.arange(x0.shape[1], device=x0.device)
+        h, enc_kv = self.encode(x0, positions, encoder_mask(prompt_mask, valid, self.cfg.block_len))
+        clean = self.clean_kv(h, positions, enc_kv)  # per decoder layer, L keys each
+        return self.decode(x_t, positions, decoder_mask(valid, self.cfg.block_len), clean)
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool.
+        Noises x0 (one t per block), runs encoder + decoder once and returns the losses.
+        train_loss picks what `loss` is: "masked_ce" (the authors' training objective) or
+        "nelbo" (the bound itself)."""
+        cfg = self.cfg
+        b, L = x0.shape
+        if L % cfg.block_len != 0:
+            raise ValueError(f"sequence length {L} is not a multiple of block_len={cfg.block_len}")
+        if L > cfg.seq_len:
+            raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
+        target_mask = (x0 != cfg.pad_id) & ~prompt_mask
+        t = sample_t(b, L // cfg.block_len, cfg.t_min, cfg.t_max, generator, x0.device)
+        noised = q_sample(x0, target_mask, t, cfg.block_len, cfg.mask_id, cfg.schedule,
+                          ensure_masked=True, generator=generator)
+        logits = self.logits(x0, noised.x_t, prompt_mask)
+        nelbo, masked_ce, n = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id)
+        if train_loss not in ("masked_ce", "nelbo"):
+            raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
+        return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling, block by block.
+#
+# The loop in `generate` is the same for every way of computing the decoder's logits; a
+# "runner" object hides that one difference:
+#   runner.logits(x_block)  -> (b, B, V) logits of the noisy block (one network call)
+#   runner.commit(block)    -> the finished clean block joins the context
+#   runner.keep(rows)       -> drop finished sequences from the batch
+# CachedE2D2 is the fast one; RecomputeE2D2 re-runs the training forward over everything
+# at every step (no cache) and is the reference the cached one must match exactly.
+# ---------------------------------------------------------------------------------------
+
+
+def _cat_kv(a: Optional[KV], b: KV) -> KV:
+    return b if a is None else (torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2))
+
+
+class CachedE2D2:
+    """E2D2 sampling with two caches:
+      enc_cache[l]: keys/values of every clean token in encoder layer l, so a finished
+                    block is encoded alone (B queries against the cache);
+      dec_cache[l]: keys/values of h in decoder layer l (the "cross-attention cache"),
+                    computed once per clean token and reused at every denoising step."""
+
+    def __init__(self, model: E2D2, prompt: torch.Tensor):
+        self.model = model
+        self.enc_cache: list = [None] * model.cfg.n_enc
+        self.dec_cache: list = [None] * model.cfg.n_dec
+        self.key_valid = prompt[:, :0] != model.cfg.pad_id  # (b, 0): which cached keys are real
+        self.encoder_calls = self.decoder_calls = 0
+        if prompt.shape[1] > 0:
+            valid = prompt != model.cfg.pad_id
+            self._encode(prompt, encoder_mask(valid, valid, model.cfg.block_len))  # prompt: bidirectional
+
+    def _encode(self, tokens, mask):
+        """Encode new clean tokens against the cache and extend both caches."""
+        n0, n = self.key_valid.shape[1], tokens.shape[1]
+        positions = torch.arange(n0, n0 + n, device=tokens.device)
+        cache = None if n0 == 0 else self.enc_cache
+        h, new_kv = self.model.encode(tokens, positions, mask, cache)  # h: (b, n, d)
+        self.enc_cache = [_cat_kv(c, kv) for c, kv in zip(self.enc_cache, new_kv)]
+        clean = self.model.clean_kv(h, positions, new_kv)  # [E2D2] projected ONCE per block
+        self.dec_cache = [_cat_kv(c, kv) for c, kv in zip(self.dec_cache, clean)]
+        self.key_valid = torch.cat([self.key_valid, tokens != self.model.cfg.pad_id], 1)
+        self.encoder_calls += 1
+
+    def logits(self, x_block):
+        """Only the decoder runs: B noisy queries against [cached clean keys ; own keys]."""
+        b, B = x_block.shape
+        n0 = self.key_valid.shape[1]
+        positions = torch.arange(n0, n0 + B, device=x_block.device)
+        # offset block-causal (every cached key is a finished block) + block-diagonal
+        mask = torch.cat([self.key_valid[:, None, :].expand(b, B, n0),
+                          torch.ones(b, B, B, dtype=torch.bool, device=x_block.device)], -1)
+        self.decoder_calls += 1
+        return self.model.decode(x_block, positions, mask, self.dec_cache)  # (b, B, V)
+
+    def commit(self, block):
+        """A finished block: its B queries see every cached key and the whole block."""
+        b, B = block.shape
+        n0 = self.key_valid.shape[1]
+        mask = torch.cat([self.key_valid[:, None, :].expand(b, B, n0),
+                          torch.ones(b, B, B, dtype=torch.bool, device=block.device)], -1)
+        self._encode(block, mask)
+
+    def keep(self, rows):
+        pick = lambda kv: (kv[0][rows], kv[1][rows])  # noqa: E731
+        self.enc_cache = [pick(kv) for kv in self.enc_cache]
+        self.dec_cache = [pick(kv) for kv in self.dec_cache]
+        self.key_valid = self.key_valid[rows]
+
+
+class RecomputeE2D2:
+    """No cache: every denoising step re-runs the TRAINING forward (encoder over all clean
+    tokens, decoder over all blocks) on [clean context ; noisy block] and keeps the last
+    block's logits. The encoder mask is block-causal, so what sits in the noisy block's
+    slot of x0 cannot reach the last block's logits: we put x_t there."""
+
+    def __init__(self, model: E2D2, prompt: torch.Tensor):
+        self.model, self.context, self.n_prompt = model, prompt, prompt.shape[1]
+        self.encoder_calls = self.decoder_calls = 0
+
+    def logits(self, x_block):
+        x = torch.cat([self.context, x_block], dim=1)  # (b, n + B)
+        prompt_mask = torch.zeros_like(x, dtype=torch.bool)
+        prompt_mask[:, : self.n_prompt] = True  # (its padding is masked out as padding)
+        self.encoder_calls += 1
+        self.decoder_calls += 1
+        return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]
+
+    def commit(self, block):
+        self.context = torch.cat([self.context, block], dim=1)
+
+    def keep(self, rows):
+        self.context = self.context[rows]
+
+
+@dataclass
+class SampleOutput:
+    tokens: list  # per sequence: the generated token ids, cut before the first [EOS]
+    finished: list  # per sequence: True if it produced [EOS]
+    network_calls: int  # denoising steps that ran the network (NFE)
+    encoder_calls: int  # times the encoder stack ran
+    decoder_calls: int  # times the decoder stack ran
+    seconds: float  # wall time of the whole call
+    new_tokens: int  # tokens generated, summed over the batch (up to and with [EOS])
+
+
+def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.Tensor:
+    """Left-pad prompts so that every answer starts at the same block boundary:
+    (b, P') with P' = ceil(max prompt length / B) * B. This is the layout training uses
+    (data.collate); the padding is masked out everywhere."""
+    n = max((len(p) for p in prompts), default=0)
+    width = block_len * math.ceil(n / block_len)
+    out = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if len(p):
+            out[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: E2D2,
+    prompts: list,
+    max_new_tokens: Optional[int] = None,
+    steps: Optional[int] = None,
+    strategy: str = "remask",
+    temperature: float = 0.0,
+    confidence_threshold: Optional[float] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+    on_step: Optional[Callable] = None,
+) -> SampleOutput:
+    """Generate answers for a batch of prompts (lists of token ids, any lengths).
+
+    For each new block: start from all [MASK]; for T = `steps` steps (t from 1 down to 0)
+    call the decoder on the block and update it with
+      strategy="remask":    predict every [MASK], keep the most confident predictions and
+                            re-mask the rest so that floor((1 - alpha_s) * B) stay masked
+                            (confidence-based "predict and remask");
+      strategy="ancestral": sample x_s ~ q(x_s | x_t, x_theta): each [MASK] is revealed with
+                            probability (alpha_s - alpha_t) / (1 - alpha_t), as a token drawn
+                            from x_theta.
+    confidence_threshold additionally reveals every [MASK] whose top probability exceeds it.
+    temperature=0 takes the argmax of x_theta, > 0 samples from softmax(logits / temperature).
+    If the block did not change since the last call, the last logits are reused (no call).
+    A finished block is committed (encoded, cached); a sequence stops after the block in
+    which it produced [EOS]; everything stops after max_new_tokens.
+    on_step(block, step, rows, x_block) is called after every step (for --show).
+    """
+    cfg = model.cfg
+    B = cfg.block_len
+    T = B if steps is None else steps
+    if strategy not in ("remask", "ancestral"):
+        raise ValueError(f"strategy must be 'remask' or 'ancestral', got {strategy!r}")
+    if T < 1:
+        raise ValueError(f"steps must be >= 1, got {T}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    device = model.embed.weight.device
+    prompt = left_pad(prompts, B, cfg.pad_id, device)  # (b, P')
+    room = cfg.seq_len - prompt.shape[1]
+    longest = max(len(p) for p in prompts)
+    if room < B:
+        raise ValueError(
+            f"prompt of {longest} tokens ({prompt.shape[1]} after aligning to blocks of "
+            f"{B}) leaves no room to generate within seq_len={cfg.seq_len}"
+        )
+    if max_new_tokens is None:
+        max_new_tokens = room
+    if not 1 <= max_new_tokens <= room:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
+            f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)"
+        )
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+
+    b = prompt.shape[0]
+    runner = (CachedE2D2 if use_cache else RecomputeE2D2)(model, prompt)
+    n_blocks = math.ceil(max_new_tokens / B)
+    out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(b, device=device)  # the sequences still generating
+    network_calls = 0
+    # time grid t_0 = 1 > t_1 > ... > t_T = 0, shared by every block
+    grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64)
+    for k in range(n_blocks):
+        x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=device)
+        last_x, last_logits = None, None
+        for i in range(T):
+            if not (x == cfg.mask_id).any():
+                break
+            if last_x is None or not torch.equal(x, last_x):  # no change -> no call
+                last_logits = runner.logits(x)
+                last_x = x
+                network_calls += 1
+            x = denoise_step(last_logits, x, grid[i].item(), grid[i + 1].item(), cfg, strategy,
+                             temperature, confidence_threshold, generator, final=(i == T - 1))
+            if on_step is not None:
+                on_step(k, i, rows, x)
+        out[rows, k * B:(k + 1) * B] = x
+        done = (x == cfg.eos_id).any(dim=1)  # per-sequence stop at [EOS]
+        if k == n_blocks - 1 or done.all():
+            break
+        runner.commit(x)
+        if done.any():
+            runner.keep(~done)
+            rows = rows[~done]
+
+    if was_training:
+        model.train()
+    tokens, finished, new = [], [], 0
+    for row in out[:, :max_new_tokens].tolist():
+        cut = row.index(cfg.eos_id) if cfg.eos_id in row else None
+        finished.append(cut is not None)
+        body = row[:cut] if cut is not None else row
+        tokens.append(body)
+        new += len(body) + (cut is not None)
+    return SampleOutput(tokens, finished, network_calls, runner.encoder_calls,
+                        runner.decoder_calls, time.perf_counter() - start, new)
+
+
+def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
+                 confidence_threshold, generator, final: bool) -> torch.Tensor:
+    """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
+    Tokens that are already decoded never change (SUBS carry-over)."""
+    is_mask = x == cfg.mask_id  # (b, B)
+    scaled = logits if temperature == 0 else logits / temperature
+    probs = subs_log_probs(scaled, x, cfg.mask_id).exp()  # (b, B, V), one-hot where decoded
+    if temperature == 0:
+        pred = probs.argmax(-1)  # (b, B)
+    else:
+        pred = torch.multinomial(rearrange(probs, "b B V -> (b B) V"), 1, generator=generator)
+        pred = pred.view(x.shape)
+    confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(pred) (b, B)
+
+    alpha_t = noise_schedule(cfg.schedule, torch.tensor(t, dtype=torch.float64))[0].item()
+    alpha_s = noise_schedule(cfg.schedule, torch.tensor(s, dtype=torch.float64))[0].item()
+    if final:  # the last step reveals every remaining [MASK]
+        reveal = is_mask
+    elif strategy == "ancestral":
+        # q(x_s | x_t, x_theta): a [MASK] is revealed w.p. (alpha_s - alpha_t) / (1 - alpha_t)
+        p_reveal = (alpha_s - alpha_t) / (1.0 - alpha_t)
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        reveal = is_mask & (u < p_reveal)
+    else:
+        # predict and remask: after this step floor((1 - alpha_s) * B) tokens stay masked,
+        # but at least one [MASK] is revealed per step; the least confident stay masked.
+        B = x.shape[1]
+        n_masked = is_mask.sum(1)  # (b,)
+        n_stay = min(int(math.floor((1.0 - alpha_s) * B + 1e-6)), B)
+        n_stay = torch.clamp(n_masked - 1, min=0).clamp(max=n_stay)  # (b,)
+        conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
+        rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
+        reveal = is_mask & (rank >= n_stay[:, None])
+    if confidence_threshold is not None:
+        reveal = reveal | (is_mask & (confidence > confidence_threshold))
+    return torch.where(reveal, pred, x)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: the config is saved as a dict and the model rebuilt from it.
+# ---------------------------------------------------------------------------------------
+
+
+def build_model(cfg: ModelConfig) -> E2D2:
+    return E2D2(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown keys {unknown}")
+    return ModelConfig(**d)
+
+
+def model_to_dict(model: E2D2) -> dict:
+    return {"config": asdict(model.cfg), "model": model.state_dict()}

@@ -1,0 +1,254 @@
+"""
+Train E2D2 on a built-in task.
+
+    python train.py                         # defaults: the addition task, GPU if any
+    python train.py --task=words --n_dec=1  # any config field can be overridden
+    python train.py --resume                # continue from out_dir/ckpt.pt
+
+Every field of e2d2.ModelConfig and of TrainConfig below is a flag (--name=value).
+The last line printed is machine-readable:
+    final step=<n> val_nelbo=<x> exact_match=<y>
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+import data
+from e2d2 import E2D2, ModelConfig, config_from_dict, generate
+
+
+@dataclass
+class TrainConfig:
+    task: str = "addition"  # built-in task (data.TASKS)
+    out_dir: str = "out"  # where ckpt.pt goes
+    seed: int = 1337
+    batch_size: int = 128
+    max_steps: int = 2500
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-4  # cosine decays to this
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    train_loss: str = "masked_ce"  # "masked_ce" (as the authors train) or "nelbo"
+    eval_every: int = 500  # steps between evaluations (and checkpoints)
+    eval_examples: int = 256  # held-out prompts sampled for exact match
+    eval_batches: int = 4  # held-out batches for the validation NELBO
+    sample_steps: int = 0  # denoising steps per block when evaluating (0 = block_len)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    compile: bool = False  # torch.compile the model (GPU)
+
+
+# --- command line: one flag per config field ------------------------------------------
+
+
+def parse_args(argv=None):
+    """Build an argparse parser from the two dataclasses, so every field is a flag.
+    Model fields default to None: only the ones given override the defaults (or, with
+    --resume, are checked against the checkpoint's config)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def as_bool(s):
+        if s.lower() in ("1", "true", "yes", "y", "on"):
+            return True
+        if s.lower() in ("0", "false", "no", "n", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+    for cls, group in ((ModelConfig, "model"), (TrainConfig, "training")):
+        g = p.add_argument_group(group)
+        for f in fields(cls):
+            kind = {int: int, float: float, str: str, bool: as_bool}[f.type]
+            if kind is as_bool:  # --resume alone means --resume=true
+                g.add_argument(f"--{f.name}", type=as_bool, nargs="?", const=True, default=None,
+                               help=f"(default {f.default})")
+            else:
+                g.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
+    args = vars(p.parse_args(argv))
+    model_names = {f.name for f in fields(ModelConfig)}
+    model_over = {k: v for k, v in args.items() if k in model_names and v is not None}
+    train_over = {k: v for k, v in args.items() if k not in model_names and v is not None}
+    return model_over, TrainConfig(**train_over)
+
+
+# --- learning rate: linear warmup, then cosine decay to min_lr ------------------------
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def save_checkpoint(path, model, optimizer, step, tc, metrics):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    state = {
+        "model_type": "e2d2",
+        "config": asdict(model.cfg),
+        "train_config": asdict(tc),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "metrics": metrics,
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, task, tok, tc, device, autocast):
+    """Validation NELBO (fixed held-out batches, fixed noise) and the exact-match accuracy
+    of answers sampled for held-out prompts."""
+    cfg = model.cfg
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(tc.seed)  # same noise at every eval
+    total, count = 0.0, 0
+    for i in range(tc.eval_batches):
+        pairs = data.encode_pairs(tok, data.task_examples(task, "val", tc.batch_size, tc.seed + i))
+        batch = data.collate(pairs, cfg.block_len, cfg.seq_len).to(device)
+        with autocast:
+            out = model(batch.x0, batch.prompt_mask, generator=g)
+        total += out.nelbo.item() * out.n_targets.item()
+        count += out.n_targets.item()
+    val_nelbo = total / max(count, 1)
+
+    examples = data.task_examples(task, "val", tc.eval_examples, tc.seed + 10_000)
+    correct = 0
+    for i in range(0, len(examples), tc.batch_size):
+        chunk = examples[i:i + tc.batch_size]
+        with autocast:
+            res = generate(model, [tok.encode(p) for p, _ in chunk], steps=tc.sample_steps or None)
+        correct += sum(tok.decode(ids) == ans for ids, (_, ans) in zip(res.tokens, chunk))
+    model.train()
+    return {"val_nelbo": val_nelbo, "exact_match": correct / len(examples)}
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    model_over, tc = parse_args(argv)
+    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(tc.seed)
+    task = data.get_task(tc.task)
+    tok = data.ByteTokenizer()
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+
+    # Model config: the defaults, the tokenizer's ids, a seq_len that fits the task, then
+    # the command line. With --resume, the checkpoint's config wins (flags must agree).
+    step, ckpt = 0, None
+    if tc.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: --resume given but no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        cfg = config_from_dict(ckpt["config"])
+        clash = {k: v for k, v in model_over.items() if getattr(cfg, k) != v}
+        if clash:
+            sys.exit(f"error: --resume uses the checkpoint's model config; these flags differ from it: {clash}")
+        step = ckpt["step"]
+    else:
+        block_len = model_over.get("block_len", ModelConfig.block_len)
+        max_p, max_a = task.max_lengths()
+        need = data.ceil_to(max_p, block_len) + data.ceil_to(max_a + 1, block_len)
+        base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                    mask_id=tok.mask_id, seq_len=need)
+        try:
+            cfg = ModelConfig(**{**base, **model_over})
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+
+    model = E2D2(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
+                                  weight_decay=tc.weight_decay)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        print(f"resumed from {ckpt_path} at step {step}")
+    # bf16 autocast on GPU; plain float32 on CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    fwd = torch.compile(model) if tc.compile else model
+    print(f"E2D2: {model.num_params() / 1e6:.2f}M parameters, N_enc={cfg.n_enc}, N_dec={cfg.n_dec}, "
+          f"block_len={cfg.block_len}, seq_len={cfg.seq_len}, task={tc.task}, device={device}")
+
+    metrics = ckpt.get("metrics", {}) if ckpt else {}
+    noise = torch.Generator(device=device)
+    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
+    model.train()
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < tc.max_steps:
+        # 1. a batch: a pure function of (seed, step), block-aligned
+        pairs = data.encode_pairs(tok, data.train_examples(task, tc.batch_size, tc.seed, step))
+        batch = data.collate(pairs, cfg.block_len, cfg.seq_len).to(device)
+        noise.manual_seed(tc.seed * 7919 + step)  # the noise of a step is fixed too
+        # 2. forward (noise x0 -> x_t, encode x0, decode x_t, loss), backward, update
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        with autocast:
+            out = fwd(batch.x0, batch.prompt_mask, generator=noise, train_loss=tc.train_loss)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        step += 1
+        # 3. progress bar, evaluation, checkpoint
+        bar.update(1)
+        tokens_since += batch.x0.numel()
+        if step % 10 == 0:
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", nelbo=f"{out.nelbo.item():.3f}",
+                            tok_s=f"{tokens_since / (now - t_last):.0f}")
+            t_last, tokens_since = now, 0
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            metrics = evaluate(model, task, tok, tc, device, autocast)
+            bar.write(f"step {step}: val_nelbo={metrics['val_nelbo']:.4f} "
+                      f"exact_match={metrics['exact_match']:.3f}")
+            save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+        if stop.requested:
+            bar.close()
+            save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+            print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
+            sys.exit(130)
+    bar.close()
+    if not metrics:  # nothing trained in this run and no metrics in the checkpoint
+        metrics = evaluate(model, task, tok, tc, device, autocast)
+    print(f"final step={step} val_nelbo={metrics['val_nelbo']:.4f} "
+          f"exact_match={metrics['exact_match']:.4f}")
+
+
+class StopRequest:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
+    so the checkpoint is always taken between two whole steps; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: saving after this step (again to abort)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
