@@ -1,4 +1,4 @@
-"""
+r"""
 Data for e2d2: a byte-level tokenizer, built-in tasks that generate their own data, and
 batching into the block-aligned layout the model trains and samples with.
 
@@ -132,10 +132,11 @@ def _longest_words(digits: int) -> int:
 TASKS = {"addition": Addition, "words": Words}
 
 
-def get_task(name: str):
+def get_task(name: str, digits: int = 0):
+    """A built-in task by name; digits > 0 sets its size (operand digits / max digits)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; built-in tasks are {sorted(TASKS)}")
-    return TASKS[name]()
+    return TASKS[name](digits) if digits > 0 else TASKS[name]()
 
 
 def task_examples(task, split: str, n: int, seed: int) -> list:

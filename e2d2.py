@@ -182,7 +182,7 @@ def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int)
     blk = block_ids(L, block_len, valid.device)
     block_causal = blk[None, :, None] >= blk[None, None, :]  # (1, L, L): [i, j] = blk(j) <= blk(i)
     sees = (block_causal | prompt_mask[:, None, :]) & valid[:, None, :]  # (b, L, L)
-    return sees | _padding_self(valid)
+    return _padding_rows_see_self(sees, valid)
 
 
 def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:  # [E2D2]
@@ -200,15 +200,15 @@ def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:  # [E2D2]
     offset_block_causal = blk[None, :, None] > blk[None, None, :]  # (1, L, L)
     block_diagonal = blk[None, :, None] == blk[None, None, :]  # (1, L, L)
     to_clean = offset_block_causal & valid[:, None, :]  # (b, L, L)
-    to_noisy = (block_diagonal & valid[:, None, :]) | _padding_self(valid)  # (b, L, L)
+    to_clean = to_clean & valid[:, :, None]  # a padding query sees no clean key ...
+    to_noisy = _padding_rows_see_self(block_diagonal & valid[:, None, :], valid)  # ... only itself
     return torch.cat([to_clean, to_noisy], dim=-1)  # (b, L, 2L)
 
 
-def _padding_self(valid: torch.Tensor) -> torch.Tensor:
-    """(b, L, L): True on the diagonal of padding rows (a padding query sees itself)."""
-    L = valid.shape[1]
-    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
-    return eye[None] & ~valid[:, :, None]
+def _padding_rows_see_self(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Replace the row of every padding query in mask (b, L, L) by "itself only"."""
+    eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
+    return torch.where(valid[:, :, None], mask, eye[None])
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from e2d2 import E2D2, ModelConfig, config_from_dict, generate
 @dataclass
 class TrainConfig:
     task: str = "addition"  # built-in task (data.TASKS)
+    digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
     out_dir: str = "out"  # where ckpt.pt goes
     seed: int = 1337
     batch_size: int = 128
-    max_steps: int = 2500
+    max_steps: int = 2000
     lr: float = 2e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-4  # cosine decays to this
     warmup_steps: int = 100
@@ -144,43 +145,46 @@ def evaluate(model, task, tok, tc, device, autocast):
 # --- main -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    model_over, tc = parse_args(argv)
-    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(tc.seed)
-    task = data.get_task(tc.task)
+def setup(tc: TrainConfig, model_over: dict, device: str):
+    """The model config and, with --resume, the checkpoint. Raises ValueError with a clear
+    message for anything the user can fix."""
+    task = data.get_task(tc.task, tc.digits)
     tok = data.ByteTokenizer()
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-
-    # Model config: the defaults, the tokenizer's ids, a seq_len that fits the task, then
-    # the command line. With --resume, the checkpoint's config wins (flags must agree).
-    step, ckpt = 0, None
     if tc.resume:
         if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --resume given but no checkpoint at {ckpt_path}")
+            raise ValueError(f"--resume given but there is no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         cfg = config_from_dict(ckpt["config"])
-        clash = {k: v for k, v in model_over.items() if getattr(cfg, k) != v}
+        clash = {k: (v, getattr(cfg, k)) for k, v in model_over.items() if getattr(cfg, k) != v}
         if clash:
-            sys.exit(f"error: --resume uses the checkpoint's model config; these flags differ from it: {clash}")
-        step = ckpt["step"]
-    else:
-        block_len = model_over.get("block_len", ModelConfig.block_len)
-        max_p, max_a = task.max_lengths()
-        need = data.ceil_to(max_p, block_len) + data.ceil_to(max_a + 1, block_len)
-        base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                    mask_id=tok.mask_id, seq_len=need)
-        try:
-            cfg = ModelConfig(**{**base, **model_over})
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+            raise ValueError("--resume keeps the checkpoint's model config; these flags differ "
+                             "from it (given, saved): " + str(clash))
+        return cfg, ckpt
+    # defaults, then the tokenizer's ids and a seq_len that fits the task, then the flags
+    block_len = model_over.get("block_len", ModelConfig.block_len)
+    max_p, max_a = task.max_lengths()
+    need = data.ceil_to(max_p, block_len) + data.ceil_to(max_a + 1, block_len)
+    base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                mask_id=tok.mask_id, seq_len=need)
+    return ModelConfig(**{**base, **model_over}), None
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
+    """The training loop. Returns the final step, the last evaluation and the loss curve."""
+    torch.manual_seed(tc.seed)
+    task = data.get_task(tc.task, tc.digits)
+    tok = data.ByteTokenizer()
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 
     model = E2D2(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
                                   weight_decay=tc.weight_decay)
+    step, metrics = 0, {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        step, metrics = ckpt["step"], ckpt.get("metrics", {})
         print(f"resumed from {ckpt_path} at step {step}")
     # bf16 autocast on GPU; plain float32 on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
@@ -188,11 +192,11 @@ def main(argv=None):
     print(f"E2D2: {model.num_params() / 1e6:.2f}M parameters, N_enc={cfg.n_enc}, N_dec={cfg.n_dec}, "
           f"block_len={cfg.block_len}, seq_len={cfg.seq_len}, task={tc.task}, device={device}")
 
-    metrics = ckpt.get("metrics", {}) if ckpt else {}
     noise = torch.Generator(device=device)
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
+    losses = []
     model.train()
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
     t_last, tokens_since = time.perf_counter(), 0
     while step < tc.max_steps:
         # 1. a batch: a pure function of (seed, step), block-aligned
@@ -209,12 +213,13 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         step += 1
+        losses.append(out.loss.item())
         # 3. progress bar, evaluation, checkpoint
         bar.update(1)
         tokens_since += batch.x0.numel()
         if step % 10 == 0:
             now = time.perf_counter()
-            bar.set_postfix(loss=f"{out.loss.item():.3f}", nelbo=f"{out.nelbo.item():.3f}",
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", nelbo=f"{out.nelbo.item():.3f}",
                             tok_s=f"{tokens_since / (now - t_last):.0f}")
             t_last, tokens_since = now, 0
         if step % tc.eval_every == 0 or step == tc.max_steps:
@@ -228,10 +233,22 @@ def main(argv=None):
             print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
             sys.exit(130)
     bar.close()
+    stop.restore()
     if not metrics:  # nothing trained in this run and no metrics in the checkpoint
         metrics = evaluate(model, task, tok, tc, device, autocast)
-    print(f"final step={step} val_nelbo={metrics['val_nelbo']:.4f} "
-          f"exact_match={metrics['exact_match']:.4f}")
+    return {"step": step, "metrics": metrics, "losses": losses, "model": model}
+
+
+def main(argv=None):
+    model_over, tc = parse_args(argv)
+    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cfg, ckpt = setup(tc, model_over, device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    result = train(cfg, tc, device, ckpt)
+    m = result["metrics"]
+    print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
 
 
 class StopRequest:
@@ -240,8 +257,11 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:

@@ -1,0 +1,84 @@
+"""Tokenizer, built-in tasks and the block-aligned batch layout."""
+import random
+
+import pytest
+import torch
+
+import data
+from data import BOS, EOS, MASK, PAD, ByteTokenizer, collate, number_to_words
+from e2d2 import ModelConfig, left_pad
+
+
+def test_tokenizer_roundtrip_and_bad_bytes():
+    tok = ByteTokenizer()
+    for s in ["123+456=", "héllo wörld ✓", ""]:
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.decode([0xFF, 0xFE, 65]) == "\ufffd\ufffdA"  # invalid UTF-8 never raises
+    assert tok.decode([72, MASK, 105, EOS, PAD, BOS, 999]) == "H_i\ufffd"
+    assert tok.decode([72, MASK, EOS], mask_char="?", eos_char="$") == "H?$"
+    # a multi-byte character split by a special token is replaced, not an error
+    e = tok.encode("é")
+    assert tok.decode([e[0], MASK, e[1]]) == "\ufffd_\ufffd"
+
+
+def test_special_ids_agree_with_model_defaults():
+    cfg, tok = ModelConfig(), ByteTokenizer()
+    assert (cfg.vocab_size, cfg.pad_id, cfg.eos_id, cfg.mask_id) == (
+        tok.vocab_size, tok.pad_id, tok.eos_id, tok.mask_id)
+
+
+def test_number_to_words():
+    cases = {0: "zero", 7: "seven", 13: "thirteen", 40: "forty", 42: "forty-two", 100: "one hundred",
+             105: "one hundred five", 999: "nine hundred ninety-nine", 1000: "one thousand",
+             4071: "four thousand seventy-one", 40571: "forty thousand five hundred seventy-one",
+             1000000: "one million", 2000017: "two million seventeen"}
+    for n, words in cases.items():
+        assert number_to_words(n) == words
+    with pytest.raises(ValueError):
+        number_to_words(-1)
+
+
+def test_tasks_are_deterministic_and_correct():
+    for name in data.TASKS:
+        task = data.get_task(name)
+        a = data.task_examples(task, "train", 50, seed=3)
+        assert a == data.task_examples(task, "train", 50, seed=3)
+        assert a != data.task_examples(task, "train", 50, seed=4)
+        max_p, max_a = task.max_lengths()
+        assert all(len(p) <= max_p and len(ans) <= max_a for p, ans in a)
+    for p, ans in data.task_examples(data.Addition(4), "val", 100, 0):
+        x, y = p[:-1].split("+")
+        assert len(x) == len(y) == 4 and int(x) + int(y) == int(ans)
+    for p, ans in data.task_examples(data.Words(), "val", 100, 0):
+        assert number_to_words(int(p[:-1])) == ans
+    with pytest.raises(ValueError, match="unknown task"):
+        data.get_task("sorting")
+
+
+def test_heldout_split_is_disjoint_from_training():
+    task = data.get_task("addition")
+    val = {p for p, _ in data.task_examples(task, "val", 500, 0)}
+    train = {p for step in range(20) for p, _ in data.train_examples(task, 64, seed=0, step=step)}
+    assert val and train and not (val & train)
+    assert data.train_examples(task, 8, 1, 5) == data.train_examples(task, 8, 1, 5)
+
+
+def test_collate_layout():
+    tok = ByteTokenizer()
+    batch = collate(data.encode_pairs(tok, [("12+3=", "15"), ("1+2=", "3"), ("5+5=", "10000")]), 4, 32)
+    assert batch.prompt_len == 8 and batch.x0.shape == (3, 16)
+    row = batch.x0[0].tolist()
+    assert row[:3] == [PAD] * 3 and tok.decode(row[3:8]) == "12+3="
+    assert row[8:10] == tok.encode("15") and row[10:12] == [EOS, EOS]  # EOS fills the block
+    assert row[12:] == [PAD] * 4
+    assert batch.x0[2, 8:16].tolist() == tok.encode("10000") + [EOS] * 3
+    assert batch.prompt_mask[:, :8].all() and not batch.prompt_mask[:, 8:].any()
+    # the sampler's prompt layout is the same left padding
+    assert torch.equal(left_pad([tok.encode("12+3=")], 4, PAD)[0], batch.x0[0, :8])
+
+
+def test_collate_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        collate([], 4, 16)
+    with pytest.raises(ValueError, match="do not fit together"):
+        collate([([1] * 8, [2]), ([1], [2] * 7)], 4, 12)

@@ -1,0 +1,188 @@
+"""The E2D2 model and sampler: train/inference consistency, cache equivalence, batching,
+per-sequence [EOS] stop, clear errors. Float64 so that equal math gives equal tokens."""
+import pytest
+import torch
+
+import data
+import e2d2
+from e2d2 import CachedE2D2, E2D2, ModelConfig, RecomputeE2D2, generate
+
+
+def tiny(decoder="hidden", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(seq_len=32, block_len=4, d_model=32, n_heads=4, n_enc=3,
+                                n_dec=2, decoder=decoder), **kw})
+    return E2D2(cfg).double().eval()
+
+
+def random_layout(model, prompt_lens=(5, 7, 2), n_answer_blocks=3, seed=0):
+    """x0 in the training layout (left-padded prompt, answer blocks) and a noisy x_t."""
+    g = torch.Generator().manual_seed(seed)
+    B = model.cfg.block_len
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in prompt_lens]
+    P = e2d2.left_pad(prompts, B, model.cfg.pad_id)
+    ans = torch.randint(0, 200, (len(prompts), n_answer_blocks * B), generator=g)
+    x0 = torch.cat([P, ans], 1)
+    x_t = x0.clone()
+    noisy = torch.rand(ans.shape, generator=g) < 0.5
+    x_t[:, P.shape[1]:][noisy] = model.cfg.mask_id
+    prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
+    prompt_mask[:, :P.shape[1]] = True
+    return prompts, x0, x_t, prompt_mask, P.shape[1]
+
+
+@pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
+def test_train_and_inference_logits_agree_block_by_block(decoder):
+    model = tiny(decoder)
+    B = model.cfg.block_len
+    prompts, x0, x_t, prompt_mask, P = random_layout(model)
+    with torch.no_grad():
+        train_logits = model.logits(x0, x_t, prompt_mask)  # all blocks in one pass
+        cached = CachedE2D2(model, x0[:, :P])
+        recompute = RecomputeE2D2(model, x0[:, :P])
+        for start in range(P, x0.shape[1], B):
+            blk = slice(start, start + B)
+            inf_logits = cached.logits(x_t[:, blk])
+            assert torch.allclose(inf_logits, train_logits[:, blk], atol=1e-10, rtol=1e-9)
+            assert torch.allclose(recompute.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
+            cached.commit(x0[:, blk])
+            recompute.commit(x0[:, blk])
+    assert cached.encoder_calls == 1 + (x0.shape[1] - P) // B  # prompt + each block
+    assert cached.decoder_calls == (x0.shape[1] - P) // B
+
+
+def test_logits_of_block_k_ignore_later_blocks_and_padding_content():
+    model = tiny()
+    B = model.cfg.block_len
+    _, x0, x_t, prompt_mask, P = random_layout(model)
+    with torch.no_grad():
+        ref = model.logits(x0, x_t, prompt_mask)
+        x0b, x_tb = x0.clone(), x_t.clone()
+        x0b[:, P + B:] = 7  # change every later clean block ...
+        x_tb[:, P + B:] = 8  # ... and every later noisy block
+        out = model.logits(x0b, x_tb, prompt_mask)
+    assert torch.allclose(out[:, P:P + B], ref[:, P:P + B], atol=1e-12)
+    assert not torch.allclose(out[:, P + B:], ref[:, P + B:])
+
+
+@pytest.mark.parametrize("strategy,temperature,threshold", [
+    ("ancestral", 1.0, None), ("remask", 1.0, None), ("remask", 0.0, 0.05), ("ancestral", 0.0, None)])
+def test_cached_sampling_equals_uncached(strategy, temperature, threshold):
+    model = tiny()
+    prompts = [[1, 2, 3, 4, 5], [9] * 9, [4, 4]]
+    kw = dict(max_new_tokens=12, strategy=strategy, temperature=temperature,
+              confidence_threshold=threshold)
+    a = generate(model, prompts, generator=torch.Generator().manual_seed(3), use_cache=True, **kw)
+    b = generate(model, prompts, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert a.tokens == b.tokens
+    assert a.network_calls == b.network_calls
+    assert a.decoder_calls == b.decoder_calls == a.network_calls
+    assert b.encoder_calls == b.network_calls  # no cache: the encoder runs at every step
+    assert a.encoder_calls < b.encoder_calls  # cache: once for the prompt + once per block
+    assert all(len(t) == 12 for t, f in zip(a.tokens, a.finished) if not f)
+
+
+def test_batched_sampling_equals_one_by_one():
+    model = tiny()
+    prompts = [[1, 2, 3], [5] * 6, [7, 8, 9, 10, 11, 12, 13, 14, 15], []]
+    batched = generate(model, prompts, max_new_tokens=12)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=12)
+        assert alone.tokens[0] == batched.tokens[i], f"prompt {i}"
+
+
+def test_skip_network_call_when_block_did_not_change():
+    model = tiny()
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    # 32 ancestral steps for 4 tokens: most steps reveal nothing, so most calls are skipped
+    r = generate(model, prompts, max_new_tokens=8, steps=32, strategy="ancestral",
+                 temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert r.network_calls < 2 * 32
+    assert r.network_calls >= 2  # at least one call per block
+
+
+def test_remask_reveals_on_schedule():
+    model = tiny()
+    seen = []
+    generate(model, [[1, 2, 3]], max_new_tokens=4, steps=4,
+             on_step=lambda k, i, rows, x: seen.append(int((x == model.cfg.mask_id).sum())))
+    assert seen == [3, 2, 1, 0]  # linear schedule, T = B: one token per step
+    seen.clear()
+    generate(model, [[1, 2, 3]], max_new_tokens=4, steps=2,
+             on_step=lambda k, i, rows, x: seen.append(int((x == model.cfg.mask_id).sum())))
+    assert seen == [2, 0]
+
+
+class ScriptedRunner:
+    """Stands in for CachedE2D2: a sequence whose prompt ends in token s emits [EOS] in
+    answer block s (its logits are made by hand), so the test knows where each stops."""
+
+    calls = []
+
+    def __init__(self, model, prompt):
+        self.cfg, self.last = model.cfg, prompt[:, -1].clone()
+        self.block, self.encoder_calls, self.decoder_calls = 0, 0, 0
+
+    def logits(self, x):
+        ScriptedRunner.calls.append((self.block, self.last.tolist()))
+        out = torch.zeros(*x.shape, self.cfg.vocab_size, dtype=torch.float64)
+        out[..., 65] = 1.0  # 'A' everywhere ...
+        stop = (self.last == self.block)
+        out[stop, :, self.cfg.eos_id] = 2.0  # ... or [EOS] in the block where this row stops
+        self.decoder_calls += 1
+        return out
+
+    def commit(self, block):
+        self.block += 1
+
+    def keep(self, rows):
+        self.last = self.last[rows]
+
+
+def test_per_sequence_eos_stop(monkeypatch):
+    model = tiny()
+    monkeypatch.setattr(e2d2, "CachedE2D2", ScriptedRunner)
+    ScriptedRunner.calls = []
+    r = generate(model, [[50, 1], [50, 0], [50, 9]], max_new_tokens=12)
+    assert r.finished == [True, True, False]
+    assert r.tokens == [[65] * 4, [], [65] * 12]
+    # rows leave the batch once done: block 0 has all three, block 1 two, block 2 one
+    assert [c[1] for c in ScriptedRunner.calls if c[0] == 0][0] == [1, 0, 9]
+    assert [c[1] for c in ScriptedRunner.calls if c[0] == 1][0] == [1, 9]
+    assert [c[1] for c in ScriptedRunner.calls if c[0] == 2][0] == [9]
+
+
+def test_bad_config_gives_clear_errors():
+    with pytest.raises(ValueError, match="not a multiple of block_len"):
+        ModelConfig(seq_len=30, block_len=4)
+    with pytest.raises(ValueError, match="not divisible by n_heads"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_dec <= n_enc"):
+        ModelConfig(decoder="shared_kv", n_enc=2, n_dec=3)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        ModelConfig(schedule="quadratic")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        ModelConfig(decoder="cross")
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        ModelConfig(t_min=0.5, t_max=0.2)
+
+
+def test_too_long_input_gives_clear_errors():
+    model = tiny(seq_len=16)
+    with pytest.raises(ValueError, match="leaves no room"):
+        generate(model, [list(range(14))])
+    with pytest.raises(ValueError, match="max_new_tokens=12 must be between 1 and 8"):
+        generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=12)
+    with pytest.raises(ValueError, match="exceeds the model's seq_len=16"):
+        model(torch.zeros(1, 20, dtype=torch.long), torch.zeros(1, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"example 1 .* more than the model's seq_len=16"):
+        data.collate([([1, 2], [3]), ([1] * 10, [2] * 5)], 4, 16)
+
+
+def test_loss_backward_and_every_block_is_trained():
+    model = tiny().train()
+    _, x0, _, prompt_mask, P = random_layout(model)
+    out = model(x0, prompt_mask, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.n_targets.item() == (x0.shape[1] - P) * 3
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,122 @@
+"""Training end to end: the loss falls and sampled answers become correct; the scripts
+run as a user runs them (flags, checkpoint, resume, sample.py, clear errors)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from e2d2 import ModelConfig, generate
+
+
+def run(root, *args, stdin=None):
+    return subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small E2D2 trained in-process on 2-digit addition (about half a minute on 2 cores)."""
+    out = tmp_path_factory.mktemp("tiny")
+    tc = train.TrainConfig(task="addition", digits=2, out_dir=str(out), batch_size=64,
+                           max_steps=800, lr=3e-3, warmup_steps=30, eval_every=800,
+                           eval_examples=64, eval_batches=2)
+    cfg, _ = train.setup(tc, dict(d_model=64, n_heads=4, n_enc=3, n_dec=1, block_len=2, seq_len=16), "cpu")
+    return train.train(cfg, tc, "cpu")
+
+
+def test_tiny_training_loss_falls_and_answers_become_correct(trained):
+    losses = trained["losses"]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.25 * first, (first, last)
+    assert trained["metrics"]["exact_match"] >= 0.6  # held-out sums, sampled with the cache
+    # and the answers really are the sums
+    tok = data.ByteTokenizer()
+    ex = data.task_examples(data.get_task("addition", 2), "val", 32, seed=5)
+    res = generate(trained["model"], [tok.encode(p) for p, _ in ex])
+    assert sum(tok.decode(ids) == a for ids, (_, a) in zip(res.tokens, ex)) >= 16
+    assert all(res.finished)  # every answer ended with [EOS]
+
+
+def test_trained_model_stops_each_sequence_after_its_eos_block(trained):
+    # seq_len=16 leaves room for 5 answer blocks of 2; each row must leave the batch right
+    # after the block in which it wrote [EOS]
+    model, tok = trained["model"], data.ByteTokenizer()
+    prompts = ["45+54=", "98+97=", "10+11=", "77+60="]
+    blocks = {}
+    res = generate(model, [tok.encode(p) for p in prompts], on_step=lambda k, i, rows, x: [
+        blocks.setdefault(r, set()).add(k) for r in rows.tolist()])
+    assert all(res.finished)
+    for r, ids in enumerate(res.tokens):
+        assert blocks[r] == set(range((len(ids) + 1 + 1) // 2))  # ceil((len + EOS) / B)
+
+
+def test_train_script_sample_script_and_resume(root, tmp_path):
+    out = str(tmp_path / "run")
+    small = ["--d_model=32", "--n_enc=2", "--n_dec=1", "--batch_size=16", "--eval_examples=8",
+             "--eval_batches=1", f"--out_dir={out}"]
+    r = run(root, "train.py", "--max_steps=20", "--eval_every=10", *small)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"final step=20 val_nelbo=\d+\.\d+ exact_match=\d\.\d+", last), last
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 20 and ckpt["config"]["n_enc"] == 2 and ckpt["config"]["d_model"] == 32
+    assert set(ckpt) >= {"config", "model", "optimizer", "step"}
+
+    r = run(root, "train.py", "--max_steps=30", "--eval_every=10", "--resume", *small)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and r.stdout.strip().endswith(
+        r.stdout.strip().splitlines()[-1]) and "final step=30" in r.stdout
+
+    ck = os.path.join(out, "ckpt.pt")
+    r = run(root, "sample.py", f"--ckpt={ck}", "123+456=", "5+5=")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("123+456=") and lines[1].startswith("5+5=")
+    assert re.search(r"tokens/s; network calls \d+ \(decoder \d+, encoder \d+\)", lines[-1])
+    r = run(root, "sample.py", f"--ckpt={ck}", "--show", "1+1=")
+    assert "block 0 step 1: 1+1=|" in r.stdout
+    r = run(root, "sample.py", f"--ckpt={ck}", stdin="7+8=\n\n1+2=\n")
+    assert [l.split("=")[0] for l in r.stdout.splitlines()[:2]] == ["7+8", "1+2"]
+    r = run(root, "sample.py", f"--ckpt={ck}", "--num_examples=3")
+    assert re.search(r"exact match: \d/3", r.stdout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_dec=two"], "invalid int value"),
+    (["--bogus=1"], "unrecognized arguments"),
+    (["--seq_len=30", "--block_len=4"], "not a multiple of block_len"),
+    (["--d_model=30"], "not divisible by n_heads"),
+    (["--task=sorting"], "unknown task"),
+    (["--resume", "--out_dir=/nonexistent/x"], "no checkpoint at"),
+])
+def test_train_script_bad_input_is_a_clear_error(root, args, message):
+    r = run(root, "train.py", "--max_steps=1", *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_script_bad_checkpoint_is_a_clear_error(root, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for path, message in [(tmp_path / "none.pt", "no checkpoint at"), (bad, "cannot read checkpoint")]:
+        r = run(root, "sample.py", f"--ckpt={path}", "1+1=")
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    def run_steps(out, steps, resume=False):
+        tc = train.TrainConfig(out_dir=str(out), batch_size=16, max_steps=steps, eval_every=5,
+                               eval_examples=4, eval_batches=1, resume=resume, digits=2)
+        cfg, ckpt = train.setup(tc, {} if resume else dict(d_model=32, n_enc=2, n_dec=1), "cpu")
+        return train.train(cfg, tc, "cpu", ckpt)["model"]
+
+    straight = run_steps(tmp_path / "a", 10)
+    run_steps(tmp_path / "b", 5)
+    resumed = run_steps(tmp_path / "b", 10, resume=True)
+    for (n, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
