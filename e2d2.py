@@ -45,10 +45,14 @@ from einops import rearrange
 
 SCHEDULES = ("linear", "cosine", "log", "exp")
 DECODER_VARIANTS = ("hidden", "shared_kv")
+MODEL_TYPES = ("e2d2", "ar", "mdlm", "bd3lm")
 
 
 @dataclass
 class ModelConfig:
+    # Which model: "e2d2", or a baseline built from the same pieces with N = n_enc
+    # layers: "ar", "mdlm", "bd3lm" (n_dec and decoder only apply to e2d2).
+    model: str = "e2d2"
     # Vocabulary. The defaults are those of the byte tokenizer in data.py
     # (256 bytes, then PAD, BOS, EOS, MASK); train.py always fills them from the tokenizer.
     vocab_size: int = 260
@@ -98,7 +102,7 @@ def validate_config(cfg: ModelConfig) -> None:
             problems.append(
                 f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)"
             )
-        if cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
+        if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
             problems.append(
                 f"decoder='shared_kv' reads encoder layer i in decoder layer i, so it needs "
                 f"n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})"
@@ -106,6 +110,8 @@ def validate_config(cfg: ModelConfig) -> None:
         for name in ("pad_id", "eos_id", "mask_id"):
             if not 0 <= getattr(cfg, name) < cfg.vocab_size:
                 problems.append(f"{name}={getattr(cfg, name)} is outside the vocabulary")
+    if cfg.model not in MODEL_TYPES:
+        problems.append(f"model must be one of {MODEL_TYPES}, got {cfg.model!r}")
     if cfg.decoder not in DECODER_VARIANTS:
         problems.append(f"decoder must be one of {DECODER_VARIANTS}, got {cfg.decoder!r}")
     if cfg.schedule not in SCHEDULES:
@@ -203,6 +209,34 @@ def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:  # [E2D2]
     to_clean = to_clean & valid[:, :, None]  # a padding query sees no clean key ...
     to_noisy = _padding_rows_see_self(block_diagonal & valid[:, None, :], valid)  # ... only itself
     return torch.cat([to_clean, to_noisy], dim=-1)  # (b, L, 2L)
+
+
+def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
+    """BD3-LM runs ONE network over the 2L tokens [x_0 ; x_t]. Returns (b, 2L, 2L):
+
+                    keys x_0 (clean)          keys x_t (noisy)
+      x_0 queries   block-causal (+ prompt)   never
+      x_t queries   offset block-causal       block-diagonal
+
+    The top row is the E2D2 encoder mask and the bottom row the E2D2 decoder mask: E2D2
+    splits this one mask between two networks, so the clean rows need not be recomputed
+    alongside the noisy ones and the noisy rows get a smaller network.  [E2D2]"""
+    enc = encoder_mask(prompt_mask, valid, block_len)  # (b, L, L)
+    clean_rows = torch.cat([enc, torch.zeros_like(enc)], dim=-1)  # (b, L, 2L)
+    return torch.cat([clean_rows, decoder_mask(valid, block_len)], dim=1)  # (b, 2L, 2L)
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """AR: query i sees real keys j <= i. (b, L, L)."""
+    L = valid.shape[1]
+    tril = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    return _padding_rows_see_self(tril[None] & valid[:, None, :], valid)
+
+
+def full_mask(valid: torch.Tensor) -> torch.Tensor:
+    """MDLM: every query sees every real key (bidirectional). (b, L, L)."""
+    L = valid.shape[1]
+    return _padding_rows_see_self(valid[:, None, :].expand(-1, L, L), valid)
 
 
 def _padding_rows_see_self(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -424,30 +458,26 @@ class Layer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# The E2D2 model: shared token embedding (tied to the output head), an encoder stack over
-# clean tokens and a decoder stack over noisy tokens.
+# What every model here shares: a token embedding tied to the output head, RoPE, weight
+# init, and `run`, which pushes hidden states through a stack of Layers.
 # ---------------------------------------------------------------------------------------
 
 
-class E2D2(nn.Module):
+class TokenModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by enc and dec  [E2D2]
-        self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # [E2D2]
-        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # [E2D2]
-        self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
-        self.dec_norm = RMSNorm(cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model)  # final norm before the head
         self.drop = nn.Dropout(cfg.dropout)
-        self._init_weights()
 
-    def _init_weights(self):
+    def init_weights(self):
         # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * depth)
-        n_layers = self.cfg.n_enc + self.cfg.n_dec
+        depth = sum(isinstance(m, Layer) for m in self.modules())
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
+                residual_out = name.endswith(("out.weight", "down.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth) if residual_out else 0.02)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -458,7 +488,58 @@ class E2D2(nn.Module):
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """Final norm and output head tied to the token embedding: (b, n, d) -> (b, n, V)."""
-        return F.linear(self.dec_norm(z), self.embed.weight)
+        return F.linear(self.norm(z), self.embed.weight)
+
+    def run(self, layers, x, positions, mask, prefix: Optional[list] = None):
+        """x (b, n, d) through `layers`; layer i also attends to prefix[i] (keys/values put
+        in front of its own), mask (b, n, n_prefix + n). Returns x and each layer's own
+        (keys, values) of this input, which a caller may cache."""
+        cos, sin = self.rope(positions)
+        new_kv = []
+        for i, layer in enumerate(layers):
+            x, kv = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
+            new_kv.append(kv)
+        return x, new_kv
+
+
+def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
+    if L % block_len != 0:
+        raise ValueError(f"sequence length {L} is not a multiple of block_len={block_len}")
+    if L > cfg.seq_len:
+        raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
+
+
+def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss) -> Loss:
+    """The training step shared by E2D2, BD3-LM and MDLM: one t per block of `block_len`,
+    x_t ~ q(x_t | x_0), logits of every noisy token in ONE call of model.logits, and the
+    losses. train_loss picks what `loss` is: "masked_ce" (the authors' training objective)
+    or "nelbo" (the bound itself)."""
+    cfg = model.cfg
+    if train_loss not in ("masked_ce", "nelbo"):
+        raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
+    b, L = x0.shape
+    target_mask = (x0 != cfg.pad_id) & ~prompt_mask
+    t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
+    noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
+                      ensure_masked=True, generator=generator)
+    logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
+    nelbo, masked_ce, n = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id)
+    return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n)
+
+
+# ---------------------------------------------------------------------------------------
+# The E2D2 model: a shared token embedding (tied to the output head), an encoder stack
+# over clean tokens and a decoder stack over noisy tokens.
+# ---------------------------------------------------------------------------------------
+
+
+class E2D2(TokenModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)  # self.embed is shared by encoder and decoder  [E2D2]
+        self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # [E2D2]
+        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # [E2D2]
+        self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
+        self.init_weights()
 
     # -- encoder -----------------------------------------------------------------------
 
@@ -466,12 +547,7 @@ class E2D2(nn.Module):
         """Run the N_enc encoder layers over clean tokens x0 (b, n).
         mask: (b, n, n_cache + n). cache: per-layer (k, v) of earlier clean tokens, or None.
         Returns h = enc_norm(hidden) (b, n, d) and this call's per-layer (k, v)."""
-        cos, sin = self.rope(positions)
-        x = self.drop(self.embed(x0))  # (b, n, d)
-        new_kv = []
-        for i, layer in enumerate(self.encoder):
-            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
-            new_kv.append(kv)
+        x, new_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, cache)
         return self.enc_norm(x), new_kv
 
     def clean_kv(self, h, positions, enc_kv) -> list:  # [E2D2]
@@ -491,10 +567,7 @@ class E2D2(nn.Module):
         [clean[l] ; the noisy stream's own], mask (b, n, n_clean + n). The layer output
         replaces only the noisy stream: the clean keys stay the same in every pass.
         Returns raw logits (b, n, V) (SUBS is applied by the loss and the sampler)."""
-        cos, sin = self.rope(positions)
-        z = self.drop(self.embed(x_t))  # (b, n, d)
-        for layer, kv in zip(self.decoder, clean):
-            z, _ = layer(z, cos, sin, mask, kv)
+        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean)
         return self.head(z)
 
     # -- training forward --------------------------------------------------------------
@@ -509,106 +582,242 @@ class E2D2(nn.Module):
         return self.decode(x_t, positions, decoder_mask(valid, self.cfg.block_len), clean)
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
-        """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool.
-        Noises x0 (one t per block), runs encoder + decoder once and returns the losses.
-        train_loss picks what `loss` is: "masked_ce" (the authors' training objective) or
-        "nelbo" (the bound itself)."""
+        """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0
+        (one t per block), runs encoder + decoder once and returns the losses."""
+        check_length(self.cfg, x0.shape[1], self.cfg.block_len)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+
+    def make_runner(self, prompt, use_cache: bool):
+        return CachedE2D2(self, prompt) if use_cache else Recompute(self, prompt)
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines, built from the same pieces (N = n_enc layers each):
+#   AR:     causal transformer, next-token loss, KV-cached sampling.
+#   MDLM:   one bidirectional network over [prompt ; noisy answer], one t per sequence;
+#           no cache is possible: every denoising step runs the full network.
+#   BD3-LM: one network over [x_0 ; x_t] (2L tokens) with bd3lm_mask; sampling caches the
+#           clean blocks' keys/values but runs the full network at every step.
+# ---------------------------------------------------------------------------------------
+
+
+class AR(TokenModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
+        self.init_weights()
+
+    def logits(self, x, prefix=None, prefix_valid=None, start: int = 0):
+        """Causal logits (b, n, V) of tokens x at positions start.. ; logits[:, i] predicts
+        the token after x[:, i]. With a KV prefix (cache) of `start` earlier tokens."""
+        b, n = x.shape
+        valid = x != self.cfg.pad_id
+        if prefix_valid is None:
+            prefix_valid = valid[:, :0]
+        mask = causal_mask(torch.cat([prefix_valid, valid], 1))[:, start:]  # (b, n, start + n)
+        positions = torch.arange(start, start + n, device=x.device)
+        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), positions, mask, prefix)
+        return self.head(h), new_kv
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss)."""
+        check_length(self.cfg, x0.shape[1], 1)
+        target = (x0 != self.cfg.pad_id) & ~prompt_mask
+        logits, _ = self.logits(x0)
+        nll = F.cross_entropy(rearrange(logits[:, :-1].float(), "b n V -> b V n"), x0[:, 1:],
+                              reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
+        tgt = target[:, 1:]
+        n = tgt.sum().clamp(min=1)
+        loss = torch.where(tgt, nll, torch.zeros_like(nll)).sum() / n
+        return Loss(loss, loss, loss, n)
+
+
+class MDLM(TokenModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
+        self.init_weights()
+
+    def logits(self, x0, x_t, prompt_mask):
+        """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
+        valid = x_t != self.cfg.pad_id
+        positions = torch.arange(x_t.shape[1], device=x_t.device)
+        h, _ = self.run(self.layers, self.drop(self.embed(x_t)), positions, full_mask(valid))
+        return self.head(h)
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
+        is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
+        canvas is ONE block, so one t per sequence."""
         cfg = self.cfg
+        check_length(cfg, x0.shape[1], 1)
         b, L = x0.shape
-        if L % cfg.block_len != 0:
-            raise ValueError(f"sequence length {L} is not a multiple of block_len={cfg.block_len}")
-        if L > cfg.seq_len:
-            raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
-        target_mask = (x0 != cfg.pad_id) & ~prompt_mask
-        t = sample_t(b, L // cfg.block_len, cfg.t_min, cfg.t_max, generator, x0.device)
-        noised = q_sample(x0, target_mask, t, cfg.block_len, cfg.mask_id, cfg.schedule,
-                          ensure_masked=True, generator=generator)
-        logits = self.logits(x0, noised.x_t, prompt_mask)
-        nelbo, masked_ce, n = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id)
-        if train_loss not in ("masked_ce", "nelbo"):
-            raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
-        return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n)
+        x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
+        prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
+        x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss)
+
+    def make_runner(self, prompt, use_cache: bool):
+        return Recompute(self, prompt)  # bidirectional: nothing can be cached
+
+
+class BD3LM(TokenModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
+        self.init_weights()
+
+    def logits(self, x0, x_t, prompt_mask):
+        """All N layers over the 2L tokens [x_0 ; x_t]; returns the noisy half's logits."""
+        L = x0.shape[1]
+        x = torch.cat([x0, x_t], 1)  # (b, 2L)
+        positions = torch.arange(L, device=x0.device).repeat(2)  # x_0,j and x_t,j share j
+        mask = bd3lm_mask(prompt_mask, x0 != self.cfg.pad_id, self.cfg.block_len)  # (b, 2L, 2L)
+        h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
+        return self.head(h[:, L:])  # (b, L, V)
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        check_length(self.cfg, x0.shape[1], self.cfg.block_len)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+
+    def make_runner(self, prompt, use_cache: bool):
+        return CachedBD3LM(self, prompt) if use_cache else Recompute(self, prompt)
+
+
+MODELS = {"e2d2": E2D2, "ar": AR, "mdlm": MDLM, "bd3lm": BD3LM}
+
+
+def build_model(cfg: ModelConfig) -> TokenModel:
+    return MODELS[cfg.model](cfg)
 
 
 # ---------------------------------------------------------------------------------------
 # Sampling, block by block.
 #
-# The loop in `generate` is the same for every way of computing the decoder's logits; a
-# "runner" object hides that one difference:
+# The loop in `generate` is the same for every block-diffusion model and every way of
+# computing the logits; a "runner" object hides that one difference:
 #   runner.logits(x_block)  -> (b, B, V) logits of the noisy block (one network call)
 #   runner.commit(block)    -> the finished clean block joins the context
 #   runner.keep(rows)       -> drop finished sequences from the batch
-# CachedE2D2 is the fast one; RecomputeE2D2 re-runs the training forward over everything
-# at every step (no cache) and is the reference the cached one must match exactly.
+# CachedE2D2 is the fast one. Recompute re-runs the TRAINING forward over everything at
+# every step (no cache); it is the reference every cached runner must match exactly.
 # ---------------------------------------------------------------------------------------
 
 
-def _cat_kv(a: Optional[KV], b: KV) -> KV:
-    return b if a is None else (torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2))
+class KVCache:
+    """Keys/values of every clean token seen so far, per layer: (b, H, n, hd) each, with
+    `valid` (b, n) telling real tokens from left padding."""
+
+    def __init__(self, n_layers: int, batch: int, device):
+        self.kv: list = [None] * n_layers
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+
+    def __len__(self):
+        return self.valid.shape[1]
+
+    def prefix(self):
+        return None if len(self) == 0 else self.kv
+
+    def add(self, new_kv: list, tokens: torch.Tensor, pad_id: int):
+        cat = lambda a, b: b if a is None else torch.cat([a, b], dim=2)  # noqa: E731
+        self.kv = [(cat(old and old[0], k), cat(old and old[1], v)) for old, (k, v) in zip(self.kv, new_kv)]
+        self.valid = torch.cat([self.valid, tokens != pad_id], 1)
+
+    def block_mask(self, n_new: int) -> torch.Tensor:
+        """(b, n_new, len + n_new): n_new queries of one block see every real cached token
+        (all from earlier blocks) and the whole block (block-causal / block-diagonal)."""
+        b = self.valid.shape[0]
+        own = torch.ones(b, n_new, n_new, dtype=torch.bool, device=self.valid.device)
+        return torch.cat([self.valid[:, None, :].expand(b, n_new, len(self)), own], -1)
+
+    def keep(self, rows):
+        self.kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.kv]
+        self.valid = self.valid[rows]
 
 
 class CachedE2D2:
     """E2D2 sampling with two caches:
-      enc_cache[l]: keys/values of every clean token in encoder layer l, so a finished
-                    block is encoded alone (B queries against the cache);
-      dec_cache[l]: keys/values of h in decoder layer l (the "cross-attention cache"),
-                    computed once per clean token and reused at every denoising step."""
+      enc[l]: keys/values of every clean token in encoder layer l, so a finished block is
+              encoded alone (B queries against the cache);
+      dec[l]: keys/values of h in decoder layer l (the "cross-attention cache"), computed
+              once per clean token and reused at every denoising step."""
 
     def __init__(self, model: E2D2, prompt: torch.Tensor):
-        self.model = model
-        self.enc_cache: list = [None] * model.cfg.n_enc
-        self.dec_cache: list = [None] * model.cfg.n_dec
-        self.key_valid = prompt[:, :0] != model.cfg.pad_id  # (b, 0): which cached keys are real
+        self.model, cfg = model, model.cfg
+        self.enc = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
+        self.dec = KVCache(cfg.n_dec, prompt.shape[0], prompt.device)
         self.encoder_calls = self.decoder_calls = 0
         if prompt.shape[1] > 0:
-            valid = prompt != model.cfg.pad_id
-            self._encode(prompt, encoder_mask(valid, valid, model.cfg.block_len))  # prompt: bidirectional
+            valid = prompt != cfg.pad_id
+            self._encode(prompt, encoder_mask(valid, valid, cfg.block_len))  # prompt: bidirectional
 
     def _encode(self, tokens, mask):
-        """Encode new clean tokens against the cache and extend both caches."""
-        n0, n = self.key_valid.shape[1], tokens.shape[1]
-        positions = torch.arange(n0, n0 + n, device=tokens.device)
-        cache = None if n0 == 0 else self.enc_cache
-        h, new_kv = self.model.encode(tokens, positions, mask, cache)  # h: (b, n, d)
-        self.enc_cache = [_cat_kv(c, kv) for c, kv in zip(self.enc_cache, new_kv)]
+        """Encode new clean tokens against the encoder cache; extend both caches."""
+        n0 = len(self.enc)
+        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)
+        h, new_kv = self.model.encode(tokens, positions, mask, self.enc.prefix())  # h: (b, n, d)
+        self.enc.add(new_kv, tokens, self.model.cfg.pad_id)
         clean = self.model.clean_kv(h, positions, new_kv)  # [E2D2] projected ONCE per block
-        self.dec_cache = [_cat_kv(c, kv) for c, kv in zip(self.dec_cache, clean)]
-        self.key_valid = torch.cat([self.key_valid, tokens != self.model.cfg.pad_id], 1)
+        self.dec.add(clean, tokens, self.model.cfg.pad_id)
         self.encoder_calls += 1
 
     def logits(self, x_block):
         """Only the decoder runs: B noisy queries against [cached clean keys ; own keys]."""
-        b, B = x_block.shape
-        n0 = self.key_valid.shape[1]
-        positions = torch.arange(n0, n0 + B, device=x_block.device)
-        # offset block-causal (every cached key is a finished block) + block-diagonal
-        mask = torch.cat([self.key_valid[:, None, :].expand(b, B, n0),
-                          torch.ones(b, B, B, dtype=torch.bool, device=x_block.device)], -1)
+        n0 = len(self.dec)
+        positions = torch.arange(n0, n0 + x_block.shape[1], device=x_block.device)
         self.decoder_calls += 1
-        return self.model.decode(x_block, positions, mask, self.dec_cache)  # (b, B, V)
+        return self.model.decode(x_block, positions, self.dec.block_mask(x_block.shape[1]),
+                                 self.dec.prefix())  # (b, B, V)
 
     def commit(self, block):
-        """A finished block: its B queries see every cached key and the whole block."""
-        b, B = block.shape
-        n0 = self.key_valid.shape[1]
-        mask = torch.cat([self.key_valid[:, None, :].expand(b, B, n0),
-                          torch.ones(b, B, B, dtype=torch.bool, device=block.device)], -1)
-        self._encode(block, mask)
+        self._encode(block, self.enc.block_mask(block.shape[1]))
 
     def keep(self, rows):
-        pick = lambda kv: (kv[0][rows], kv[1][rows])  # noqa: E731
-        self.enc_cache = [pick(kv) for kv in self.enc_cache]
-        self.dec_cache = [pick(kv) for kv in self.dec_cache]
-        self.key_valid = self.key_valid[rows]
+        self.enc.keep(rows)
+        self.dec.keep(rows)
 
 
-class RecomputeE2D2:
-    """No cache: every denoising step re-runs the TRAINING forward (encoder over all clean
-    tokens, decoder over all blocks) on [clean context ; noisy block] and keeps the last
-    block's logits. The encoder mask is block-causal, so what sits in the noisy block's
-    slot of x0 cannot reach the last block's logits: we put x_t there."""
+class CachedBD3LM:
+    """BD3-LM sampling: the clean blocks' keys/values are cached (one cache: the same
+    network reads clean and noisy tokens), but every denoising step still runs ALL N
+    layers on the noisy block, where E2D2 runs only its N_dec decoder layers."""
 
-    def __init__(self, model: E2D2, prompt: torch.Tensor):
+    def __init__(self, model: BD3LM, prompt: torch.Tensor):
+        self.model, cfg = model, model.cfg
+        self.cache = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
+        self.encoder_calls = self.decoder_calls = 0
+        if prompt.shape[1] > 0:
+            valid = prompt != cfg.pad_id
+            self._run(prompt, encoder_mask(valid, valid, cfg.block_len), keep=True)
+
+    def _run(self, tokens, mask, keep: bool):
+        n0 = len(self.cache)
+        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)
+        h, new_kv = self.model.run(self.model.layers, self.model.embed(tokens), positions, mask,
+                                   self.cache.prefix())
+        if keep:  # a clean block: its keys/values join the cache
+            self.cache.add(new_kv, tokens, self.model.cfg.pad_id)
+            self.encoder_calls += 1
+        return h
+
+    def logits(self, x_block):
+        self.decoder_calls += 1
+        return self.model.head(self._run(x_block, self.cache.block_mask(x_block.shape[1]), keep=False))
+
+    def commit(self, block):
+        self._run(block, self.cache.block_mask(block.shape[1]), keep=True)
+
+    def keep(self, rows):
+        self.cache.keep(rows)
+
+
+class Recompute:
+    """No cache: every step re-runs the TRAINING forward (model.logits) on
+    [clean context ; noisy block] and keeps the last block's logits. E2D2's encoder and
+    BD3-LM's clean stream are block-causal, so what sits in the noisy block's slot of x0
+    cannot reach that block's logits: we put x_t there. (MDLM reads only x_t.)"""
+
+    def __init__(self, model, prompt: torch.Tensor):
         self.model, self.context, self.n_prompt = model, prompt, prompt.shape[1]
         self.encoder_calls = self.decoder_calls = 0
 
@@ -616,8 +825,8 @@ class RecomputeE2D2:
         x = torch.cat([self.context, x_block], dim=1)  # (b, n + B)
         prompt_mask = torch.zeros_like(x, dtype=torch.bool)
         prompt_mask[:, : self.n_prompt] = True  # (its padding is masked out as padding)
-        self.encoder_calls += 1
         self.decoder_calls += 1
+        self.encoder_calls += isinstance(self.model, E2D2)  # E2D2 re-encodes everything
         return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]
 
     def commit(self, block):
@@ -631,9 +840,9 @@ class RecomputeE2D2:
 class SampleOutput:
     tokens: list  # per sequence: the generated token ids, cut before the first [EOS]
     finished: list  # per sequence: True if it produced [EOS]
-    network_calls: int  # denoising steps that ran the network (NFE)
-    encoder_calls: int  # times the encoder stack ran
-    decoder_calls: int  # times the decoder stack ran
+    network_calls: int  # model calls that produced logits (NFE)
+    encoder_calls: int  # passes over clean tokens: E2D2's encoder, BD3-LM's clean blocks
+    decoder_calls: int  # passes over noisy tokens (E2D2: the decoder stack)
     seconds: float  # wall time of the whole call
     new_tokens: int  # tokens generated, summed over the batch (up to and with [EOS])
 
@@ -653,7 +862,7 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
 
 @torch.no_grad()
 def generate(
-    model: E2D2,
+    model: TokenModel,
     prompts: list,
     max_new_tokens: Optional[int] = None,
     steps: Optional[int] = None,
@@ -663,6 +872,7 @@ def generate(
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
     on_step: Optional[Callable] = None,
+    stop_at_eos: bool = True,
 ) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
@@ -678,28 +888,25 @@ def generate(
     temperature=0 takes the argmax of x_theta, > 0 samples from softmax(logits / temperature).
     If the block did not change since the last call, the last logits are reused (no call).
     A finished block is committed (encoded, cached); a sequence stops after the block in
-    which it produced [EOS]; everything stops after max_new_tokens.
+    which it produced [EOS] (stop_at_eos); everything stops after max_new_tokens.
+    MDLM has no blocks: its whole answer is one block of max_new_tokens. AR generates one
+    token per call (steps, strategy and the threshold do not apply).
     on_step(block, step, rows, x_block) is called after every step (for --show).
     """
     cfg = model.cfg
-    B = cfg.block_len
-    T = B if steps is None else steps
     if strategy not in ("remask", "ancestral"):
         raise ValueError(f"strategy must be 'remask' or 'ancestral', got {strategy!r}")
-    if T < 1:
-        raise ValueError(f"steps must be >= 1, got {T}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     device = model.embed.weight.device
-    prompt = left_pad(prompts, B, cfg.pad_id, device)  # (b, P')
+    prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
     room = cfg.seq_len - prompt.shape[1]
-    longest = max(len(p) for p in prompts)
-    if room < B:
+    if room < cfg.block_len:
         raise ValueError(
-            f"prompt of {longest} tokens ({prompt.shape[1]} after aligning to blocks of "
-            f"{B}) leaves no room to generate within seq_len={cfg.seq_len}"
+            f"prompt of {max(len(p) for p in prompts)} tokens ({prompt.shape[1]} after aligning "
+            f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}"
         )
     if max_new_tokens is None:
         max_new_tokens = room
@@ -708,52 +915,71 @@ def generate(
             f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
             f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)"
         )
-    start = time.perf_counter()
+    B = max_new_tokens if cfg.model == "mdlm" else cfg.block_len  # MDLM: one block
+    T = B if steps is None else steps
+    if T < 1:
+        raise ValueError(f"steps must be >= 1, got {T}")
     was_training = model.training
     model.eval()
+    start = time.perf_counter()
+    if cfg.model == "ar":
+        if prompt.shape[1] == 0:
+            raise ValueError("the AR model needs a non-empty prompt to predict the first token from")
+        out, calls = _generate_ar(model, prompt, max_new_tokens, temperature, generator,
+                                  stop_at_eos, use_cache, on_step)
+        counts = (calls, 0, calls)
+    else:
+        out, counts = _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
+                                       confidence_threshold, use_cache, generator, on_step, stop_at_eos)
+    seconds = time.perf_counter() - start
+    if was_training:
+        model.train()
 
+    tokens, finished, new = [], [], 0
+    for row in out[:, :max_new_tokens].tolist():
+        cut = row.index(cfg.eos_id) if stop_at_eos and cfg.eos_id in row else None
+        finished.append(cut is not None)
+        tokens.append(row[:cut] if cut is not None else row)
+        new += len(tokens[-1]) + (cut is not None)
+    return SampleOutput(tokens, finished, *counts, seconds, new)
+
+
+def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
+                     confidence_threshold, use_cache, generator, on_step, stop_at_eos):
+    """The block-diffusion sampling loop (E2D2, BD3-LM, MDLM). Returns the generated
+    tokens (b, n_blocks * B) and (network calls, encoder calls, decoder calls)."""
+    cfg = model.cfg
     b = prompt.shape[0]
-    runner = (CachedE2D2 if use_cache else RecomputeE2D2)(model, prompt)
+    runner = model.make_runner(prompt, use_cache)
     n_blocks = math.ceil(max_new_tokens / B)
-    out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=device)
-    rows = torch.arange(b, device=device)  # the sequences still generating
+    out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=prompt.device)
+    rows = torch.arange(b, device=prompt.device)  # the sequences still generating
     network_calls = 0
     # time grid t_0 = 1 > t_1 > ... > t_T = 0, shared by every block
-    grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64)
+    grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()
     for k in range(n_blocks):
-        x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=device)
+        x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=prompt.device)
         last_x, last_logits = None, None
         for i in range(T):
             if not (x == cfg.mask_id).any():
                 break
             if last_x is None or not torch.equal(x, last_x):  # no change -> no call
-                last_logits = runner.logits(x)
+                last_logits = runner.logits(x)  # (b, B, V)
                 last_x = x
                 network_calls += 1
-            x = denoise_step(last_logits, x, grid[i].item(), grid[i + 1].item(), cfg, strategy,
-                             temperature, confidence_threshold, generator, final=(i == T - 1))
+            x = denoise_step(last_logits, x, grid[i], grid[i + 1], cfg, strategy, temperature,
+                             confidence_threshold, generator, final=(i == T - 1))
             if on_step is not None:
                 on_step(k, i, rows, x)
         out[rows, k * B:(k + 1) * B] = x
-        done = (x == cfg.eos_id).any(dim=1)  # per-sequence stop at [EOS]
+        done = (x == cfg.eos_id).any(dim=1) if stop_at_eos else torch.zeros_like(rows, dtype=torch.bool)
         if k == n_blocks - 1 or done.all():
             break
-        runner.commit(x)
-        if done.any():
+        runner.commit(x)  # [E2D2] the encoder runs once per finished block
+        if done.any():  # per-sequence stop at [EOS]
             runner.keep(~done)
             rows = rows[~done]
-
-    if was_training:
-        model.train()
-    tokens, finished, new = [], [], 0
-    for row in out[:, :max_new_tokens].tolist():
-        cut = row.index(cfg.eos_id) if cfg.eos_id in row else None
-        finished.append(cut is not None)
-        body = row[:cut] if cut is not None else row
-        tokens.append(body)
-        new += len(body) + (cut is not None)
-    return SampleOutput(tokens, finished, network_calls, runner.encoder_calls,
-                        runner.decoder_calls, time.perf_counter() - start, new)
+    return out, (network_calls, runner.encoder_calls, runner.decoder_calls)
 
 
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
@@ -761,15 +987,8 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
     """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
     Tokens that are already decoded never change (SUBS carry-over)."""
     is_mask = x == cfg.mask_id  # (b, B)
-    scaled = logits if temperature == 0 else logits / temperature
-    probs = subs_log_probs(scaled, x, cfg.mask_id).exp()  # (b, B, V), one-hot where decoded
-    if temperature == 0:
-        pred = probs.argmax(-1)  # (b, B)
-    else:
-        pred = torch.multinomial(rearrange(probs, "b B V -> (b B) V"), 1, generator=generator)
-        pred = pred.view(x.shape)
-    confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(pred) (b, B)
-
+    pred, confidence = _pick_tokens(subs_log_probs(logits if temperature == 0 else logits / temperature,
+                                                   x, cfg.mask_id).exp(), temperature, generator)
     alpha_t = noise_schedule(cfg.schedule, torch.tensor(t, dtype=torch.float64))[0].item()
     alpha_s = noise_schedule(cfg.schedule, torch.tensor(s, dtype=torch.float64))[0].item()
     if final:  # the last step reveals every remaining [MASK]
@@ -783,9 +1002,8 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
         # predict and remask: after this step floor((1 - alpha_s) * B) tokens stay masked,
         # but at least one [MASK] is revealed per step; the least confident stay masked.
         B = x.shape[1]
-        n_masked = is_mask.sum(1)  # (b,)
         n_stay = min(int(math.floor((1.0 - alpha_s) * B + 1e-6)), B)
-        n_stay = torch.clamp(n_masked - 1, min=0).clamp(max=n_stay)  # (b,)
+        n_stay = torch.clamp(is_mask.sum(1) - 1, min=0).clamp(max=n_stay)  # (b,)
         conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
         rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
         reveal = is_mask & (rank >= n_stay[:, None])
@@ -794,13 +1012,54 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
     return torch.where(reveal, pred, x)
 
 
+def _pick_tokens(probs, temperature, generator):
+    """argmax (temperature 0) or a sample of probs (b, n, V); returns tokens and p(token)."""
+    if temperature == 0:
+        pred = probs.argmax(-1)  # (b, n)
+    else:
+        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator)
+        pred = pred.view(probs.shape[:-1])
+    return pred, probs.gather(-1, pred[..., None]).squeeze(-1)
+
+
+def _generate_ar(model: AR, prompt, max_new_tokens, temperature, generator, stop_at_eos,
+                 use_cache, on_step):
+    """Token-by-token sampling for the AR baseline. With the cache, each call feeds only
+    the newest token (keys/values of the rest are cached); without it, each call re-runs
+    the whole causal forward over [prompt ; generated so far]."""
+    cfg = model.cfg
+    b = prompt.shape[0]
+    out = torch.full((b, max_new_tokens), cfg.pad_id, dtype=torch.long, device=prompt.device)
+    rows = torch.arange(b, device=prompt.device)
+    cache = KVCache(cfg.n_enc, b, prompt.device)
+    seq, new, calls = prompt, prompt, 0  # seq: everything so far; new: tokens not yet run
+    for i in range(max_new_tokens):
+        if use_cache:
+            logits, kv = model.logits(new, cache.prefix(), cache.valid, start=len(cache))
+            cache.add(kv, new, cfg.pad_id)
+        else:
+            logits, _ = model.logits(seq)
+        calls += 1
+        last = logits[:, -1:].float()  # (b, 1, V): the next token's logits
+        probs = F.softmax(last / temperature if temperature > 0 else last, dim=-1)
+        nxt, _ = _pick_tokens(probs, temperature, generator)  # (b, 1)
+        out[rows, i] = nxt[:, 0]
+        if on_step is not None:
+            on_step(i, 0, rows, nxt)
+        seq, new = torch.cat([seq, nxt], 1), nxt
+        done = (nxt[:, 0] == cfg.eos_id) if stop_at_eos else torch.zeros_like(rows, dtype=torch.bool)
+        if done.all():
+            break
+        if done.any():
+            keep = ~done
+            cache.keep(keep)
+            seq, new, rows = seq[keep], new[keep], rows[keep]
+    return out, calls
+
+
 # ---------------------------------------------------------------------------------------
 # Checkpoints: the config is saved as a dict and the model rebuilt from it.
 # ---------------------------------------------------------------------------------------
-
-
-def build_model(cfg: ModelConfig) -> E2D2:
-    return E2D2(cfg)
 
 
 def config_from_dict(d: dict) -> ModelConfig:
@@ -809,7 +1068,3 @@ def config_from_dict(d: dict) -> ModelConfig:
     if unknown:
         raise ValueError(f"checkpoint config has unknown keys {unknown}")
     return ModelConfig(**d)
-
-
-def model_to_dict(model: E2D2) -> dict:
-    return {"config": asdict(model.cfg), "model": model.state_dict()}

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import data
-from e2d2 import E2D2, config_from_dict, generate
+from e2d2 import build_model, config_from_dict, generate
 
 
 def load_checkpoint(path: str, device: str) -> tuple:
@@ -30,10 +30,11 @@ def load_checkpoint(path: str, device: str) -> tuple:
         sys.exit(f"error: cannot read checkpoint {path}: {e.__class__.__name__}: {e}")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         sys.exit(f"error: {path} is not an e2d2 checkpoint (no config/model inside)")
-    if ckpt.get("model_type", "e2d2") != "e2d2":
-        sys.exit(f"error: {path} holds a {ckpt['model_type']!r} model, not e2d2")
-    model = E2D2(config_from_dict(ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model(config_from_dict(ckpt["config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: checkpoint {path} does not match this code's models: {e}")
     model.eval()
     return model, ckpt
 

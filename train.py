@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from e2d2 import E2D2, ModelConfig, config_from_dict, generate
+from e2d2 import ModelConfig, build_model, config_from_dict, generate
 
 
 @dataclass
@@ -98,7 +98,7 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics):
     """Write to a temporary file, then rename: a crash never leaves a half-written ckpt."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {
-        "model_type": "e2d2",
+        "model_type": model.cfg.model,
         "config": asdict(model.cfg),
         "train_config": asdict(tc),
         "model": model.state_dict(),
@@ -177,7 +177,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
     tok = data.ByteTokenizer()
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 
-    model = E2D2(cfg).to(device)
+    model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
                                   weight_decay=tc.weight_decay)
     step, metrics = 0, {}
@@ -189,8 +189,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
     # bf16 autocast on GPU; plain float32 on CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     fwd = torch.compile(model) if tc.compile else model
-    print(f"E2D2: {model.num_params() / 1e6:.2f}M parameters, N_enc={cfg.n_enc}, N_dec={cfg.n_dec}, "
-          f"block_len={cfg.block_len}, seq_len={cfg.seq_len}, task={tc.task}, device={device}")
+    layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
+    print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
+          f"seq_len={cfg.seq_len}, task={tc.task}, device={device}")
 
     noise = torch.Generator(device=device)
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit

@@ -5,7 +5,7 @@ import torch
 
 import data
 import e2d2
-from e2d2 import CachedE2D2, E2D2, ModelConfig, RecomputeE2D2, generate
+from e2d2 import CachedE2D2, E2D2, ModelConfig, Recompute, generate
 
 
 def tiny(decoder="hidden", **kw):
@@ -39,7 +39,7 @@ def test_train_and_inference_logits_agree_block_by_block(decoder):
     with torch.no_grad():
         train_logits = model.logits(x0, x_t, prompt_mask)  # all blocks in one pass
         cached = CachedE2D2(model, x0[:, :P])
-        recompute = RecomputeE2D2(model, x0[:, :P])
+        recompute = Recompute(model, x0[:, :P])
         for start in range(P, x0.shape[1], B):
             blk = slice(start, start + B)
             inf_logits = cached.logits(x_t[:, blk])
@@ -141,7 +141,7 @@ class ScriptedRunner:
 
 def test_per_sequence_eos_stop(monkeypatch):
     model = tiny()
-    monkeypatch.setattr(e2d2, "CachedE2D2", ScriptedRunner)
+    monkeypatch.setattr(E2D2, "make_runner", lambda self, prompt, use_cache: ScriptedRunner(self, prompt))
     ScriptedRunner.calls = []
     r = generate(model, [[50, 1], [50, 0], [50, 9]], max_new_tokens=12)
     assert r.finished == [True, True, False]

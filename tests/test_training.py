@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     """A small E2D2 trained in-process on 2-digit addition (about half a minute on 2 cores)."""
     out = tmp_path_factory.mktemp("tiny")
     tc = train.TrainConfig(task="addition", digits=2, out_dir=str(out), batch_size=64,
-                           max_steps=800, lr=3e-3, warmup_steps=30, eval_every=800,
+                           max_steps=1000, lr=3e-3, warmup_steps=30, eval_every=1000,
                            eval_examples=64, eval_batches=2)
     cfg, _ = train.setup(tc, dict(d_model=64, n_heads=4, n_enc=3, n_dec=1, block_len=2, seq_len=16), "cpu")
     return train.train(cfg, tc, "cpu")
