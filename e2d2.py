@@ -931,6 +931,8 @@ def generate(
     else:
         out, counts = _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
                                        confidence_threshold, use_cache, generator, on_step, stop_at_eos)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
     seconds = time.perf_counter() - start
     if was_training:
         model.train()

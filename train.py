@@ -11,19 +11,21 @@ The last line printed is machine-readable:
 """
 
 import argparse
+import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
 
 import data
-from e2d2 import ModelConfig, build_model, config_from_dict, generate
+from e2d2 import MODEL_TYPES, ModelConfig, build_model, config_from_dict, generate
 
 
 @dataclass
@@ -47,6 +49,13 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/ckpt.pt
     device: str = "auto"  # "auto" = cuda if available, else cpu
     compile: bool = False  # torch.compile the model (GPU)
+    # --compare: train every model type with these settings and print a table
+    compare: bool = False
+    # --bench: time training steps of every model type at matched sizes (no data needed)
+    bench: bool = False
+    bench_batch: int = 8
+    bench_repeats: int = 5
+    out: str = ""  # --bench / --compare: also write the figures to this JSON file
 
 
 # --- command line: one flag per config field ------------------------------------------
@@ -132,14 +141,16 @@ def evaluate(model, task, tok, tc, device, autocast):
     val_nelbo = total / max(count, 1)
 
     examples = data.task_examples(task, "val", tc.eval_examples, tc.seed + 10_000)
-    correct = 0
+    correct, new_tokens, seconds = 0, 0, 0.0
     for i in range(0, len(examples), tc.batch_size):
         chunk = examples[i:i + tc.batch_size]
         with autocast:
             res = generate(model, [tok.encode(p) for p, _ in chunk], steps=tc.sample_steps or None)
         correct += sum(tok.decode(ids) == ans for ids, (_, ans) in zip(res.tokens, chunk))
+        new_tokens, seconds = new_tokens + res.new_tokens, seconds + res.seconds
     model.train()
-    return {"val_nelbo": val_nelbo, "exact_match": correct / len(examples)}
+    return {"val_nelbo": val_nelbo, "exact_match": correct / len(examples),
+            "sample_tokens_per_s": new_tokens / max(seconds, 1e-9)}
 
 
 # --- main -----------------------------------------------------------------------------
@@ -195,11 +206,12 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
 
     noise = torch.Generator(device=device)
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
-    losses = []
+    losses, train_tokens, train_seconds = [], 0, 0.0
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
     t_last, tokens_since = time.perf_counter(), 0
     while step < tc.max_steps:
+        t_step = time.perf_counter()
         # 1. a batch: a pure function of (seed, step), block-aligned
         pairs = data.encode_pairs(tok, data.train_examples(task, tc.batch_size, tc.seed, step))
         batch = data.collate(pairs, cfg.block_len, cfg.seq_len).to(device)
@@ -214,7 +226,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         step += 1
-        losses.append(out.loss.item())
+        losses.append(out.loss.item())  # .item() waits for the GPU: the step is done
+        train_seconds += time.perf_counter() - t_step
+        train_tokens += batch.x0.numel()
         # 3. progress bar, evaluation, checkpoint
         bar.update(1)
         tokens_since += batch.x0.numel()
@@ -237,19 +251,159 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
     stop.restore()
     if not metrics:  # nothing trained in this run and no metrics in the checkpoint
         metrics = evaluate(model, task, tok, tc, device, autocast)
-    return {"step": step, "metrics": metrics, "losses": losses, "model": model}
+    return {"step": step, "metrics": metrics, "losses": losses, "model": model,
+            "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9)}
 
 
 def main(argv=None):
     model_over, tc = parse_args(argv)
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        if tc.bench:
+            return bench_training(tc, model_over, device)
+        if tc.compare:
+            return compare(tc, model_over, device)
         cfg, ckpt = setup(tc, model_over, device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     result = train(cfg, tc, device, ckpt)
     m = result["metrics"]
     print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
+
+
+# --- --compare: every model, the same budget -------------------------------------------
+
+
+def compare(tc: TrainConfig, model_over: dict, device: str):
+    """Train E2D2 and the three baselines with the same settings (baselines: N = n_enc
+    layers) and print a markdown table of the held-out results."""
+    if "model" in model_over:
+        raise ValueError("--compare trains every model type; drop --model")
+    rows = []
+    for name in MODEL_TYPES:
+        run = replace(tc, out_dir=os.path.join(tc.out_dir, name), compare=False)
+        cfg, _ = setup(run, {**model_over, "model": name}, device)
+        print(f"\n=== {name} ===")
+        r = train(cfg, run, device)
+        rows.append({"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
+                     "params": r["model"].num_params(), **r["metrics"],
+                     "train_tokens_per_s": r["train_tokens_per_s"]})
+    print(f"\n{tc.task}, {tc.max_steps} steps of batch {tc.batch_size}, device={device}")
+    print("| model | layers | params | exact match | val NELBO (AR: NLL) | sampling tokens/s | training tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.2f}M | {r['exact_match']:.3f} | "
+              f"{r['val_nelbo']:.4f} | {r['sample_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} |")
+    if tc.out:
+        write_json(tc.out, {"device": device, "train_config": asdict(tc), "rows": rows})
+
+
+# --- --bench: training step speed, side by side ----------------------------------------
+
+# The benchmark sizes: prompt 16 + answer 128 tokens, width 256, N_enc=12, N_dec=2, B=8
+BENCH_MODEL = dict(d_model=256, n_heads=4, n_enc=12, n_dec=2, block_len=8, seq_len=16 + 128)
+BENCH_PROMPT = 16
+
+
+def training_cost(cfg: ModelConfig) -> int:
+    """Analytic cost of one training forward, in layer passes per data token: E2D2 runs
+    N_enc layers over x_0 and N_dec over x_t; BD3-LM its N layers over [x_0 ; x_t] (2L
+    tokens); MDLM and AR N layers over L. (Attention and the backward pass are left out.)"""
+    return {"e2d2": cfg.n_enc + cfg.n_dec, "bd3lm": 2 * cfg.n_enc}.get(cfg.model, cfg.n_enc)
+
+
+def bench_training(tc: TrainConfig, model_over: dict, device: str):
+    """Time forward + backward + optimizer steps of every model type on random tokens at
+    matched sizes (E2D2: N_enc + N_dec layers; the baselines: N = N_enc). After 2 warm-up
+    steps, the median of `bench_repeats` steps. Prints tokens/s, memory and the speed
+    ratio to E2D2 beside the analytic one."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name in MODEL_TYPES:
+        cfg = ModelConfig(**{**BENCH_MODEL, **model_over, "model": name})
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        L = cfg.seq_len
+        x0 = torch.randint(0, 256, (tc.bench_batch, L), generator=g).to(device)
+        prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
+        prompt_mask[:, :BENCH_PROMPT] = True
+        noise = torch.Generator(device=device).manual_seed(0)
+
+        def step():
+            with autocast:
+                loss = model(x0, prompt_mask, generator=noise).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):  # warm-up
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in tqdm(range(tc.bench_repeats), desc=f"bench {name}", leave=False):
+            t0 = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
+        row = {"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
+               "params": model.num_params(), "step_s": step_s,
+               "tokens_per_s": tc.bench_batch * L / step_s,
+               "activation_mib": saved_activation_bytes(model, x0, prompt_mask, autocast) / 2**20,
+               "cost": training_cost(cfg)}
+        if device == "cuda":
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        rows.append(row)
+        del model, opt
+    e2d2_row = rows[0]
+    for r in rows:
+        r["ratio_e2d2_over_model"] = e2d2_row["tokens_per_s"] / r["tokens_per_s"]
+        r["analytic_ratio"] = r["cost"] / e2d2_row["cost"]
+    cfg0 = ModelConfig(**{**BENCH_MODEL, **model_over})
+    print(f"training step, batch {tc.bench_batch} x {cfg0.seq_len} tokens (prompt {BENCH_PROMPT}), "
+          f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
+          f"device={device}, median of {tc.bench_repeats}")
+    mem = "peak MiB" if device == "cuda" else "activations MiB"
+    print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'step ms':>9} {mem:>16} {'E2D2 speed-up':>14} {'analytic':>9}")
+    for r in rows:
+        m = r.get("peak_mib", r["activation_mib"])
+        print(f"{r['model']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['step_s'] * 1e3:>9.1f} "
+              f"{m:>16.1f} {r['ratio_e2d2_over_model']:>13.2f}x {r['analytic_ratio']:>8.2f}x")
+    print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
+          "model / of E2D2 (linear layers only)")
+    if tc.out:
+        write_json(tc.out, {"device": device, "batch": tc.bench_batch, "config": asdict(cfg0), "rows": rows})
+    return rows
+
+
+def saved_activation_bytes(model, x0, prompt_mask, autocast) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass during one forward: the
+    activation memory of a training step, measured the same way on CPU and GPU."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(x0, prompt_mask, generator=torch.Generator(device=x0.device).manual_seed(0)).loss
+    return total
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
 
 
 class StopRequest:

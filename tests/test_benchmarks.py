@@ -1,0 +1,78 @@
+"""The benchmarks' analytic costs are exact counts of what the code runs, and both
+benchmarks run end to end at tiny sizes (their speed is measured by running them, not
+asserted here)."""
+import json
+
+import pytest
+import torch
+
+import sample
+import train
+from e2d2 import Layer, ModelConfig, build_model, generate
+
+
+class LayerCounter:
+    """Counts Layer calls and the tokens (per sequence) they process."""
+
+    def __init__(self, model):
+        self.calls = self.tokens = 0
+        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if isinstance(m, Layer)]
+
+    def hook(self, module, args, out):
+        self.calls += 1
+        self.tokens += args[0].shape[1]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("name,use_cache", [v[1:] for v in sample.BENCH_VARIANTS])
+def test_sampling_cost_counts_what_the_sampler_runs(name, use_cache):
+    P, A, B, T, n_enc, n_dec = 8, 16, 4, 3, 3, 2
+    cfg = ModelConfig(model=name, seq_len=P + A, block_len=B, d_model=32, n_heads=4, n_enc=n_enc, n_dec=n_dec)
+    model = build_model(cfg).eval()
+    counter = LayerCounter(model)
+    r = generate(model, [[7] * P, [9] * P], max_new_tokens=A, steps=A if name == "mdlm" else T,
+                 use_cache=use_cache, stop_at_eos=False)
+    counter.remove()
+    layer_tokens, layer_calls = sample.sampling_cost(name, use_cache, P, A, B, T, n_enc, n_dec)
+    assert counter.tokens == pytest.approx(layer_tokens * A)
+    assert counter.calls == pytest.approx(layer_calls * A)
+    assert all(len(t) == A for t in r.tokens)
+
+
+@pytest.mark.parametrize("name", ["e2d2", "bd3lm", "mdlm", "ar"])
+def test_training_cost_counts_layer_passes(name):
+    cfg = ModelConfig(model=name, seq_len=16, block_len=4, d_model=32, n_heads=4, n_enc=3, n_dec=2)
+    model = build_model(cfg)
+    counter = LayerCounter(model)
+    x0 = torch.randint(0, 200, (2, 16))
+    prompt = torch.zeros_like(x0, dtype=torch.bool)
+    prompt[:, :4] = True
+    model(x0, prompt)
+    assert counter.tokens == train.training_cost(cfg) * 16
+
+
+def test_training_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    tc = train.TrainConfig(bench=True, bench_batch=2, bench_repeats=1, out=str(out))
+    rows = train.bench_training(tc, dict(d_model=32, n_enc=2, n_dec=1, seq_len=24), "cpu")
+    assert [r["model"] for r in rows] == ["e2d2", "ar", "mdlm", "bd3lm"]
+    assert all(r["tokens_per_s"] > 0 and r["activation_mib"] > 0 for r in rows)
+    bd3 = next(r for r in rows if r["model"] == "bd3lm")
+    assert bd3["analytic_ratio"] == pytest.approx(4 / 3)  # 2N / (N_enc + N_dec)
+    assert json.loads(out.read_text())["rows"][0]["model"] == "e2d2"
+    assert "E2D2 speed-up" in capsys.readouterr().out
+
+
+def test_sampling_benchmark_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "BENCH", dict(prompt=4, answer=8, d_model=32, n_heads=4, n_enc=2,
+                                              n_dec=1, block_len=4, steps=2))
+    out = tmp_path / "sample.json"
+    rows = sample.bench_sampling([1, 2], 1, "cpu", str(out))
+    assert len(rows) == 2 * len(sample.BENCH_VARIANTS)
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    e2d2 = next(r for r in rows if r["variant"] == "e2d2 cached" and r["batch"] == 2)
+    assert e2d2["network_calls"] == 2 * 2 and e2d2["speedup_measured"] == 1.0
+    assert len(json.loads(out.read_text())["rows"]) == len(rows)
