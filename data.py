@@ -2,7 +2,10 @@ r"""
 Data for e2d2: a byte-level tokenizer, built-in tasks that generate their own data, and
 batching into the block-aligned layout the model trains and samples with.
 
-Layout of one training sequence (B = block_len), prompt left-padded to a block boundary:
+Also: readers for a user's own files (plain text; JSON Lines / TSV source-target pairs)
+and the metrics for them (exact match, corpus BLEU, ROUGE-L).
+
+Layout of one seq2seq training row (B = block_len), prompt left-padded to a block boundary:
 
     [PAD .. PAD  p r o m p t] [a n s w e r EOS EOS ..] [PAD .. PAD]
      \_____ P' = ceil(P/B)*B _/ \__ whole blocks ___/    \_ to the batch length _/
@@ -11,11 +14,17 @@ Layout of one training sequence (B = block_len), prompt left-padded to a block b
 - [EOS] ends the answer and fills the rest of its block (so the model learns to finish
   a block with [EOS]; the sampler stops a sequence after that block);
 - PAD is padding: never attended to, never a target.
-The sampler (e2d2.left_pad) builds the same layout for its prompts.
+Each row is laid out on its own (exactly what sampling that prompt alone does); the
+sampler pads a batch of prompts on the left to a common P' (e2d2.left_pad), which changes
+nothing: padding is never attended to and RoPE only sees relative positions.
+A plain-text row is a window of the file, all target, no prompt.
 """
 
+import json
+import math
 import random
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -164,47 +173,230 @@ def train_examples(task, batch_size: int, seed: int, step: int) -> list:
 @dataclass
 class Batch:
     x0: torch.Tensor  # (b, L) clean tokens, PAD where padding
-    prompt_mask: torch.Tensor  # (b, L) True on the prompt region (positions < P')
-    prompt_len: int  # P': where the answers start (a multiple of block_len)
+    prompt_mask: torch.Tensor  # (b, L) True on each row's prompt region (its first P'_i positions)
 
     def to(self, device):
-        return Batch(self.x0.to(device), self.prompt_mask.to(device), self.prompt_len)
+        return Batch(self.x0.to(device), self.prompt_mask.to(device))
 
 
 def ceil_to(n: int, m: int) -> int:
     return m * ((n + m - 1) // m)
 
 
+def example_length(prompt_len: int, answer_len: int, block_len: int) -> int:
+    """Positions one example takes: its aligned prompt, then its answer + [EOS] in whole blocks."""
+    return ceil_to(prompt_len, block_len) + ceil_to(answer_len + 1, block_len)
+
+
 def collate(pairs: list, block_len: int, seq_len: int) -> Batch:
-    """pairs: list of (prompt_ids, answer_ids). Returns the block-aligned Batch.
-    Raises ValueError naming the example if one cannot fit in seq_len."""
+    """pairs: list of (prompt_ids, answer_ids). Returns the block-aligned Batch (rows
+    right-padded to the longest). Raises ValueError naming the example if one cannot fit."""
     if not pairs:
         raise ValueError("collate needs at least one example")
-    for i, (p, a) in enumerate(pairs):
-        need = ceil_to(len(p), block_len) + ceil_to(len(a) + 1, block_len)
+    lengths = [example_length(len(p), len(a), block_len) for p, a in pairs]
+    for i, ((p, a), need) in enumerate(zip(pairs, lengths)):
         if need > seq_len:
             raise ValueError(
                 f"example {i} has a prompt of {len(p)} and an answer of {len(a)} tokens: with "
                 f"[EOS] and block alignment (block_len={block_len}) it needs {need} positions, "
                 f"more than the model's seq_len={seq_len}"
             )
-    P = ceil_to(max(len(p) for p, _ in pairs), block_len)
-    A = max(ceil_to(len(a) + 1, block_len) for _, a in pairs)
-    if P + A > seq_len:
-        raise ValueError(
-            f"this batch needs {P} prompt + {A} answer positions, more than seq_len={seq_len}: "
-            f"its longest prompt and its longest answer do not fit together"
-        )
-    x0 = torch.full((len(pairs), P + A), PAD, dtype=torch.long)
-    for i, (p, a) in enumerate(pairs):
-        x0[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        end = P + ceil_to(len(a) + 1, block_len)  # answer, then EOS to its block's end
-        x0[i, P:end] = EOS
-        x0[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
+    x0 = torch.full((len(pairs), max(lengths)), PAD, dtype=torch.long)
     prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
-    prompt_mask[:, :P] = True
-    return Batch(x0, prompt_mask, P)
+    for i, (p, a) in enumerate(pairs):
+        P = ceil_to(len(p), block_len)
+        x0[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        x0[i, P:P + ceil_to(len(a) + 1, block_len)] = EOS  # answer, then EOS to its block's end
+        x0[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
+        prompt_mask[i, :P] = True
+    return Batch(x0, prompt_mask)
 
 
 def encode_pairs(tok: ByteTokenizer, examples: list) -> list:
     return [(tok.encode(p), tok.encode(a)) for p, a in examples]
+
+
+# --- datasets: what train.py trains on -------------------------------------------------
+# Every dataset answers: train_examples(batch_size, seed, step) (a pure function of its
+# arguments, so a resumed run sees the same batches), val_examples(n), and collate.
+# Seq2seq examples are (prompt_ids, answer_ids); text examples are windows of token ids.
+
+
+class TaskData:
+    """A built-in task (see TASKS): endless examples, the held-out ones never trained on."""
+
+    kind = "seq2seq"
+
+    def __init__(self, task, tok: ByteTokenizer):
+        self.task, self.tok = task, tok
+
+    def max_lengths(self):
+        return self.task.max_lengths()
+
+    def train_examples(self, batch_size: int, seed: int, step: int) -> list:
+        return encode_pairs(self.tok, train_examples(self.task, batch_size, seed, step))
+
+    def val_examples(self, n: int, seed: int) -> list:
+        return encode_pairs(self.tok, task_examples(self.task, "val", n, seed))
+
+    collate = staticmethod(collate)
+
+
+def read_pairs(path: str) -> list:
+    """(source, target) string pairs from a .jsonl file ({"source": ..., "target": ...} per
+    line) or a .tsv file (source<TAB>target per line). Blank lines are skipped; anything
+    else that is not an example is an error naming the file and the line."""
+    ext = path.rsplit(".", 1)[-1].lower()
+    if ext not in ("jsonl", "tsv"):
+        raise ValueError(f"{path}: unknown seq2seq file type '.{ext}' (use .jsonl or .tsv; "
+                         f"any other file is read as plain text with --data_format=text)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    pairs = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if ext == "tsv":
+            cols = line.split("\t")
+            if len(cols) != 2:
+                raise ValueError(f"{path}:{n}: expected 2 tab-separated columns (source, target), "
+                                 f"found {len(cols)}")
+            pairs.append((cols[0], cols[1]))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) \
+                or not isinstance(obj.get("target"), str):
+            raise ValueError(f"{path}:{n}: expected an object with string fields \"source\" and \"target\"")
+        pairs.append((obj["source"], obj["target"]))
+    if not pairs:
+        raise ValueError(f"{path}: the file has no examples")
+    return pairs
+
+
+class PairsData:
+    """A user's seq2seq file. The last val_fraction of its examples is held out. Examples
+    too long for seq_len are skipped and counted (too_long="skip") or are an error."""
+
+    kind = "seq2seq"
+
+    def __init__(self, path: str, tok: ByteTokenizer, block_len: int, seq_len: int,
+                 val_fraction: float = 0.1, too_long: str = "skip"):
+        if too_long not in ("skip", "error"):
+            raise ValueError(f"too_long must be 'skip' or 'error', got {too_long!r}")
+        pairs = encode_pairs(tok, read_pairs(path))
+        keep = []
+        for i, (p, a) in enumerate(pairs):
+            need = example_length(len(p), len(a), block_len)
+            if need <= seq_len:
+                keep.append((p, a))
+            elif too_long == "error":
+                raise ValueError(f"{path}: example {i + 1} needs {need} positions (prompt {len(p)}, answer "
+                                 f"{len(a)} bytes, block_len={block_len}), more than seq_len={seq_len}")
+        self.skipped = len(pairs) - len(keep)
+        if not keep:
+            raise ValueError(f"{path}: all {len(pairs)} examples are longer than seq_len={seq_len}")
+        n_val = max(1, int(len(keep) * val_fraction)) if len(keep) > 1 else 0
+        self.train, self.val = keep[:len(keep) - n_val], keep[len(keep) - n_val:] or keep
+        self.path = path
+
+    def max_lengths(self):
+        return max(len(p) for p, _ in self.train), max(len(a) for _, a in self.train)
+
+    def train_examples(self, batch_size: int, seed: int, step: int) -> list:
+        rng = random.Random(f"train:{seed}:{step}")
+        return [self.train[rng.randrange(len(self.train))] for _ in range(batch_size)]
+
+    def val_examples(self, n: int, seed: int = 0) -> list:
+        return self.val[:n]
+
+    collate = staticmethod(collate)
+
+
+class TextData:
+    """A plain text file for unconditional language modelling: its UTF-8 bytes, the last
+    val_fraction held out, training on random windows of seq_len bytes (all targets)."""
+
+    kind = "text"
+
+    def __init__(self, path: str, seq_len: int, val_fraction: float = 0.1):
+        try:
+            with open(path, "rb") as f:
+                ids = list(f.read())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        if not ids:
+            raise ValueError(f"{path}: the file is empty")
+        n_val = int(len(ids) * val_fraction)
+        self.train, self.val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+        if len(self.train) < seq_len or len(self.val) < seq_len:
+            raise ValueError(f"{path}: {len(ids)} bytes are too few for windows of seq_len={seq_len} "
+                             f"in both the training part and the held-out last {val_fraction:.0%}")
+        self.seq_len, self.path = seq_len, path
+
+    def train_examples(self, batch_size: int, seed: int, step: int) -> list:
+        rng = random.Random(f"train:{seed}:{step}")
+        starts = [rng.randrange(len(self.train) - self.seq_len + 1) for _ in range(batch_size)]
+        return [self.train[s:s + self.seq_len] for s in starts]
+
+    def val_examples(self, n: int, seed: int = 0) -> list:
+        """Consecutive windows of the held-out part, at most n."""
+        return [self.val[s:s + self.seq_len] for s in range(0, len(self.val) - self.seq_len + 1, self.seq_len)][:n]
+
+    @staticmethod
+    def collate(windows: list, block_len: int, seq_len: int) -> Batch:
+        x0 = torch.tensor(windows, dtype=torch.long)  # (b, seq_len)
+        return Batch(x0, torch.zeros_like(x0, dtype=torch.bool))
+
+
+# --- metrics for seq2seq answers -------------------------------------------------------
+
+
+def corpus_bleu(hypotheses: list, references: list, max_n: int = 4) -> float:
+    """Corpus BLEU (Papineni et al. 2002) in [0, 1], one reference per hypothesis, words
+    split on whitespace: the geometric mean of the clipped n-gram precisions (n = 1..4),
+    counts summed over the corpus, times the brevity penalty exp(1 - r/c) when the
+    hypotheses are shorter (c) than the references (r)."""
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        h, r = hyp.split(), ref.split()
+        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        for n in range(1, max_n + 1):
+            h_grams = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            matches[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
+            totals[n - 1] += max(len(h) - n + 1, 0)
+    if hyp_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(log_precision)
+
+
+def rouge_l(hypotheses: list, references: list) -> float:
+    """Mean ROUGE-L F1 over the pairs, in [0, 1]: from the longest common subsequence of
+    words, precision = LCS / len(hypothesis), recall = LCS / len(reference)."""
+    scores = []
+    for hyp, ref in zip(hypotheses, references):
+        h, r = hyp.split(), ref.split()
+        lcs = _lcs(h, r)
+        scores.append(0.0 if lcs == 0 else 2 * lcs / (len(h) + len(r)))  # F1 = 2PR / (P + R)
+    return sum(scores) / max(len(scores), 1)
+
+
+def _lcs(a: list, b: list) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]

@@ -1,13 +1,18 @@
 """
-Train E2D2 on a built-in task.
+Train E2D2 (or a baseline) on a built-in task or on your own data.
 
-    python train.py                         # defaults: the addition task, GPU if any
-    python train.py --task=words --n_dec=1  # any config field can be overridden
-    python train.py --resume                # continue from out_dir/ckpt.pt
+    python train.py                          # defaults: E2D2 on 3-digit addition, GPU if any
+    python train.py --task=words --n_dec=1   # any config field can be overridden
+    python train.py --data=pairs.jsonl       # your seq2seq file (.jsonl or .tsv)
+    python train.py --data=book.txt          # a plain text file (unconditional LM)
+    python train.py --model=bd3lm            # a baseline: ar, mdlm, bd3lm
+    python train.py --resume                 # continue from out_dir/ckpt.pt
+    torchrun --nproc_per_node=2 train.py     # several GPUs (or CPU processes): DDP
 
 Every field of e2d2.ModelConfig and of TrainConfig below is a flag (--name=value).
 The last line printed is machine-readable:
     final step=<n> val_nelbo=<x> exact_match=<y>
+(for plain text there is no exact match: exact_match=nan).
 """
 
 import argparse
@@ -22,6 +27,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -32,9 +39,14 @@ from e2d2 import MODEL_TYPES, ModelConfig, build_model, config_from_dict, genera
 class TrainConfig:
     task: str = "addition"  # built-in task (data.TASKS)
     digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
-    out_dir: str = "out"  # where ckpt.pt goes
+    data: str = ""  # your data file instead of a task: .jsonl / .tsv pairs, else plain text
+    data_format: str = "auto"  # "auto" (by extension), "pairs" or "text"
+    val_fraction: float = 0.1  # the end of the data file held out for evaluation
+    too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
+    out_dir: str = "out"  # where ckpt.pt and log.jsonl go
     seed: int = 1337
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split over processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per process and step
     max_steps: int = 2000
     lr: float = 2e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-4  # cosine decays to this
@@ -120,74 +132,136 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics):
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: str, device: str) -> dict:
+    """Read a training checkpoint, with a clear error for a missing or broken file."""
+    if not os.path.exists(path):
+        raise ValueError(f"--resume given but there is no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, or not a torch file at all
+        raise ValueError(f"cannot read checkpoint {path} ({e.__class__.__name__}); it is corrupt "
+                         f"or not a checkpoint") from None
+    missing = {"config", "model", "optimizer", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of this project (missing {sorted(missing)})")
+    return ckpt
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def load_data(tc: TrainConfig, block_len: int, seq_len: int):
+    """The dataset: a built-in task, or the user's file (see data.py)."""
+    tok = data.ByteTokenizer()
+    if not tc.data:
+        return data.TaskData(data.get_task(tc.task, tc.digits), tok)
+    if data_format(tc) == "pairs":
+        return data.PairsData(tc.data, tok, block_len, seq_len, tc.val_fraction, tc.too_long)
+    return data.TextData(tc.data, seq_len, tc.val_fraction)
+
+
+def data_format(tc: TrainConfig) -> str:
+    if tc.data_format not in ("auto", "pairs", "text"):
+        raise ValueError(f"data_format must be auto, pairs or text, got {tc.data_format!r}")
+    if tc.data_format != "auto":
+        return tc.data_format
+    return "pairs" if tc.data.lower().endswith((".jsonl", ".tsv")) else "text"
+
+
+def default_seq_len(tc: TrainConfig, block_len: int) -> int:
+    """A seq_len that fits every example of the task or file (text: 128-byte windows)."""
+    if not tc.data:
+        max_p, max_a = data.get_task(tc.task, tc.digits).max_lengths()
+        return data.example_length(max_p, max_a, block_len)
+    if data_format(tc) == "text":
+        return data.ceil_to(128, block_len)
+    tok = data.ByteTokenizer()
+    return max(data.example_length(len(tok.encode(p)), len(tok.encode(a)), block_len)
+               for p, a in data.read_pairs(tc.data))
+
+
 # --- evaluation -----------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, task, tok, tc, device, autocast):
-    """Validation NELBO (fixed held-out batches, fixed noise) and the exact-match accuracy
-    of answers sampled for held-out prompts."""
+def evaluate(model, dataset, tc, device, autocast):
+    """Validation NELBO (fixed held-out batches, fixed noise) and, for seq2seq data, the
+    exact-match accuracy of answers sampled for held-out prompts."""
     cfg = model.cfg
     model.eval()
     g = torch.Generator(device=device).manual_seed(tc.seed)  # same noise at every eval
     total, count = 0.0, 0
-    for i in range(tc.eval_batches):
-        pairs = data.encode_pairs(tok, data.task_examples(task, "val", tc.batch_size, tc.seed + i))
-        batch = data.collate(pairs, cfg.block_len, cfg.seq_len).to(device)
+    val = dataset.val_examples(tc.eval_batches * tc.batch_size, tc.seed)
+    for i in range(0, len(val), tc.batch_size):
+        batch = dataset.collate(val[i:i + tc.batch_size], cfg.block_len, cfg.seq_len).to(device)
         with autocast:
             out = model(batch.x0, batch.prompt_mask, generator=g)
         total += out.nelbo.item() * out.n_targets.item()
         count += out.n_targets.item()
-    val_nelbo = total / max(count, 1)
-
-    examples = data.task_examples(task, "val", tc.eval_examples, tc.seed + 10_000)
-    correct, new_tokens, seconds = 0, 0, 0.0
-    for i in range(0, len(examples), tc.batch_size):
-        chunk = examples[i:i + tc.batch_size]
-        with autocast:
-            res = generate(model, [tok.encode(p) for p, _ in chunk], steps=tc.sample_steps or None)
-        correct += sum(tok.decode(ids) == ans for ids, (_, ans) in zip(res.tokens, chunk))
-        new_tokens, seconds = new_tokens + res.new_tokens, seconds + res.seconds
+    metrics = {"val_nelbo": total / max(count, 1), "exact_match": float("nan")}
+    if dataset.kind == "seq2seq":
+        examples = dataset.val_examples(tc.eval_examples, tc.seed + 10_000)
+        correct, new_tokens, seconds = 0, 0, 0.0
+        for i in range(0, len(examples), tc.batch_size):
+            chunk = examples[i:i + tc.batch_size]
+            with autocast:
+                res = generate(model, [p for p, _ in chunk], steps=tc.sample_steps or None)
+            correct += sum(ids == a for ids, (_, a) in zip(res.tokens, chunk))
+            new_tokens, seconds = new_tokens + res.new_tokens, seconds + res.seconds
+        metrics.update(exact_match=correct / len(examples),
+                       sample_tokens_per_s=new_tokens / max(seconds, 1e-9))
     model.train()
-    return {"val_nelbo": val_nelbo, "exact_match": correct / len(examples),
-            "sample_tokens_per_s": new_tokens / max(seconds, 1e-9)}
+    return metrics
 
 
-# --- main -----------------------------------------------------------------------------
+# --- setup ----------------------------------------------------------------------------
 
 
 def setup(tc: TrainConfig, model_over: dict, device: str):
-    """The model config and, with --resume, the checkpoint. Raises ValueError with a clear
-    message for anything the user can fix."""
-    task = data.get_task(tc.task, tc.digits)
-    tok = data.ByteTokenizer()
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    """The model config, the checkpoint (with --resume) and the dataset. Raises
+    ValueError with a clear message for anything the user can fix."""
     if tc.resume:
-        if not os.path.exists(ckpt_path):
-            raise ValueError(f"--resume given but there is no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device)
         cfg = config_from_dict(ckpt["config"])
+        if "model" in model_over and model_over["model"] != cfg.model:
+            raise ValueError(f"the checkpoint in {tc.out_dir} holds a {cfg.model!r} model, not "
+                             f"{model_over['model']!r}")
         clash = {k: (v, getattr(cfg, k)) for k, v in model_over.items() if getattr(cfg, k) != v}
         if clash:
             raise ValueError("--resume keeps the checkpoint's model config; these flags differ "
                              "from it (given, saved): " + str(clash))
-        return cfg, ckpt
-    # defaults, then the tokenizer's ids and a seq_len that fits the task, then the flags
-    block_len = model_over.get("block_len", ModelConfig.block_len)
-    max_p, max_a = task.max_lengths()
-    need = data.ceil_to(max_p, block_len) + data.ceil_to(max_a + 1, block_len)
-    base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                mask_id=tok.mask_id, seq_len=need)
-    return ModelConfig(**{**base, **model_over}), None
+    else:
+        ckpt = None
+        # defaults, then the tokenizer's ids and a seq_len that fits the data, then the flags
+        tok = data.ByteTokenizer()
+        block_len = model_over.get("block_len", ModelConfig.block_len)
+        base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                    mask_id=tok.mask_id, seq_len=default_seq_len(tc, block_len))
+        cfg = ModelConfig(**{**base, **model_over})
+    dataset = load_data(tc, cfg.block_len, cfg.seq_len)
+    if getattr(dataset, "skipped", 0):
+        print(f"skipped {dataset.skipped} examples of {tc.data} longer than seq_len={cfg.seq_len}")
+    n_micro = tc.grad_accum * (dist.get_world_size() if dist.is_initialized() else 1)
+    if tc.grad_accum < 1 or tc.batch_size % n_micro != 0:
+        raise ValueError(f"batch_size={tc.batch_size} must split evenly into {n_micro} micro-batches "
+                         f"(processes x grad_accum)")
+    return cfg, ckpt, dataset
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
-    """The training loop. Returns the final step, the last evaluation and the loss curve."""
-    torch.manual_seed(tc.seed)
-    task = data.get_task(tc.task, tc.digits)
-    tok = data.ByteTokenizer()
+# --- the training loop ----------------------------------------------------------------
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None) -> dict:
+    """Train; return the final step, the last evaluation, the loss curve and the model.
+    Under torchrun every process runs this; rank 0 alone evaluates, logs and saves."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    main_process = rank == 0
+    if dataset is None:
+        dataset = load_data(tc, cfg.block_len, cfg.seq_len)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    log_path = os.path.join(tc.out_dir, "log.jsonl")
 
+    torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
                                   weight_decay=tc.weight_decay)
@@ -196,79 +270,173 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, metrics = ckpt["step"], ckpt.get("metrics", {})
-        print(f"resumed from {ckpt_path} at step {step}")
+        if main_process:
+            print(f"resumed from {ckpt_path} at step {step}")
+    if main_process:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        keep_log_until(log_path, step)  # a resumed run rewrites what came after its checkpoint
     # bf16 autocast on GPU; plain float32 on CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     fwd = torch.compile(model) if tc.compile else model
-    layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
-    print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
-          f"seq_len={cfg.seq_len}, task={tc.task}, device={device}")
+    if world > 1:  # gradients are averaged over the processes during backward
+        fwd = DDP(fwd, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                  find_unused_parameters=cfg.model == "e2d2" and cfg.decoder == "shared_kv")
+    if main_process:
+        layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
+        source = tc.data or f"task={tc.task}"
+        print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
+              f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}")
 
     noise = torch.Generator(device=device)
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
     losses, train_tokens, train_seconds = [], 0, 0.0
+    micro = tc.batch_size // (world * tc.grad_accum)  # examples per micro-batch
     model.train()
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
+               disable=not main_process)
     t_last, tokens_since = time.perf_counter(), 0
     while step < tc.max_steps:
         t_step = time.perf_counter()
-        # 1. a batch: a pure function of (seed, step), block-aligned
-        pairs = data.encode_pairs(tok, data.train_examples(task, tc.batch_size, tc.seed, step))
-        batch = data.collate(pairs, cfg.block_len, cfg.seq_len).to(device)
-        noise.manual_seed(tc.seed * 7919 + step)  # the noise of a step is fixed too
-        # 2. forward (noise x0 -> x_t, encode x0, decode x_t, loss), backward, update
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        with autocast:
-            out = fwd(batch.x0, batch.prompt_mask, generator=noise, train_loss=tc.train_loss)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        torch.manual_seed(tc.seed * 7919 + step)  # dropout of a step is fixed too
+        # 1. the global batch is a pure function of (seed, step); it is cut into
+        #    world * grad_accum micro-batches and this process takes grad_accum of them
+        examples = dataset.train_examples(tc.batch_size, tc.seed, step)
+        step_loss, step_tokens = 0.0, 0
+        for a in range(tc.grad_accum):
+            j = rank * tc.grad_accum + a  # global index of the micro-batch
+            batch = dataset.collate(examples[j * micro:(j + 1) * micro], cfg.block_len, cfg.seq_len).to(device)
+            noise.manual_seed(tc.seed * 7919 + step * 1009 + j)  # its noise depends on j, not on world
+            # 2. forward (noise x0 -> x_t, encode x0, decode x_t, loss) and backward; the
+            #    gradient is the mean over micro-batches (DDP averages over processes)
+            sync = a == tc.grad_accum - 1 or world == 1
+            with (nullcontext() if sync else fwd.no_sync()), autocast:
+                out = fwd(batch.x0, batch.prompt_mask, generator=noise, train_loss=tc.train_loss)
+            (out.loss / tc.grad_accum).backward()
+            step_loss += out.loss.detach().float() / (tc.grad_accum * world)
+            step_tokens += batch.x0.numel()
+        if world > 1:  # the loss of the global batch, the same number on every process
+            dist.all_reduce(step_loss)
+        if not math.isfinite(step_loss.item()):
+            bar.close()
+            kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+            raise FloatingPointError(f"the loss became {step_loss.item()} at step {step + 1}: stopping "
+                                     f"before the update ({kept}). Try a lower --lr.")
+        # 3. the update
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append(out.loss.item())  # .item() waits for the GPU: the step is done
+        losses.append(step_loss.item())
         train_seconds += time.perf_counter() - t_step
-        train_tokens += batch.x0.numel()
-        # 3. progress bar, evaluation, checkpoint
-        bar.update(1)
-        tokens_since += batch.x0.numel()
-        if step % 10 == 0:
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", nelbo=f"{out.nelbo.item():.3f}",
-                            tok_s=f"{tokens_since / (now - t_last):.0f}")
-            t_last, tokens_since = now, 0
-        if step % tc.eval_every == 0 or step == tc.max_steps:
-            metrics = evaluate(model, task, tok, tc, device, autocast)
-            bar.write(f"step {step}: val_nelbo={metrics['val_nelbo']:.4f} "
-                      f"exact_match={metrics['exact_match']:.3f}")
-            save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
-        if stop.requested:
+        train_tokens += step_tokens * world
+        # 4. progress bar, log, evaluation, checkpoint (rank 0)
+        if main_process:
+            bar.update(1)
+            tokens_since += step_tokens * world
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_at(step - 1, tc)}) + "\n")
+            if step % 10 == 0:
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
+                t_last, tokens_since = now, 0
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                metrics = evaluate(model, dataset, tc, device, autocast)
+                bar.write(f"step {step}: val_nelbo={metrics['val_nelbo']:.4f} "
+                          f"exact_match={metrics['exact_match']:.3f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+        if stop.agreed(device):
             bar.close()
-            save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
-            print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
-            sys.exit(130)
+            if main_process:
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+                print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
+            stop.restore()
+            return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": True}
     bar.close()
     stop.restore()
-    if not metrics:  # nothing trained in this run and no metrics in the checkpoint
-        metrics = evaluate(model, task, tok, tc, device, autocast)
-    return {"step": step, "metrics": metrics, "losses": losses, "model": model,
+    if main_process and not metrics:  # nothing trained in this run, no metrics in the checkpoint
+        metrics = evaluate(model, dataset, tc, device, autocast)
+    return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": False,
             "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9)}
+
+
+def keep_log_until(path: str, step: int) -> None:
+    """Drop the log lines of steps after `step` (left by a run that was killed)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+class StopRequest:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
+    so the checkpoint is always taken between two whole steps; a second one stops at once.
+    Under torchrun the processes agree on stopping (one asked = all stop)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: saving after this step (again to abort)", file=sys.stderr)
+
+    def agreed(self, device) -> bool:
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+
+# --- main -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     model_over, tc = parse_args(argv)
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" in os.environ:  # started by torchrun: one process per device
+        device = start_distributed(device)
     try:
         if tc.bench:
             return bench_training(tc, model_over, device)
         if tc.compare:
             return compare(tc, model_over, device)
-        cfg, ckpt = setup(tc, model_over, device)
-    except ValueError as e:
+        cfg, ckpt, dataset = setup(tc, model_over, device)
+        result = train(cfg, tc, device, ckpt, dataset)
+    except (ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
-    result = train(cfg, tc, device, ckpt)
-    m = result["metrics"]
-    print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result["stopped"]:
+        sys.exit(130)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        m = result["metrics"]
+        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
+
+
+def start_distributed(device: str) -> str:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: NCCL and one GPU per process, or gloo
+    on the CPU. Returns this process's device."""
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return device
 
 
 # --- --compare: every model, the same budget -------------------------------------------
@@ -282,9 +450,9 @@ def compare(tc: TrainConfig, model_over: dict, device: str):
     rows = []
     for name in MODEL_TYPES:
         run = replace(tc, out_dir=os.path.join(tc.out_dir, name), compare=False)
-        cfg, _ = setup(run, {**model_over, "model": name}, device)
+        cfg, _, dataset = setup(run, {**model_over, "model": name}, device)
         print(f"\n=== {name} ===")
-        r = train(cfg, run, device)
+        r = train(cfg, run, device, None, dataset)
         rows.append({"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
                      "params": r["model"].num_params(), **r["metrics"],
                      "train_tokens_per_s": r["train_tokens_per_s"]})
@@ -404,25 +572,6 @@ def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
     print(f"wrote {path}")
-
-
-class StopRequest:
-    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
-    so the checkpoint is always taken between two whole steps; a second one stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstop requested: saving after this step (again to abort)", file=sys.stderr)
 
 
 if __name__ == "__main__":

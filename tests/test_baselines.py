@@ -100,7 +100,7 @@ def test_baseline_loss_falls_in_a_tiny_run(name, tmp_path):
     tc = train.TrainConfig(task="addition", digits=2, out_dir=str(tmp_path), batch_size=32,
                            max_steps=150, lr=3e-3, warmup_steps=20, eval_every=150,
                            eval_examples=16, eval_batches=1)
-    cfg, _ = train.setup(tc, dict(model=name, d_model=48, n_heads=4, n_enc=2, block_len=2), "cpu")
+    cfg, _, _ = train.setup(tc, dict(model=name, d_model=48, n_heads=4, n_enc=2, block_len=2), "cpu")
     losses = train.train(cfg, tc, "cpu")["losses"]
     first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
     assert last < 0.6 * first, (first, last)

@@ -20,12 +20,13 @@ def run(root, *args, stdin=None):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small E2D2 trained in-process on 2-digit addition (about half a minute on 2 cores)."""
+    """A small E2D2 trained in-process on 2-digit addition (about 40 s on 2 cores); held-out
+    exact match 0.89-1.0 over seeds 1, 2, 3 and 1337."""
     out = tmp_path_factory.mktemp("tiny")
     tc = train.TrainConfig(task="addition", digits=2, out_dir=str(out), batch_size=64,
-                           max_steps=1000, lr=3e-3, warmup_steps=30, eval_every=1000,
+                           max_steps=1000, lr=2e-3, warmup_steps=30, eval_every=1000,
                            eval_examples=64, eval_batches=2)
-    cfg, _ = train.setup(tc, dict(d_model=64, n_heads=4, n_enc=3, n_dec=1, block_len=2, seq_len=16), "cpu")
+    cfg, _, _ = train.setup(tc, dict(d_model=96, n_heads=4, n_enc=4, n_dec=1, block_len=4, seq_len=20), "cpu")
     return train.train(cfg, tc, "cpu")
 
 
@@ -43,7 +44,7 @@ def test_tiny_training_loss_falls_and_answers_become_correct(trained):
 
 
 def test_trained_model_stops_each_sequence_after_its_eos_block(trained):
-    # seq_len=16 leaves room for 5 answer blocks of 2; each row must leave the batch right
+    # seq_len=20 leaves room for 3 answer blocks of 4; each row must leave the batch right
     # after the block in which it wrote [EOS]
     model, tok = trained["model"], data.ByteTokenizer()
     prompts = ["45+54=", "98+97=", "10+11=", "77+60="]
@@ -52,7 +53,7 @@ def test_trained_model_stops_each_sequence_after_its_eos_block(trained):
         blocks.setdefault(r, set()).add(k) for r in rows.tolist()])
     assert all(res.finished)
     for r, ids in enumerate(res.tokens):
-        assert blocks[r] == set(range((len(ids) + 1 + 1) // 2))  # ceil((len + EOS) / B)
+        assert blocks[r] == set(range((len(ids) + 1 + 3) // 4))  # ceil((len + EOS) / B)
 
 
 def test_train_script_sample_script_and_resume(root, tmp_path):
@@ -112,7 +113,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     def run_steps(out, steps, resume=False):
         tc = train.TrainConfig(out_dir=str(out), batch_size=16, max_steps=steps, eval_every=5,
                                eval_examples=4, eval_batches=1, resume=resume, digits=2)
-        cfg, ckpt = train.setup(tc, {} if resume else dict(d_model=32, n_enc=2, n_dec=1), "cpu")
+        cfg, ckpt, _ = train.setup(tc, {} if resume else dict(d_model=32, n_enc=2, n_dec=1), "cpu")
         return train.train(cfg, tc, "cpu", ckpt)["model"]
 
     straight = run_steps(tmp_path / "a", 10)
