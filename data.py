@@ -320,6 +320,23 @@ class PairsData:
     collate = staticmethod(collate)
 
 
+def read_text(path: str) -> list:
+    """The bytes of a file as token ids; clear errors for a missing or empty file."""
+    try:
+        with open(path, "rb") as f:
+            ids = list(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    if not ids:
+        raise ValueError(f"{path}: the file is empty")
+    return ids
+
+
+def text_windows(ids: list, seq_len: int) -> list:
+    """Consecutive, non-overlapping windows of seq_len tokens (a shorter tail is dropped)."""
+    return [ids[s:s + seq_len] for s in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
 class TextData:
     """A plain text file for unconditional language modelling: its UTF-8 bytes, the last
     val_fraction held out, training on random windows of seq_len bytes (all targets)."""
@@ -327,13 +344,7 @@ class TextData:
     kind = "text"
 
     def __init__(self, path: str, seq_len: int, val_fraction: float = 0.1):
-        try:
-            with open(path, "rb") as f:
-                ids = list(f.read())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such file") from None
-        if not ids:
-            raise ValueError(f"{path}: the file is empty")
+        ids = read_text(path)
         n_val = int(len(ids) * val_fraction)
         self.train, self.val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
         if len(self.train) < seq_len or len(self.val) < seq_len:
@@ -347,8 +358,7 @@ class TextData:
         return [self.train[s:s + self.seq_len] for s in starts]
 
     def val_examples(self, n: int, seed: int = 0) -> list:
-        """Consecutive windows of the held-out part, at most n."""
-        return [self.val[s:s + self.seq_len] for s in range(0, len(self.val) - self.seq_len + 1, self.seq_len)][:n]
+        return text_windows(self.val, self.seq_len)[:n]
 
     @staticmethod
     def collate(windows: list, block_len: int, seq_len: int) -> Batch:

@@ -23,7 +23,8 @@ What E2D2 changes versus BD3-LM (lines marked `# [E2D2]` below):
 Reading order (bottom-up, each part uses only what comes before it):
   config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + loss ->
   transformer pieces (RMSNorm, RoPE, attention, SwiGLU, Layer) -> E2D2 model
-  (encode, decode, loss) -> the sampler (cached and uncached) -> checkpoint helpers.
+  (encode, decode, loss) -> the baselines (AR, MDLM, BD3-LM) -> the sampler (cached and
+  uncached runners, the block loop, one denoising step) -> checkpoint helpers.
 
 Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
 H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
@@ -31,7 +32,7 @@ H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "m
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch

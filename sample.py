@@ -5,12 +5,15 @@ Sample from a trained E2D2 checkpoint.
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
+    python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L (or NELBO for text)
+    python sample.py --bench                    # sampling speed of every model, side by side
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
 network calls (denoising steps that ran the decoder) and encoder calls.
 """
 
 import argparse
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -22,9 +25,9 @@ import data
 from e2d2 import build_model, config_from_dict, generate
 
 
-def load_checkpoint(path: str, device: str) -> tuple:
+def load_checkpoint(path: str, device: str, model_type: str = "") -> tuple:
     """Rebuild the model from the config saved in the checkpoint; clear errors if the file
-    is missing or is not an e2d2 checkpoint."""
+    is missing, is not a checkpoint of this project, or holds another model type."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except FileNotFoundError:
@@ -33,6 +36,9 @@ def load_checkpoint(path: str, device: str) -> tuple:
         sys.exit(f"error: cannot read checkpoint {path}: {e.__class__.__name__}: {e}")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         sys.exit(f"error: {path} is not an e2d2 checkpoint (no config/model inside)")
+    saved = ckpt["config"].get("model", "e2d2")
+    if model_type and saved != model_type:
+        sys.exit(f"error: {path} holds a {saved!r} model, not {model_type!r}")
     try:
         model = build_model(config_from_dict(ckpt["config"])).to(device)
         model.load_state_dict(ckpt["model"])
@@ -65,6 +71,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompts (default: stdin, else held-out examples)")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default out/ckpt.pt)")
+    p.add_argument("--model", default="", help="fail unless the checkpoint holds this model type")
+    p.add_argument("--eval", default="", help="evaluate on a data file: .jsonl/.tsv pairs (exact "
+                   "match, BLEU, ROUGE-L) or plain text (NELBO and perplexity bound)")
+    p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences per batch")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default block_len)")
     p.add_argument("--strategy", choices=["remask", "ancestral"], default="remask")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -87,8 +97,13 @@ def main(argv=None):
     if args.bench:
         return bench_sampling([int(b) for b in args.bench_batches.split(",")], args.bench_repeats,
                               device, args.out)
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    model, ckpt = load_checkpoint(args.ckpt, device, args.model)
     tok = data.ByteTokenizer()
+    if args.eval:
+        try:
+            return evaluate_file(model, args.eval, args, device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
 
     # prompts: command line, else stdin, else held-out examples of the task trained on
     expected = None
@@ -126,6 +141,56 @@ def main(argv=None):
           f"network calls {out.network_calls} (decoder {out.decoder_calls}, encoder {out.encoder_calls})")
 
 
+# --- --eval: metrics on a data file ------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_file(model, path: str, args, device: str) -> dict:
+    """Seq2seq pairs (.jsonl / .tsv): sample an answer for every source and report exact
+    match, corpus BLEU and ROUGE-L against the targets. Anything else is plain text:
+    the NELBO per byte over consecutive windows of seq_len bytes (for AR: the exact NLL)
+    and the perplexity bound exp(NELBO)."""
+    cfg, tok = model.cfg, data.ByteTokenizer()
+    if path.lower().endswith((".jsonl", ".tsv")):
+        pairs, skipped = [], 0
+        for src, tgt in data.read_pairs(path):
+            p = tok.encode(src)
+            if data.ceil_to(len(p), cfg.block_len) + cfg.block_len > cfg.seq_len:
+                skipped += 1  # no room left to answer this source
+            else:
+                pairs.append((src, tgt, p))
+        if not pairs:
+            raise ValueError(f"{path}: every source is too long for seq_len={cfg.seq_len}")
+        hyps = []
+        for i in tqdm(range(0, len(pairs), args.batch_size), desc="eval", leave=False):
+            chunk = pairs[i:i + args.batch_size]
+            out = generate(model, [p for _, _, p in chunk], steps=args.steps, strategy=args.strategy,
+                           temperature=args.temperature, confidence_threshold=args.threshold,
+                           use_cache=not args.no_cache)
+            hyps += [tok.decode(ids) for ids in out.tokens]
+        refs = [t for _, t, _ in pairs]
+        result = {"examples": len(pairs), "skipped": skipped,
+                  "exact_match": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
+                  "bleu": 100 * data.corpus_bleu(hyps, refs), "rouge_l": 100 * data.rouge_l(hyps, refs)}
+        print(f"{path}: {len(pairs)} examples ({skipped} skipped: source too long); exact match "
+              f"{result['exact_match']:.4f}, BLEU {result['bleu']:.2f}, ROUGE-L {result['rouge_l']:.2f}")
+        return result
+    windows = data.text_windows(data.read_text(path), cfg.seq_len)
+    if not windows:
+        raise ValueError(f"{path}: shorter than one window of seq_len={cfg.seq_len} bytes")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    total, count = 0.0, 0
+    for i in range(0, len(windows), args.batch_size):
+        batch = data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
+        out = model(batch.x0, batch.prompt_mask, generator=g)
+        total, count = total + out.nelbo.item() * out.n_targets.item(), count + out.n_targets.item()
+    nelbo = total / count
+    kind = "NLL" if cfg.model == "ar" else "NELBO"
+    print(f"{path}: {count} bytes in {len(windows)} windows of {cfg.seq_len}; {kind} {nelbo:.4f} nats/byte, "
+          f"perplexity <= {math.exp(nelbo):.3f}")
+    return {"windows": len(windows), "nelbo": nelbo, "perplexity_bound": math.exp(nelbo)}
+
+
 # --- --bench: sampling speed, side by side ---------------------------------------------
 
 # The benchmark sizes: prompt 16, answer 128, width 256, N_enc=12, N_dec=2, B=8, T=8
@@ -144,7 +209,7 @@ def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n
                      the encoder on the finished block (not after the last one).
       E2D2 no cache: every step re-runs encoder + decoder over prompt + blocks so far.
       BD3-LM cached: as E2D2 cached, but all N layers at every step.
-      MDLM:          A steps (one token each, as E2D2's T = B), all N layers over P + A.
+      MDLM:          K * T steps (as many as the block models take), all N layers over P + A.
       AR cached:     the prompt, then one token per call."""
     K = A // B
     if model == "e2d2" and use_cache:
@@ -157,7 +222,7 @@ def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n
         tokens = P * n_enc + K * T * B * n_enc + (K - 1) * B * n_enc
         calls = n_enc + K * T * n_enc + (K - 1) * n_enc
     elif model == "mdlm":
-        tokens, calls = A * (P + A) * n_enc, A * n_enc
+        tokens, calls = K * T * (P + A) * n_enc, K * T * n_enc
     else:  # ar
         tokens, calls = (P + A - 1) * n_enc, A * n_enc
     return tokens / A, calls / A
@@ -188,7 +253,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out_path: str = "")
         with autocast:
             fits[batch] = layer_time_model(models["mdlm"], batch, P + A, device)
         for label, name, use_cache in BENCH_VARIANTS:
-            steps = A if name == "mdlm" else T  # MDLM: one block of A tokens, one token a step
+            steps = A // B * T if name == "mdlm" else T  # MDLM: one block of A tokens, as many steps
             kw = dict(max_new_tokens=A, steps=steps, use_cache=use_cache, stop_at_eos=False)
             with autocast:
                 generate(models[name], prompts, **kw)  # warm-up

@@ -293,7 +293,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     micro = tc.batch_size // (world * tc.grad_accum)  # examples per micro-batch
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
-               disable=not main_process)
+               **({} if main_process else {"disable": True}))  # (TQDM_DISABLE=1 hides it too)
     t_last, tokens_since = time.perf_counter(), 0
     while step < tc.max_steps:
         t_step = time.perf_counter()
@@ -408,6 +408,7 @@ def main(argv=None):
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:  # started by torchrun: one process per device
         device = start_distributed(device)
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
     try:
         if tc.bench:
             return bench_training(tc, model_over, device)
@@ -422,7 +423,7 @@ def main(argv=None):
             dist.destroy_process_group()
     if result["stopped"]:
         sys.exit(130)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if main_process:
         m = result["metrics"]
         print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
 
@@ -527,7 +528,6 @@ def bench_training(tc: TrainConfig, model_over: dict, device: str):
         if device == "cuda":
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
-        del model, opt
     e2d2_row = rows[0]
     for r in rows:
         r["ratio_e2d2_over_model"] = e2d2_row["tokens_per_s"] / r["tokens_per_s"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train
-from e2d2 import (BD3LM, CachedBD3LM, ModelConfig, Recompute, bd3lm_mask, build_model,
+from e2d2 import (CachedBD3LM, ModelConfig, bd3lm_mask, build_model,
                   causal_mask, full_mask, generate)
 from test_masks import rows
 from test_model import random_layout

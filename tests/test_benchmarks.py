@@ -33,7 +33,7 @@ def test_sampling_cost_counts_what_the_sampler_runs(name, use_cache):
     cfg = ModelConfig(model=name, seq_len=P + A, block_len=B, d_model=32, n_heads=4, n_enc=n_enc, n_dec=n_dec)
     model = build_model(cfg).eval()
     counter = LayerCounter(model)
-    r = generate(model, [[7] * P, [9] * P], max_new_tokens=A, steps=A if name == "mdlm" else T,
+    r = generate(model, [[7] * P, [9] * P], max_new_tokens=A, steps=A // B * T if name == "mdlm" else T,
                  use_cache=use_cache, stop_at_eos=False)
     counter.remove()
     layer_tokens, layer_calls = sample.sampling_cost(name, use_cache, P, A, B, T, n_enc, n_dec)

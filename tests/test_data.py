@@ -1,5 +1,4 @@
 """Tokenizer, built-in tasks and the block-aligned batch layout."""
-import random
 
 import pytest
 import torch

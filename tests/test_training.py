@@ -10,7 +10,7 @@ import torch
 
 import data
 import train
-from e2d2 import ModelConfig, generate
+from e2d2 import generate
 
 
 def run(root, *args, stdin=None):

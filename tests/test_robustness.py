@@ -1,0 +1,263 @@
+"""Real data, several processes, interruption and bad input: nothing may lose work or end
+in a torch stack trace."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from e2d2 import config_from_dict
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SMALL = ["--d_model=32", "--n_enc=2", "--n_dec=1", "--eval_examples=4", "--eval_batches=1"]
+
+
+def run(root, *args, stdin=None, cmd=None):
+    return subprocess.run((cmd or [sys.executable]) + list(args), cwd=root, capture_output=True,
+                          text=True, input=stdin, timeout=600, env=ENV)
+
+
+def log_losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+
+
+# --- user data ------------------------------------------------------------------------
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_train_on_text_jsonl_and_tsv_files(root, tmp_path):
+    text = write(tmp_path / "book.txt", "the quick brown fox jumps over the lazy dog. " * 60)
+    jsonl = write(tmp_path / "pairs.jsonl", "".join(
+        json.dumps({"source": f"{n}=", "target": data.number_to_words(n)}) + "\n" for n in range(60)))
+    tsv = write(tmp_path / "pairs.tsv", "".join(f"{n}=\t{n * 2}\n" for n in range(60)))
+    for path, kind in [(text, "text"), (jsonl, "pairs"), (tsv, "pairs")]:
+        out = tmp_path / ("out_" + os.path.basename(path))
+        r = run(root, "train.py", f"--data={path}", "--max_steps=6", "--eval_every=3", "--batch_size=8",
+                "--seq_len=64" if kind == "text" else "--block_len=4", f"--out_dir={out}", *SMALL)
+        assert r.returncode == 0, r.stderr
+        last = r.stdout.strip().splitlines()[-1]
+        assert last.startswith("final step=6 val_nelbo=")
+        assert last.endswith("exact_match=nan") == (kind == "text")
+        assert len(log_losses(out)) == 6
+        # sample.py --eval on the same kind of file
+        r = run(root, "sample.py", f"--ckpt={out}/ckpt.pt", f"--eval={path}")
+        assert r.returncode == 0, r.stderr
+        if kind == "text":
+            assert "nats/byte, perplexity <=" in r.stdout
+        else:
+            assert "exact match" in r.stdout and "BLEU" in r.stdout and "ROUGE-L" in r.stdout
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.jsonl", '{"source": "a", "target": "b"}\n\n{"source": "c", "target": \n', r"bad.jsonl:3: not valid JSON"),
+    ("bad.jsonl", '{"source": "a", "target": "b"}\n{"source": "c"}\n', r"bad.jsonl:2: expected an object"),
+    ("bad.tsv", "a\tb\nc\td\te\n", r"bad.tsv:2: expected 2 tab-separated columns \(source, target\), found 3"),
+    ("empty.jsonl", "\n\n", r"empty.jsonl: the file has no examples"),
+    ("empty.txt", "", r"empty.txt: the file is empty"),
+])
+def test_malformed_files_name_the_line(tmp_path, root, name, content, message):
+    path = write(tmp_path / name, content)
+    with pytest.raises(ValueError, match=message):
+        if name.endswith(".txt"):
+            data.TextData(path, 16)
+        else:
+            data.read_pairs(path)
+    r = run(root, "train.py", f"--data={path}", "--max_steps=1", f"--out_dir={tmp_path}/o")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert name in r.stderr
+
+
+def test_too_long_examples_are_skipped_and_counted_or_fail(tmp_path, root):
+    path = write(tmp_path / "p.tsv", "1\tone\n2\ttwo\n" + "3\t" + "x" * 40 + "\n" + "4\tfour\n" * 5)
+    tok = data.ByteTokenizer()
+    ds = data.PairsData(path, tok, block_len=4, seq_len=16)
+    assert ds.skipped == 1 and len(ds.train) + len(ds.val) == 7
+    with pytest.raises(ValueError, match=r"p.tsv: example 3 needs 48 positions .* more than seq_len=16"):
+        data.PairsData(path, tok, block_len=4, seq_len=16, too_long="error")
+    r = run(root, "train.py", f"--data={path}", "--seq_len=16", "--block_len=4", "--max_steps=2",
+            "--batch_size=4", f"--out_dir={tmp_path}/o", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 examples" in r.stdout
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_bleu_matches_hand_computed_values():
+    assert data.corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    # hyp "the cat sat on a mat" vs ref "the cat sat on the mat": 6 words each (no brevity
+    # penalty); matches 1-gram 5/6, 2-gram 3/5, 3-gram 2/4, 4-gram 1/3
+    expected = (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert data.corpus_bleu(["the cat sat on a mat"], ["the cat sat on the mat"]) == pytest.approx(expected)
+    # clipping: "the the the the" vs "the cat": 1-gram 1/4 ... and no 4-gram match -> 0
+    assert data.corpus_bleu(["the the the the"], ["the cat"]) == 0.0
+    # brevity penalty over the corpus: c = 4 + 4, r = 4 + 6, all n-grams of the hyps match
+    hyps, refs = ["a b c d", "e f g h"], ["a b c d", "e f g h i j"]
+    assert data.corpus_bleu(hyps, refs) == pytest.approx(__import__("math").exp(1 - 10 / 8))
+
+
+def test_rouge_l_matches_hand_computed_values():
+    # LCS("a b c d", "a c d e") = "a c d" = 3; P = 3/4, R = 3/4, F1 = 0.75
+    assert data.rouge_l(["a b c d"], ["a c d e"]) == pytest.approx(0.75)
+    # LCS("the cat", "the big cat sat") = 2; P = 1, R = 1/2, F1 = 2/3; mean with a perfect pair
+    assert data.rouge_l(["the cat", "x"], ["the big cat sat", "x"]) == pytest.approx((2 / 3 + 1) / 2)
+    assert data.rouge_l(["a"], ["b"]) == 0.0
+
+
+# --- several processes ----------------------------------------------------------------
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(root, tmp_path):
+    common = ["--max_steps=6", "--eval_every=6", "--batch_size=8", "--digits=2", *SMALL]
+    one = run(root, "train.py", "--grad_accum=2", f"--out_dir={tmp_path}/one", *common)
+    assert one.returncode == 0, one.stderr
+    two = run(root, "--standalone", "--nproc_per_node=2", "train.py", f"--out_dir={tmp_path}/two",
+              *common, cmd=[sys.executable, "-m", "torch.distributed.run"])
+    assert two.returncode == 0, two.stderr
+    assert "processes=2" in two.stdout and two.stdout.count("final step=6") == 1  # rank 0 only
+    a, b = log_losses(tmp_path / "one"), log_losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, rel=1e-5)
+    for (name, p), q in zip(weights(tmp_path / "one").items(), weights(tmp_path / "two").values()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+# --- interruption and resume ----------------------------------------------------------
+
+RESUME = ["--max_steps=300", "--eval_every=20", "--batch_size=16", "--digits=2", *SMALL]
+
+
+def start_and_kill(root, out, sig, after_step):
+    """Start a training run, wait until it has logged `after_step`, send it `sig`."""
+    p = subprocess.Popen([sys.executable, "train.py", f"--out_dir={out}", *RESUME], cwd=root, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(log) and len(log_losses(out)) >= after_step:
+            break
+        if p.poll() is not None:
+            pytest.fail("the run ended before it could be interrupted:\n" + p.stderr.read())
+        time.sleep(0.05)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    return p.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    r = run(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py", f"--out_dir={out}", *RESUME)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_weights(root, tmp_path, uninterrupted, sig):
+    out = tmp_path / "killed"
+    code, stdout, _ = start_and_kill(root, out, sig, after_step=50)
+    if sig == signal.SIGTERM:  # graceful: saves the step it was at, exit code 130
+        assert code == 130 and "continue with --resume" in stdout
+        saved = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+        assert 50 <= saved < 300
+    else:  # SIGKILL: nothing runs; the last periodic checkpoint is intact (atomic write)
+        assert code == -signal.SIGKILL
+        assert torch.load(out / "ckpt.pt", weights_only=False)["step"] % 20 == 0
+    r = run(root, "train.py", f"--out_dir={out}", "--resume", *RESUME)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "final step=300" in r.stdout
+    for (name, p), q in zip(weights(uninterrupted).items(), weights(out).values()):
+        assert torch.equal(p, q), name
+    assert log_losses(out) == log_losses(uninterrupted)  # the log was rewritten past the ckpt
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(root, tmp_path):
+    r = run(root, "train.py", "--lr=1e12", "--warmup_steps=1", "--max_steps=50", "--eval_every=1",
+            "--grad_clip=1e12", "--batch_size=8", "--digits=2", f"--out_dir={tmp_path}", *SMALL)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: the loss became nan" in r.stderr or "error: the loss became inf" in r.stderr
+    assert "the last good checkpoint is" in r.stderr
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    failed_at = int(r.stderr.split(" at step ")[1].split(":")[0])
+    assert ckpt["step"] == failed_at - 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# --- clear errors ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ar_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ar")
+    r = run(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py", "--model=ar",
+            "--max_steps=2", "--eval_every=2", "--batch_size=4", f"--out_dir={out}", *SMALL)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--resume", "--model=e2d2"], "holds a 'ar' model, not 'e2d2'"),
+    (["--resume", "--d_model=64"], "--resume keeps the checkpoint's model config"),
+])
+def test_resume_with_another_model_is_a_clear_error(root, ar_checkpoint, args, message):
+    r = run(root, "train.py", f"--out_dir={ar_checkpoint}", *args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_errors(root, ar_checkpoint, tmp_path):
+    ck = f"--ckpt={ar_checkpoint}/ckpt.pt"
+    cases = [([ck, "--model=e2d2", "1+1="], "holds a 'ar' model, not 'e2d2'"),
+             ([ck, "9" * 40], "leaves no room to generate"),
+             ([ck, "--max_new_tokens=100", "1+1="], "max_new_tokens=100 must be between 1 and")]
+    bad = tmp_path / "unknown_key.pt"
+    ckpt = torch.load(f"{ar_checkpoint}/ckpt.pt", weights_only=False)
+    ckpt["config"]["n_layers"] = 3
+    torch.save(ckpt, bad)
+    cases.append(([f"--ckpt={bad}", "1+1="], "unknown keys ['n_layers']"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(open(f"{ar_checkpoint}/ckpt.pt", "rb").read()[:1000])  # truncated
+    cases.append(([f"--ckpt={corrupt}", "1+1="], "cannot read checkpoint"))
+    for args, message in cases:
+        r = run(root, "sample.py", *args)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(root, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"\x80\x02garbage")
+    r = run(root, "train.py", "--resume", f"--out_dir={tmp_path}")
+    assert r.returncode != 0 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_layers=3"], "unrecognized arguments: --n_layers=3"),
+    (["--seq_len=30", "--block_len=4"], "seq_len=30 is not a multiple of block_len=4"),
+    (["--d_model=100", "--n_heads=3"], "d_model=100 is not divisible by n_heads=3"),
+    (["--decoder=shared_kv", "--n_enc=2", "--n_dec=3"], "needs n_dec <= n_enc"),
+    (["--model=gpt"], "model must be one of"),
+    (["--batch_size=10", "--grad_accum=4"], "must split evenly into 4 micro-batches"),
+    (["--data=/nonexistent.txt"], "/nonexistent.txt: no such file"),
+])
+def test_train_config_errors(root, tmp_path, args, message):
+    r = run(root, "train.py", "--max_steps=1", f"--out_dir={tmp_path}", *args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_config_from_a_checkpoint_is_validated():
+    with pytest.raises(ValueError, match="unknown keys"):
+        config_from_dict({"n_layers": 3})
+    with pytest.raises(ValueError, match="not a multiple"):
+        config_from_dict({"seq_len": 10, "block_len": 4})
