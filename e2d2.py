@@ -17,8 +17,8 @@ What E2D2 changes versus BD3-LM (lines marked `# [E2D2]` below):
      [h ; x_t] with an (offset block-causal | block-diagonal) mask. About N_enc + N_dec
      layer-passes per token instead of BD3-LM's 2N.
   4. In every decoder layer the keys/values of the clean tokens come from h (the
-     encoder's last hidden state, "hidden" variant) or from the encoder's own layer-i
-     keys/values ("shared_kv" variant).
+     encoder's last hidden state, "hidden" variant) or from the keys/values the encoder
+     computed in a matching layer ("shared_kv" variant).
 
 Reading order (bottom-up, each part uses only what comes before it):
   config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + loss ->
@@ -72,7 +72,9 @@ class ModelConfig:
     # Where each decoder layer gets the clean tokens' keys/values from:
     #   "hidden":    project the encoder's final hidden state h with the decoder layer's
     #                own norm + K/V weights (the paper's default),
-    #   "shared_kv": reuse encoder layer i's keys/values in decoder layer i.
+    #   "shared_kv": decoder layer i reuses the keys/values of encoder layer
+    #                N_enc - N_dec + i (the top N_dec encoder layers, so every encoder
+    #                layer matters; with N_dec = N_enc, decoder layer i reads layer i).
     decoder: str = "hidden"
     # Noise schedule alpha(t) and the range [t_min, t_max] that training draws t from
     # (t_min > 0 keeps the loss weight -alpha'/(1-alpha) finite).
@@ -105,7 +107,7 @@ def validate_config(cfg: ModelConfig) -> None:
             )
         if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
             problems.append(
-                f"decoder='shared_kv' reads encoder layer i in decoder layer i, so it needs "
+                f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it needs "
                 f"n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})"
             )
         for name in ("pad_id", "eos_id", "mask_id"):
@@ -313,7 +315,8 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
       - carry-over: where x_t is not [MASK] the prediction is x_t itself (log p = 0 on
         that token, -inf elsewhere), so unmasked tokens add exactly 0 to the loss.
     """
-    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
     log_p = F.log_softmax(logits, dim=-1)
     V = logits.shape[-1]
     carry = torch.where(
@@ -324,7 +327,7 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
 
 @dataclass
 class Loss:
-    loss: torch.Tensor  # what training minimises (masked_ce or nelbo, see E2D2.forward)
+    loss: torch.Tensor  # what training minimises (masked_ce or nelbo, see diffusion_forward)
     nelbo: torch.Tensor  # sum_i w_k * (-log p(x0_i | x_t)) / n_targets
     masked_ce: torch.Tensor  # sum over masked targets of -log p, / n_targets (unweighted)
     n_targets: torch.Tensor  # number of target tokens the averages are taken over
@@ -367,7 +370,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        x_f = x.float()
+        x_f = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32 for the mean
         x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
         return x_f.type_as(x) * self.weight
 
@@ -554,9 +557,10 @@ class E2D2(TokenModel):
     def clean_kv(self, h, positions, enc_kv) -> list:  # [E2D2]
         """Per decoder layer, the keys/values of the clean tokens:
         "hidden":    decoder layer l projects h with its own norm and K/V weights;
-        "shared_kv": decoder layer l reuses encoder layer l's keys/values."""
+        "shared_kv": decoder layer l reuses the keys/values of encoder layer
+                     N_enc - N_dec + l (no projection of h at all)."""
         if self.cfg.decoder == "shared_kv":
-            return list(enc_kv[: self.cfg.n_dec])
+            return list(enc_kv[len(enc_kv) - self.cfg.n_dec:])
         cos, sin = self.rope(positions)
         return [layer.clean_kv(h, cos, sin) for layer in self.decoder]
 
@@ -625,7 +629,8 @@ class AR(TokenModel):
         check_length(self.cfg, x0.shape[1], 1)
         target = (x0 != self.cfg.pad_id) & ~prompt_mask
         logits, _ = self.logits(x0)
-        nll = F.cross_entropy(rearrange(logits[:, :-1].float(), "b n V -> b V n"), x0[:, 1:],
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+        nll = F.cross_entropy(rearrange(logits[:, :-1], "b n V -> b V n"), x0[:, 1:],
                               reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
         tgt = target[:, 1:]
         n = tgt.sum().clamp(min=1)

@@ -1,7 +1,7 @@
 """
-Sample from a trained E2D2 checkpoint.
+Sample from a trained checkpoint (E2D2 or a baseline).
 
-    python sample.py "123+456=" "905+77="      # prompts on the command line
+    python sample.py "123+456=" "905+777="     # prompts on the command line
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
@@ -46,6 +46,18 @@ def load_checkpoint(path: str, device: str, model_type: str = "") -> tuple:
         sys.exit(f"error: checkpoint {path} does not match this code's models: {e}")
     model.eval()
     return model, ckpt
+
+
+def heldout_examples(tc: dict, cfg, n: int, seed: int) -> list:
+    """(prompt, answer) strings held out from what the checkpoint was trained on."""
+    if not tc.get("data"):
+        task = data.get_task(tc.get("task", "addition"), tc.get("digits", 0))
+        return data.task_examples(task, "val", n, seed)
+    if not tc["data"].lower().endswith((".jsonl", ".tsv")) and tc.get("data_format") != "pairs":
+        raise ValueError(f"the model was trained on plain text ({tc['data']}): give a prompt")
+    tok = data.ByteTokenizer()
+    pairs = data.PairsData(tc["data"], tok, cfg.block_len, cfg.seq_len, tc.get("val_fraction", 0.1))
+    return [(tok.decode(p), tok.decode(a)) for p, a in pairs.val_examples(n)]
 
 
 class ShowSteps:
@@ -111,9 +123,10 @@ def main(argv=None):
     if not prompts and not sys.stdin.isatty():
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
-        tc = ckpt.get("train_config", {})
-        task = data.get_task(tc.get("task", "addition"), tc.get("digits", 0))
-        examples = data.task_examples(task, "val", args.num_examples, args.seed)
+        try:
+            examples = heldout_examples(ckpt.get("train_config", {}), model.cfg, args.num_examples, args.seed)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         prompts, expected = [p for p, _ in examples], [a for _, a in examples]
 
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -186,3 +186,17 @@ def test_loss_backward_and_every_block_is_trained():
     assert torch.isfinite(out.loss) and out.n_targets.item() == (x0.shape[1] - P) * 3
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_shared_kv_decoder_reads_the_top_encoder_layers():
+    # decoder layer i reads the keys/values of encoder layer N_enc - N_dec + i, so every
+    # encoder layer shapes the loss; unused are only what comes after the last keys/values:
+    # the top layer's queries, output projection and MLP, and enc_norm (h is never read)
+    model = tiny("shared_kv").train()  # N_enc = 3, N_dec = 2: encoder layers 1 and 2
+    _, x0, _, prompt_mask, _ = random_layout(model)
+    model(x0, prompt_mask, generator=torch.Generator().manual_seed(0)).loss.backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()}
+    top = "encoder.2."
+    assert no_grad == {"enc_norm.weight", top + "attn.q.weight", top + "attn.out.weight",
+                       top + "norm2.weight", top + "mlp.gate.weight", top + "mlp.up.weight",
+                       top + "mlp.down.weight"}
