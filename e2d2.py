@@ -606,12 +606,16 @@ class E2D2(TokenModel):
 # ---------------------------------------------------------------------------------------
 
 
-class AR(TokenModel):
+class OneStack(TokenModel):
+    """A baseline's network: one stack of N = n_enc layers (no encoder/decoder split)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
         self.init_weights()
 
+
+class AR(OneStack):
     def logits(self, x, prefix=None, prefix_valid=None, start: int = 0):
         """Causal logits (b, n, V) of tokens x at positions start.. ; logits[:, i] predicts
         the token after x[:, i]. With a KV prefix (cache) of `start` earlier tokens."""
@@ -638,12 +642,7 @@ class AR(TokenModel):
         return Loss(loss, loss, loss, n)
 
 
-class MDLM(TokenModel):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
-        self.init_weights()
-
+class MDLM(OneStack):
     def logits(self, x0, x_t, prompt_mask):
         """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
         valid = x_t != self.cfg.pad_id
@@ -667,12 +666,7 @@ class MDLM(TokenModel):
         return Recompute(self, prompt)  # bidirectional: nothing can be cached
 
 
-class BD3LM(TokenModel):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
-        self.init_weights()
-
+class BD3LM(OneStack):
     def logits(self, x0, x_t, prompt_mask):
         """All N layers over the 2L tokens [x_0 ; x_t]; returns the noisy half's logits."""
         L = x0.shape[1]
