@@ -51,7 +51,7 @@ def test_train_and_inference_logits_agree_block_by_block(decoder):
     assert cached.decoder_calls == (x0.shape[1] - P) // B
 
 
-def test_logits_of_block_k_ignore_later_blocks_and_padding_content():
+def test_logits_of_block_k_ignore_every_later_block():
     model = tiny()
     B = model.cfg.block_len
     _, x0, x_t, prompt_mask, P = random_layout(model)

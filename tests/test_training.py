@@ -70,8 +70,8 @@ def test_train_script_sample_script_and_resume(root, tmp_path):
 
     r = run(root, "train.py", "--max_steps=30", "--eval_every=10", "--resume", *small)
     assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stdout and r.stdout.strip().endswith(
-        r.stdout.strip().splitlines()[-1]) and "final step=30" in r.stdout
+    assert "resumed from" in r.stdout and "at step 20" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("final step=30 ")
 
     ck = os.path.join(out, "ckpt.pt")
     r = run(root, "sample.py", f"--ckpt={ck}", "123+456=", "5+5=")
