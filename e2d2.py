@@ -849,8 +849,10 @@ class SampleOutput:
 
 def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.Tensor:
     """Left-pad prompts so that every answer starts at the same block boundary:
-    (b, P') with P' = ceil(max prompt length / B) * B. This is the layout training uses
-    (data.collate); the padding is masked out everywhere."""
+    (b, P') with P' = ceil(max prompt length / B) * B. Training lays each row out alone
+    (data.collate pads its prompt to its own block boundary); the extra left padding here
+    changes nothing, since padding is never attended to and RoPE sees relative positions
+    only (a test checks batched against one-by-one sampling)."""
     n = max((len(p) for p in prompts), default=0)
     width = block_len * math.ceil(n / block_len)
     out = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
