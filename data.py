@@ -282,16 +282,16 @@ def read_pairs(path: str) -> list:
 
 
 class PairsData:
-    """A user's seq2seq file. The last val_fraction of its examples is held out. Examples
-    too long for seq_len are skipped and counted (too_long="skip") or are an error."""
+    """A user's seq2seq examples (prompt_ids, answer_ids), read from `path`. The last
+    val_fraction of them is held out. Examples too long for seq_len are skipped and
+    counted (too_long="skip") or are an error."""
 
     kind = "seq2seq"
 
-    def __init__(self, path: str, tok: ByteTokenizer, block_len: int, seq_len: int,
-                 val_fraction: float = 0.1, too_long: str = "skip"):
+    def __init__(self, pairs: list, block_len: int, seq_len: int, val_fraction: float = 0.1,
+                 too_long: str = "skip", path: str = ""):
         if too_long not in ("skip", "error"):
             raise ValueError(f"too_long must be 'skip' or 'error', got {too_long!r}")
-        pairs = encode_pairs(tok, read_pairs(path))
         keep = []
         for i, (p, a) in enumerate(pairs):
             need = example_length(len(p), len(a), block_len)
@@ -364,6 +364,42 @@ class TextData:
     def collate(windows: list, block_len: int, seq_len: int) -> Batch:
         x0 = torch.tensor(windows, dtype=torch.long)  # (b, seq_len)
         return Batch(x0, torch.zeros_like(x0, dtype=torch.bool))
+
+
+# --- picking the dataset: the one place a data file is read and its format decided ----
+
+TEXT_SEQ_LEN = 128  # plain text trains on windows of this many bytes unless --seq_len says
+
+
+def data_kind(path: str, data_format: str = "auto") -> str:
+    """"pairs" (seq2seq) or "text": by the file's extension (.jsonl, .tsv are pairs)
+    unless data_format says which."""
+    if data_format not in ("auto", "pairs", "text"):
+        raise ValueError(f"data_format must be auto, pairs or text, got {data_format!r}")
+    if data_format != "auto":
+        return data_format
+    return "pairs" if path.lower().endswith((".jsonl", ".tsv")) else "text"
+
+
+def load_dataset(settings: dict, block_len: int, seq_len=None):
+    """The dataset that the training settings name, and the seq_len to use.
+
+    settings: the data fields of train.py's TrainConfig as a dict (train.py passes
+    asdict(tc); sample.py the train_config saved in a checkpoint): task, digits, data,
+    data_format, val_fraction, too_long. seq_len: the model's, or None to pick one that
+    fits every example (a task's longest; a file's longest pair; 128-byte text windows).
+    Returns (dataset, seq_len)."""
+    s = settings
+    if not s["data"]:  # a built-in task: endless generated examples
+        task = get_task(s["task"], s["digits"])
+        max_p, max_a = task.max_lengths()
+        return TaskData(task, ByteTokenizer()), seq_len or example_length(max_p, max_a, block_len)
+    if data_kind(s["data"], s["data_format"]) == "text":
+        seq_len = seq_len or ceil_to(TEXT_SEQ_LEN, block_len)
+        return TextData(s["data"], seq_len, s["val_fraction"]), seq_len
+    pairs = encode_pairs(ByteTokenizer(), read_pairs(s["data"]))  # the file, read once
+    seq_len = seq_len or max(example_length(len(p), len(a), block_len) for p, a in pairs)
+    return PairsData(pairs, block_len, seq_len, s["val_fraction"], s["too_long"], s["data"]), seq_len
 
 
 # --- metrics for seq2seq answers -------------------------------------------------------

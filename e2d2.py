@@ -6,33 +6,35 @@ model that writes text block by block, like BD3-LM (arXiv 2503.09573). A sequenc
 length L = K * B is cut into K blocks of B tokens. Blocks are generated left to right;
 inside a block, tokens start as [MASK] and are filled in over T denoising steps.
 
-What E2D2 changes versus BD3-LM (lines marked `# [E2D2]` below):
+What E2D2 changes versus BD3-LM (the lines marked `# [E2D2]` below, nothing else):
   1. The network is split in two. A big ENCODER (N_enc layers) reads the CLEAN tokens
      x_0 (prompt + finished blocks); a small DECODER (N_dec << N_enc layers) reads the
      NOISY block x_t and attends to the encoder's output h.
-  2. Sampling runs the encoder once per finished block and only the cheap decoder at each
-     of the T denoising steps (BD3-LM runs its whole network T times per block).
+  2. In every decoder layer the keys/values of the clean tokens come from h (the
+     encoder's last hidden state, projected by that decoder layer: the "hidden" variant)
+     or from the keys/values an encoder layer computed (the "shared_kv" variant).
   3. Training needs no 2L-long input [x_0 ; x_t]: the encoder runs over the L clean tokens
-     with a block-causal mask, the decoder over the L noisy tokens against 2L keys
-     [h ; x_t] with an (offset block-causal | block-diagonal) mask. About N_enc + N_dec
-     layer-passes per token instead of BD3-LM's 2N.
-  4. In every decoder layer the keys/values of the clean tokens come from h (the
-     encoder's last hidden state, "hidden" variant) or from the keys/values the encoder
-     computed in a matching layer ("shared_kv" variant).
+     with the top half of BD3-LM's mask, the decoder over the L noisy tokens against 2L
+     keys [h ; x_t] with the bottom half. About N_enc + N_dec layer passes per token
+     instead of BD3-LM's 2N.
+  4. Sampling runs the encoder once per finished block and only the cheap decoder at each
+     of the T denoising steps (BD3-LM runs its whole network T times per block).
+Everything else (schedules, q(x_t | x_0), SUBS, the NELBO, the layers, the block loop)
+is BD3-LM's, and the baselines in baselines.py reuse it from here.
 
-Reading order (bottom-up, each part uses only what comes before it):
-  config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + loss ->
-  transformer pieces (RMSNorm, RoPE, attention, SwiGLU, Layer) -> E2D2 model
-  (encode, decode, loss) -> the baselines (AR, MDLM, BD3-LM) -> the sampler (cached and
-  uncached runners, the block loop, one denoising step) -> checkpoint helpers.
+Reading order (bottom-up: each part uses only what comes before it):
+  config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + NELBO ->
+  transformer pieces (RMSNorm, RoPE, attention, SwiGLU, Layer, KVCache) -> the shared
+  model base (embedding, head, one training step) -> the E2D2 network (encode, decode) ->
+  its two runners (cached, and the uncached reference) -> the E2D2 model (network +
+  runner) -> the block loop that samples any model whose runner it is handed.
 
 Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
 H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
 """
 
 import math
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -46,13 +48,13 @@ from einops import rearrange
 
 SCHEDULES = ("linear", "cosine", "log", "exp")
 DECODER_VARIANTS = ("hidden", "shared_kv")
-MODEL_TYPES = ("e2d2", "ar", "mdlm", "bd3lm")
 
 
 @dataclass
 class ModelConfig:
-    # Which model: "e2d2", or a baseline built from the same pieces with N = n_enc
-    # layers: "ar", "mdlm", "bd3lm" (n_dec and decoder only apply to e2d2).
+    # Which model class models.build_model makes: "e2d2" (this file), or a baseline of
+    # baselines.py built from the same pieces with N = n_enc layers ("ar", "mdlm",
+    # "bd3lm"; n_dec and decoder only apply to e2d2).
     model: str = "e2d2"
     # Vocabulary. The defaults are those of the byte tokenizer in data.py
     # (256 bytes, then PAD, BOS, EOS, MASK); train.py always fills them from the tokenizer.
@@ -89,32 +91,28 @@ class ModelConfig:
 
 
 def validate_config(cfg: ModelConfig) -> None:
-    """Raise a ValueError that says what is wrong, before torch sees a bad shape."""
+    """Raise a ValueError that says what is wrong, before torch sees a bad shape.
+    (Whether cfg.model names a known model is checked by models.build_model, the one
+    place that knows every model.)"""
     problems = []
     for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             problems.append(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
     if not problems:
         if cfg.seq_len % cfg.block_len != 0:
-            problems.append(
-                f"seq_len={cfg.seq_len} is not a multiple of block_len={cfg.block_len}"
-            )
+            problems.append(f"seq_len={cfg.seq_len} is not a multiple of block_len={cfg.block_len}")
         if cfg.d_model % cfg.n_heads != 0:
             problems.append(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
-        elif (cfg.d_model // cfg.n_heads) % 2 != 0:
-            problems.append(
-                f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)"
-            )
+        elif (cfg.d_model // cfg.n_heads) % 2 != 0:  # RoPE rotates pairs of dimensions
+            problems.append(f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)")
+        # shared_kv pairs decoder layer i with an encoder layer, so there must be enough
         if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
             problems.append(
                 f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it needs "
-                f"n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})"
-            )
+                f"n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
         for name in ("pad_id", "eos_id", "mask_id"):
             if not 0 <= getattr(cfg, name) < cfg.vocab_size:
                 problems.append(f"{name}={getattr(cfg, name)} is outside the vocabulary")
-    if cfg.model not in MODEL_TYPES:
-        problems.append(f"model must be one of {MODEL_TYPES}, got {cfg.model!r}")
     if cfg.decoder not in DECODER_VARIANTS:
         problems.append(f"decoder must be one of {DECODER_VARIANTS}, got {cfg.decoder!r}")
     if cfg.schedule not in SCHEDULES:
@@ -138,6 +136,7 @@ EXP_POWER = 2  # "exp": mask probability t^p (the power schedule of MDLM/BD3-LM)
 
 
 def noise_schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha(t), alpha'(t)) of the named schedule, elementwise over t (any shape)."""
     if name == "linear":  # alpha = 1 - t
         return 1.0 - t, -torch.ones_like(t)
     if name == "cosine":  # alpha = (1 - eps) cos(pi t / 2)
@@ -151,9 +150,8 @@ def noise_schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     raise ValueError(f"unknown noise schedule {name!r}; choose one of {SCHEDULES}")
 
 
-def sample_t(
-    batch: int, n_blocks: int, t_min: float, t_max: float, generator=None, device=None
-) -> torch.Tensor:
+def sample_t(batch: int, n_blocks: int, t_min: float, t_max: float, generator=None,
+             device=None) -> torch.Tensor:
     """One diffusion time per block: t_k ~ U[t_min, t_max] (BD3-LM's clipped schedule
     when [t_min, t_max] is narrower than [0, 1]). Shape (b, K)."""
     u = torch.rand(batch, n_blocks, generator=generator, device=device)
@@ -162,7 +160,7 @@ def sample_t(
 
 def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Tensor:
     """NELBO weight of a masked token at time t: -alpha'(t) / (1 - alpha(t)). For the
-    linear schedule this is 1/t."""
+    linear schedule this is 1/t: a block with few masks (t near 0) counts heavily."""
     return -alpha_prime_t / (1.0 - alpha_t)
 
 
@@ -180,6 +178,12 @@ def block_ids(length: int, block_len: int, device=None) -> torch.Tensor:
     return torch.arange(length, device=device) // block_len
 
 
+def _padding_rows_see_self(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Replace the row of every padding query in mask (b, L, L) by "itself only"."""
+    eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
+    return torch.where(valid[:, :, None], mask, eye[None])
+
+
 def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
     """Encoder self-attention over the clean sequence x_0. (b, L, L), True = may attend.
 
@@ -194,7 +198,7 @@ def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int)
     return _padding_rows_see_self(sees, valid)
 
 
-def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:  # [E2D2]
+def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:
     """Decoder attention: queries are the noisy tokens x_t (L of them); keys are the
     concatenation [h ; x_t] of the clean encoder outputs and the noisy tokens (2L).
     Returns (b, L, 2L), True = may attend.
@@ -215,37 +219,20 @@ def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:  # [E2D2]
 
 
 def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
-    """BD3-LM runs ONE network over the 2L tokens [x_0 ; x_t]. Returns (b, 2L, 2L):
+    """The picture E2D2 splits. BD3-LM runs ONE network over the 2L tokens [x_0 ; x_t]
+    with this (b, 2L, 2L) mask:
 
                     keys x_0 (clean)          keys x_t (noisy)
       x_0 queries   block-causal (+ prompt)   never
       x_t queries   offset block-causal       block-diagonal
 
-    The top row is the E2D2 encoder mask and the bottom row the E2D2 decoder mask: E2D2
-    splits this one mask between two networks, so the clean rows need not be recomputed
-    alongside the noisy ones and the noisy rows get a smaller network.  [E2D2]"""
+    The top row is exactly encoder_mask and the bottom row exactly decoder_mask. E2D2
+    hands the two rows to two networks: the clean rows never look at noisy keys, so they
+    can run alone (the encoder, L tokens), and only the noisy rows (the decoder) need the
+    2L keys. baselines.BD3LM trains with this mask."""
     enc = encoder_mask(prompt_mask, valid, block_len)  # (b, L, L)
     clean_rows = torch.cat([enc, torch.zeros_like(enc)], dim=-1)  # (b, L, 2L)
     return torch.cat([clean_rows, decoder_mask(valid, block_len)], dim=1)  # (b, 2L, 2L)
-
-
-def causal_mask(valid: torch.Tensor) -> torch.Tensor:
-    """AR: query i sees real keys j <= i. (b, L, L)."""
-    L = valid.shape[1]
-    tril = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
-    return _padding_rows_see_self(tril[None] & valid[:, None, :], valid)
-
-
-def full_mask(valid: torch.Tensor) -> torch.Tensor:
-    """MDLM: every query sees every real key (bidirectional). (b, L, L)."""
-    L = valid.shape[1]
-    return _padding_rows_see_self(valid[:, None, :].expand(-1, L, L), valid)
-
-
-def _padding_rows_see_self(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Replace the row of every padding query in mask (b, L, L) by "itself only"."""
-    eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
-    return torch.where(valid[:, :, None], mask, eye[None])
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,16 +249,9 @@ class Noised:
     alpha_prime_t: torch.Tensor  # (b, L) alpha'(t_k) of each token's block
 
 
-def q_sample(
-    x0: torch.Tensor,
-    target_mask: torch.Tensor,
-    t: torch.Tensor,
-    block_len: int,
-    mask_id: int,
-    schedule: str = "linear",
-    ensure_masked: bool = True,
-    generator: Optional[torch.Generator] = None,
-) -> Noised:
+def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block_len: int,
+             mask_id: int, schedule: str = "linear", ensure_masked: bool = True,
+             generator: Optional[torch.Generator] = None) -> Noised:
     """Draw x_t ~ q(x_t | x_0). t: (b, K), one time per block.
 
     ensure_masked (training): a block that has target tokens but drew no [MASK] would
@@ -279,7 +259,7 @@ def q_sample(
     """
     b, L = x0.shape
     alpha_blk, alpha_prime_blk = noise_schedule(schedule, t)  # (b, K) each
-    alpha_t = alpha_blk.repeat_interleave(block_len, dim=1)  # (b, L)
+    alpha_t = alpha_blk.repeat_interleave(block_len, dim=1)  # (b, L): block k's value on its B tokens
     alpha_prime_t = alpha_prime_blk.repeat_interleave(block_len, dim=1)  # (b, L)
 
     u = torch.rand(b, L, generator=generator, device=x0.device)
@@ -297,7 +277,7 @@ def q_sample(
         score = torch.rand(targets.shape, generator=generator, device=x0.device)
         score = score.masked_fill(~targets, 2.0)
         rank = score.argsort(-1).argsort(-1)  # rank of each position in its block
-        remask = empty[..., None] & (rank < m[..., None]) & targets
+        remask = empty[..., None] & (rank < m[..., None]) & targets  # the m lowest ranks
         masked = masked | rearrange(remask, "b k B -> b (k B)")
 
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
@@ -305,7 +285,7 @@ def q_sample(
 
 
 # ---------------------------------------------------------------------------------------
-# SUBS parameterization and the loss.
+# SUBS parameterization and the loss (the NELBO of MDLM / BD3-LM).
 # ---------------------------------------------------------------------------------------
 
 
@@ -333,13 +313,8 @@ class Loss:
     n_targets: torch.Tensor  # number of target tokens the averages are taken over
 
 
-def diffusion_loss(
-    logits: torch.Tensor,
-    x0: torch.Tensor,
-    noised: Noised,
-    target_mask: torch.Tensor,
-    mask_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
+                   target_mask: torch.Tensor, mask_id: int):
     """Block-diffusion NELBO (MDLM / BD3-LM) and the unweighted masked cross-entropy.
 
     NELBO per token = (1 / n_targets) * sum_{target i, masked} w_k * (-log p(x0_i | x_t)),
@@ -359,11 +334,14 @@ def diffusion_loss(
 
 # ---------------------------------------------------------------------------------------
 # Transformer pieces: RMSNorm, RoPE, attention (with optional prefix keys/values),
-# SwiGLU MLP, and a pre-norm Layer. Encoder and decoder are stacks of the same Layer.
+# SwiGLU MLP, a pre-norm Layer, and a KV cache. The encoder and the decoder are stacks
+# of the same Layer.
 # ---------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 even under bf16 autocast."""
+
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -386,8 +364,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x1, x2) of the head dimension by the position's angle.
     x: (b, H, n, hd); cos, sin: (n, hd/2)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (b, H, n, hd/2, 2)
+    return out.flatten(-2)  # (b, H, n, hd)
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), RoPE applied
@@ -396,8 +374,8 @@ KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), Ro
 class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention with an explicit
     boolean mask. Optional `prefix` keys/values are put IN FRONT of this input's own
-    keys/values: that one mechanism serves as the KV cache (encoder, AR), as the clean
-    keys of the E2D2 decoder (h), and as BD3-LM's cached clean blocks."""
+    keys/values: that one mechanism serves as the KV cache of clean tokens at sampling
+    time, and as the clean keys [h ; .] of the E2D2 decoder in training."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -429,9 +407,11 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """The MLP of a Layer: down(silu(gate(x)) * up(x)), as in LLaMA."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = 64 * math.ceil(8 * cfg.d_model / 3 / 64)  # ~ (8/3) d, as in LLaMA
+        hidden = 64 * math.ceil(8 * cfg.d_model / 3 / 64)  # ~ (8/3) d, rounded up to 64
         self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
         self.up = nn.Linear(cfg.d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
@@ -457,17 +437,58 @@ class Layer(nn.Module):
 
     def clean_kv(self, h, cos, sin) -> KV:  # [E2D2]
         """Keys/values of the clean stream h as THIS layer sees them: through its own input
-        norm and K/V projection (the decoder's "hidden" variant)."""
-        return self.attn.project_kv(self.norm1(h), cos, sin)
+        norm and K/V projection (the decoder's "hidden" variant). In BD3-LM each layer's
+        clean keys come from its own clean hidden state instead."""
+        return self.attn.project_kv(self.norm1(h), cos, sin)  # [E2D2]
+
+
+class KVCache:
+    """Keys/values of every clean token seen so far, per layer: (b, H, n, hd) each, with
+    `valid` (b, n) telling real tokens from left padding. Sampling keeps one per stack."""
+
+    def __init__(self, n_layers: int, batch: int, device):
+        self.kv: list = [None] * n_layers
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+
+    def __len__(self):
+        return self.valid.shape[1]  # n: clean tokens cached so far
+
+    def prefix(self):
+        """What Layer.forward takes as `prefix`: None while the cache is empty."""
+        return None if len(self) == 0 else self.kv
+
+    def add(self, new_kv: list, tokens: torch.Tensor, pad_id: int):
+        """Append the per-layer (k, v) of new clean tokens (b, n_new) along the length."""
+        cat = lambda a, b: b if a is None else torch.cat([a, b], dim=2)  # noqa: E731
+        self.kv = [(cat(old and old[0], k), cat(old and old[1], v)) for old, (k, v) in zip(self.kv, new_kv)]
+        self.valid = torch.cat([self.valid, tokens != pad_id], 1)
+
+    def block_mask(self, n_new: int) -> torch.Tensor:
+        """(b, n_new, len + n_new): n_new queries of one block see every real cached token
+        (all from earlier blocks) and the whole block (block-causal / block-diagonal)."""
+        b = self.valid.shape[0]
+        own = torch.ones(b, n_new, n_new, dtype=torch.bool, device=self.valid.device)
+        return torch.cat([self.valid[:, None, :].expand(b, n_new, len(self)), own], -1)
+
+    def keep(self, rows):
+        """Drop the sequences that finished: rows is a bool (b,) or index tensor."""
+        self.kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.kv]
+        self.valid = self.valid[rows]
 
 
 # ---------------------------------------------------------------------------------------
-# What every model here shares: a token embedding tied to the output head, RoPE, weight
-# init, and `run`, which pushes hidden states through a stack of Layers.
+# What every model shares (E2D2 here, the baselines in baselines.py): a token embedding
+# tied to the output head, RoPE, weight init, `run` (hidden states through a stack of
+# Layers), and the diffusion training step.
 # ---------------------------------------------------------------------------------------
 
 
 class TokenModel(nn.Module):
+    """Base of every model. A subclass adds its layers and defines
+      logits(...)            its training forward,
+      forward(x0, prompt_mask, generator, train_loss) -> Loss,
+      make_runner(prompt, use_cache, max_new_tokens) -> the runner generate() drives."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -507,6 +528,7 @@ class TokenModel(nn.Module):
 
 
 def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
+    """Clear errors for a training input the model cannot take."""
     if L % block_len != 0:
         raise ValueError(f"sequence length {L} is not a multiple of block_len={block_len}")
     if L > cfg.seq_len:
@@ -522,7 +544,7 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss) 
     if train_loss not in ("masked_ce", "nelbo"):
         raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
     b, L = x0.shape
-    target_mask = (x0 != cfg.pad_id) & ~prompt_mask
+    target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
     t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
     noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
                       ensure_masked=True, generator=generator)
@@ -532,20 +554,22 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss) 
 
 
 # ---------------------------------------------------------------------------------------
-# The E2D2 model: a shared token embedding (tied to the output head), an encoder stack
+# The E2D2 network: a shared token embedding (tied to the output head), an encoder stack
 # over clean tokens and a decoder stack over noisy tokens.
 # ---------------------------------------------------------------------------------------
 
 
-class E2D2(TokenModel):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)  # self.embed is shared by encoder and decoder  [E2D2]
-        self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # [E2D2]
-        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # [E2D2]
-        self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
-        self.init_weights()
+class E2D2Network(TokenModel):
+    """What E2D2 computes: encode the clean tokens, decode the noisy ones. The sampler's
+    hook (make_runner) is added by the E2D2 class at the end of the file, once its
+    runners exist."""
 
-    # -- encoder -----------------------------------------------------------------------
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)  # self.embed is shared by encoder and decoder
+        self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # [E2D2] N_enc layers on x_0
+        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # [E2D2] N_dec layers on x_t
+        self.enc_norm = RMSNorm(cfg.d_model)  # [E2D2] h = enc_norm(last encoder hidden state)
+        self.init_weights()
 
     def encode(self, x0, positions, mask, cache: Optional[list] = None):
         """Run the N_enc encoder layers over clean tokens x0 (b, n).
@@ -555,7 +579,7 @@ class E2D2(TokenModel):
         return self.enc_norm(x), new_kv
 
     def clean_kv(self, h, positions, enc_kv) -> list:  # [E2D2]
-        """Per decoder layer, the keys/values of the clean tokens:
+        """Per decoder layer, the keys/values of the clean tokens (a list of N_dec KVs):
         "hidden":    decoder layer l projects h with its own norm and K/V weights;
         "shared_kv": decoder layer l reuses the keys/values of encoder layer
                      N_enc - N_dec + l (no projection of h at all)."""
@@ -564,27 +588,24 @@ class E2D2(TokenModel):
         cos, sin = self.rope(positions)
         return [layer.clean_kv(h, cos, sin) for layer in self.decoder]
 
-    # -- decoder -----------------------------------------------------------------------
-
-    def decode(self, x_t, positions, mask, clean: list) -> torch.Tensor:  # [E2D2]
+    def decode(self, x_t, positions, mask, clean: list) -> torch.Tensor:
         """Run the N_dec decoder layers over noisy tokens x_t (b, n). In every layer the
         queries come from the noisy stream only and the keys/values are
         [clean[l] ; the noisy stream's own], mask (b, n, n_clean + n). The layer output
-        replaces only the noisy stream: the clean keys stay the same in every pass.
+        replaces only the noisy stream: the clean keys stay the same in every layer pass.
         Returns raw logits (b, n, V) (SUBS is applied by the loss and the sampler)."""
-        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean)
+        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean)  # [E2D2]
         return self.head(z)
 
-    # -- training forward --------------------------------------------------------------
-
     def logits(self, x0, x_t, prompt_mask) -> torch.Tensor:
-        """Decoder logits for ALL blocks in one pass (b, L, V). [E2D2] The encoder reads x0
-        (L tokens, block-causal), the decoder reads x_t (L queries, 2L keys)."""
+        """The training forward: decoder logits for ALL blocks in one pass (b, L, V).
+        Where BD3-LM runs N layers over [x_0 ; x_t] (2L tokens), the encoder reads x_0
+        (L tokens) and the decoder x_t (L queries against 2L keys)."""
         valid = x0 != self.cfg.pad_id
-        positions = torch.arange(x0.shape[1], device=x0.device)
-        h, enc_kv = self.encode(x0, positions, encoder_mask(prompt_mask, valid, self.cfg.block_len))
-        clean = self.clean_kv(h, positions, enc_kv)  # per decoder layer, L keys each
-        return self.decode(x_t, positions, decoder_mask(valid, self.cfg.block_len), clean)
+        positions = torch.arange(x0.shape[1], device=x0.device)  # x_0,j and x_t,j share j
+        h, enc_kv = self.encode(x0, positions, encoder_mask(prompt_mask, valid, self.cfg.block_len))  # [E2D2]
+        clean = self.clean_kv(h, positions, enc_kv)  # [E2D2] per decoder layer, L keys each
+        return self.decode(x_t, positions, decoder_mask(valid, self.cfg.block_len), clean)  # [E2D2]
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
         """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0
@@ -592,147 +613,19 @@ class E2D2(TokenModel):
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
 
-    def make_runner(self, prompt, use_cache: bool):
-        return CachedE2D2(self, prompt) if use_cache else Recompute(self, prompt)
-
 
 # ---------------------------------------------------------------------------------------
-# Baselines, built from the same pieces (N = n_enc layers each):
-#   AR:     causal transformer, next-token loss, KV-cached sampling.
-#   MDLM:   one bidirectional network over [prompt ; noisy answer], one t per sequence;
-#           no cache is possible: every denoising step runs the full network.
-#   BD3-LM: one network over [x_0 ; x_t] (2L tokens) with bd3lm_mask; sampling caches the
-#           clean blocks' keys/values but runs the full network at every step.
-# ---------------------------------------------------------------------------------------
-
-
-class OneStack(TokenModel):
-    """A baseline's network: one stack of N = n_enc layers (no encoder/decoder split)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
-        self.init_weights()
-
-
-class AR(OneStack):
-    def logits(self, x, prefix=None, prefix_valid=None, start: int = 0):
-        """Causal logits (b, n, V) of tokens x at positions start.. ; logits[:, i] predicts
-        the token after x[:, i]. With a KV prefix (cache) of `start` earlier tokens."""
-        b, n = x.shape
-        valid = x != self.cfg.pad_id
-        if prefix_valid is None:
-            prefix_valid = valid[:, :0]
-        mask = causal_mask(torch.cat([prefix_valid, valid], 1))[:, start:]  # (b, n, start + n)
-        positions = torch.arange(start, start + n, device=x.device)
-        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), positions, mask, prefix)
-        return self.head(h), new_kv
-
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
-        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss)."""
-        check_length(self.cfg, x0.shape[1], 1)
-        target = (x0 != self.cfg.pad_id) & ~prompt_mask
-        logits, _ = self.logits(x0)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
-        nll = F.cross_entropy(rearrange(logits[:, :-1], "b n V -> b V n"), x0[:, 1:],
-                              reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
-        tgt = target[:, 1:]
-        n = tgt.sum().clamp(min=1)
-        loss = torch.where(tgt, nll, torch.zeros_like(nll)).sum() / n
-        return Loss(loss, loss, loss, n)
-
-
-class MDLM(OneStack):
-    def logits(self, x0, x_t, prompt_mask):
-        """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
-        valid = x_t != self.cfg.pad_id
-        positions = torch.arange(x_t.shape[1], device=x_t.device)
-        h, _ = self.run(self.layers, self.drop(self.embed(x_t)), positions, full_mask(valid))
-        return self.head(h)
-
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
-        """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
-        is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
-        canvas is ONE block, so one t per sequence."""
-        cfg = self.cfg
-        check_length(cfg, x0.shape[1], 1)
-        b, L = x0.shape
-        x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
-        prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
-        x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)
-        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss)
-
-    def make_runner(self, prompt, use_cache: bool):
-        return Recompute(self, prompt)  # bidirectional: nothing can be cached
-
-
-class BD3LM(OneStack):
-    def logits(self, x0, x_t, prompt_mask):
-        """All N layers over the 2L tokens [x_0 ; x_t]; returns the noisy half's logits."""
-        L = x0.shape[1]
-        x = torch.cat([x0, x_t], 1)  # (b, 2L)
-        positions = torch.arange(L, device=x0.device).repeat(2)  # x_0,j and x_t,j share j
-        mask = bd3lm_mask(prompt_mask, x0 != self.cfg.pad_id, self.cfg.block_len)  # (b, 2L, 2L)
-        h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
-        return self.head(h[:, L:])  # (b, L, V)
-
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
-        check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
-
-    def make_runner(self, prompt, use_cache: bool):
-        return CachedBD3LM(self, prompt) if use_cache else Recompute(self, prompt)
-
-
-MODELS = {"e2d2": E2D2, "ar": AR, "mdlm": MDLM, "bd3lm": BD3LM}
-
-
-def build_model(cfg: ModelConfig) -> TokenModel:
-    return MODELS[cfg.model](cfg)
-
-
-# ---------------------------------------------------------------------------------------
-# Sampling, block by block.
-#
-# The loop in `generate` is the same for every block-diffusion model and every way of
-# computing the logits; a "runner" object hides that one difference:
-#   runner.logits(x_block)  -> (b, B, V) logits of the noisy block (one network call)
-#   runner.commit(block)    -> the finished clean block joins the context
-#   runner.keep(rows)       -> drop finished sequences from the batch
+# Runners. The block loop at the end of the file is the same for every model and every
+# way of computing logits; a "runner", handed to it by the model, hides that difference:
+#   runner.block_len        B, the length of the blocks the loop denoises
+#   runner.steps            None (the caller's T), or a fixed T the model needs
+#   runner.logits(x_block)  (b, B, V) logits of the noisy block (one network call)
+#   runner.commit(block)    the finished clean block joins the context
+#   runner.keep(rows)       drop finished sequences from the batch
+#   runner.encoder_calls, runner.decoder_calls   passes over clean / noisy tokens
 # CachedE2D2 is the fast one. Recompute re-runs the TRAINING forward over everything at
 # every step (no cache); it is the reference every cached runner must match exactly.
 # ---------------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys/values of every clean token seen so far, per layer: (b, H, n, hd) each, with
-    `valid` (b, n) telling real tokens from left padding."""
-
-    def __init__(self, n_layers: int, batch: int, device):
-        self.kv: list = [None] * n_layers
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-
-    def __len__(self):
-        return self.valid.shape[1]
-
-    def prefix(self):
-        return None if len(self) == 0 else self.kv
-
-    def add(self, new_kv: list, tokens: torch.Tensor, pad_id: int):
-        cat = lambda a, b: b if a is None else torch.cat([a, b], dim=2)  # noqa: E731
-        self.kv = [(cat(old and old[0], k), cat(old and old[1], v)) for old, (k, v) in zip(self.kv, new_kv)]
-        self.valid = torch.cat([self.valid, tokens != pad_id], 1)
-
-    def block_mask(self, n_new: int) -> torch.Tensor:
-        """(b, n_new, len + n_new): n_new queries of one block see every real cached token
-        (all from earlier blocks) and the whole block (block-causal / block-diagonal)."""
-        b = self.valid.shape[0]
-        own = torch.ones(b, n_new, n_new, dtype=torch.bool, device=self.valid.device)
-        return torch.cat([self.valid[:, None, :].expand(b, n_new, len(self)), own], -1)
-
-    def keep(self, rows):
-        self.kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.kv]
-        self.valid = self.valid[rows]
 
 
 class CachedE2D2:
@@ -742,23 +635,26 @@ class CachedE2D2:
       dec[l]: keys/values of h in decoder layer l (the "cross-attention cache"), computed
               once per clean token and reused at every denoising step."""
 
-    def __init__(self, model: E2D2, prompt: torch.Tensor):
+    steps = None  # any number of denoising steps per block
+
+    def __init__(self, model: E2D2Network, prompt: torch.Tensor):
         self.model, cfg = model, model.cfg
+        self.block_len = cfg.block_len
         self.enc = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
-        self.dec = KVCache(cfg.n_dec, prompt.shape[0], prompt.device)
+        self.dec = KVCache(cfg.n_dec, prompt.shape[0], prompt.device)  # [E2D2]
         self.encoder_calls = self.decoder_calls = 0
         if prompt.shape[1] > 0:
             valid = prompt != cfg.pad_id
             self._encode(prompt, encoder_mask(valid, valid, cfg.block_len))  # prompt: bidirectional
 
     def _encode(self, tokens, mask):
-        """Encode new clean tokens against the encoder cache; extend both caches."""
+        """Encode new clean tokens (b, n) against the encoder cache; extend both caches."""
         n0 = len(self.enc)
-        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)
+        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)  # RoPE continues
         h, new_kv = self.model.encode(tokens, positions, mask, self.enc.prefix())  # h: (b, n, d)
         self.enc.add(new_kv, tokens, self.model.cfg.pad_id)
         clean = self.model.clean_kv(h, positions, new_kv)  # [E2D2] projected ONCE per block
-        self.dec.add(clean, tokens, self.model.cfg.pad_id)
+        self.dec.add(clean, tokens, self.model.cfg.pad_id)  # [E2D2]
         self.encoder_calls += 1
 
     def logits(self, x_block):
@@ -766,10 +662,11 @@ class CachedE2D2:
         n0 = len(self.dec)
         positions = torch.arange(n0, n0 + x_block.shape[1], device=x_block.device)
         self.decoder_calls += 1
-        return self.model.decode(x_block, positions, self.dec.block_mask(x_block.shape[1]),
+        return self.model.decode(x_block, positions, self.dec.block_mask(x_block.shape[1]),  # [E2D2]
                                  self.dec.prefix())  # (b, B, V)
 
     def commit(self, block):
+        """A finished block (b, B): through the encoder once (BD3-LM: all N layers)."""
         self._encode(block, self.enc.block_mask(block.shape[1]))
 
     def keep(self, rows):
@@ -777,48 +674,19 @@ class CachedE2D2:
         self.dec.keep(rows)
 
 
-class CachedBD3LM:
-    """BD3-LM sampling: the clean blocks' keys/values are cached (one cache: the same
-    network reads clean and noisy tokens), but every denoising step still runs ALL N
-    layers on the noisy block, where E2D2 runs only its N_dec decoder layers."""
-
-    def __init__(self, model: BD3LM, prompt: torch.Tensor):
-        self.model, cfg = model, model.cfg
-        self.cache = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
-        self.encoder_calls = self.decoder_calls = 0
-        if prompt.shape[1] > 0:
-            valid = prompt != cfg.pad_id
-            self._run(prompt, encoder_mask(valid, valid, cfg.block_len), keep=True)
-
-    def _run(self, tokens, mask, keep: bool):
-        n0 = len(self.cache)
-        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)
-        h, new_kv = self.model.run(self.model.layers, self.model.embed(tokens), positions, mask,
-                                   self.cache.prefix())
-        if keep:  # a clean block: its keys/values join the cache
-            self.cache.add(new_kv, tokens, self.model.cfg.pad_id)
-            self.encoder_calls += 1
-        return h
-
-    def logits(self, x_block):
-        self.decoder_calls += 1
-        return self.model.head(self._run(x_block, self.cache.block_mask(x_block.shape[1]), keep=False))
-
-    def commit(self, block):
-        self._run(block, self.cache.block_mask(block.shape[1]), keep=True)
-
-    def keep(self, rows):
-        self.cache.keep(rows)
-
-
 class Recompute:
     """No cache: every step re-runs the TRAINING forward (model.logits) on
     [clean context ; noisy block] and keeps the last block's logits. E2D2's encoder and
     BD3-LM's clean stream are block-causal, so what sits in the noisy block's slot of x0
-    cannot reach that block's logits: we put x_t there. (MDLM reads only x_t.)"""
+    cannot reach that block's logits: we put x_t there. (MDLM reads only x_t.)
+    reencodes: whether each call counts as an encoder call too (E2D2: it re-runs the
+    encoder over everything at every step)."""
 
-    def __init__(self, model, prompt: torch.Tensor):
+    steps = None
+
+    def __init__(self, model, prompt: torch.Tensor, block_len: int, reencodes: bool):
         self.model, self.context, self.n_prompt = model, prompt, prompt.shape[1]
+        self.block_len, self.reencodes = block_len, reencodes
         self.encoder_calls = self.decoder_calls = 0
 
     def logits(self, x_block):
@@ -826,14 +694,32 @@ class Recompute:
         prompt_mask = torch.zeros_like(x, dtype=torch.bool)
         prompt_mask[:, : self.n_prompt] = True  # (its padding is masked out as padding)
         self.decoder_calls += 1
-        self.encoder_calls += isinstance(self.model, E2D2)  # E2D2 re-encodes everything
-        return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]
+        self.encoder_calls += self.reencodes
+        return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]  # (b, B, V)
 
     def commit(self, block):
         self.context = torch.cat([self.context, block], dim=1)
 
     def keep(self, rows):
         self.context = self.context[rows]
+
+
+# ---------------------------------------------------------------------------------------
+# The E2D2 model: the network, plus the runner it hands the sampler.
+# ---------------------------------------------------------------------------------------
+
+
+class E2D2(E2D2Network):
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+        """The runner generate() drives: both caches, or the recomputing reference."""
+        if use_cache:
+            return CachedE2D2(self, prompt)
+        return Recompute(self, prompt, self.cfg.block_len, reencodes=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling, block by block, with whatever runner the model hands the loop.
+# ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -843,7 +729,6 @@ class SampleOutput:
     network_calls: int  # model calls that produced logits (NFE)
     encoder_calls: int  # passes over clean tokens: E2D2's encoder, BD3-LM's clean blocks
     decoder_calls: int  # passes over noisy tokens (E2D2: the decoder stack)
-    seconds: float  # wall time of the whole call
     new_tokens: int  # tokens generated, summed over the batch (up to and with [EOS])
 
 
@@ -860,6 +745,46 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
         if len(p):
             out[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
     return out
+
+
+def _pick_tokens(probs, temperature, generator):
+    """argmax (temperature 0) or a sample of probs (b, n, V); returns tokens and p(token)."""
+    if temperature == 0:
+        pred = probs.argmax(-1)  # (b, n)
+    else:
+        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator)
+        pred = pred.view(probs.shape[:-1])
+    return pred, probs.gather(-1, pred[..., None]).squeeze(-1)
+
+
+def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
+                 confidence_threshold, generator, final: bool) -> torch.Tensor:
+    """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
+    Tokens that are already decoded never change (SUBS carry-over)."""
+    is_mask = x == cfg.mask_id  # (b, B)
+    probs = subs_log_probs(logits if temperature == 0 else logits / temperature, x, cfg.mask_id).exp()
+    pred, confidence = _pick_tokens(probs, temperature, generator)  # x_theta and p(x_theta): (b, B)
+    alpha_t = noise_schedule(cfg.schedule, torch.tensor(t, dtype=torch.float64))[0].item()
+    alpha_s = noise_schedule(cfg.schedule, torch.tensor(s, dtype=torch.float64))[0].item()
+    if final:  # the last step reveals every remaining [MASK]
+        reveal = is_mask
+    elif strategy == "ancestral":
+        # q(x_s | x_t, x_theta): a [MASK] is revealed w.p. (alpha_s - alpha_t) / (1 - alpha_t)
+        p_reveal = (alpha_s - alpha_t) / (1.0 - alpha_t)
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        reveal = is_mask & (u < p_reveal)
+    else:
+        # predict and remask: after this step floor((1 - alpha_s) * B) tokens stay masked,
+        # but at least one [MASK] is revealed per step; the least confident stay masked.
+        B = x.shape[1]
+        n_stay = min(int(math.floor((1.0 - alpha_s) * B + 1e-6)), B)
+        n_stay = torch.clamp(is_mask.sum(1) - 1, min=0).clamp(max=n_stay)  # (b,)
+        conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
+        rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
+        reveal = is_mask & (rank >= n_stay[:, None])
+    if confidence_threshold is not None:  # Fast-dLLM style: every confident [MASK] too
+        reveal = reveal | (is_mask & (confidence > confidence_threshold))
+    return torch.where(reveal, pred, x)
 
 
 @torch.no_grad()
@@ -879,7 +804,7 @@ def generate(
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
     For each new block: start from all [MASK]; for T = `steps` steps (t from 1 down to 0)
-    call the decoder on the block and update it with
+    ask the runner for the block's logits and update the block with
       strategy="remask":    predict every [MASK], keep the most confident predictions and
                             re-mask the rest so that floor((1 - alpha_s) * B) stay masked
                             (confidence-based "predict and remask");
@@ -891,9 +816,9 @@ def generate(
     If the block did not change since the last call, the last logits are reused (no call).
     A finished block is committed (encoded, cached); a sequence stops after the block in
     which it produced [EOS] (stop_at_eos); everything stops after max_new_tokens.
-    MDLM has no blocks: its whole answer is one block of max_new_tokens. AR generates one
-    token per call (steps, strategy and the threshold do not apply).
+    The model's runner sets B (E2D2: block_len; MDLM: the whole answer; AR: 1 token, 1 step).
     on_step(block, step, rows, x_block) is called after every step (for --show).
+    No timing here: callers that measure speed time around this call.
     """
     cfg = model.cfg
     if strategy not in ("remask", "ancestral"):
@@ -904,65 +829,33 @@ def generate(
         raise ValueError("generate() needs at least one prompt")
     device = model.embed.weight.device
     prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
-    room = cfg.seq_len - prompt.shape[1]
+    room = cfg.seq_len - prompt.shape[1]  # positions left for the answer
     if room < cfg.block_len:
         raise ValueError(
             f"prompt of {max(len(p) for p in prompts)} tokens ({prompt.shape[1]} after aligning "
-            f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}"
-        )
+            f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}")
     if max_new_tokens is None:
         max_new_tokens = room
     if not 1 <= max_new_tokens <= room:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
-            f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)"
-        )
-    B = max_new_tokens if cfg.model == "mdlm" else cfg.block_len  # MDLM: one block
-    T = B if steps is None else steps
-    if T < 1:
-        raise ValueError(f"steps must be >= 1, got {T}")
+            f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
-    if cfg.model == "ar":
-        if prompt.shape[1] == 0:
-            raise ValueError("the AR model needs a non-empty prompt to predict the first token from")
-        out, calls = _generate_ar(model, prompt, max_new_tokens, temperature, generator,
-                                  stop_at_eos, use_cache, on_step)
-        counts = (calls, 0, calls)
-    else:
-        out, counts = _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
-                                       confidence_threshold, use_cache, generator, on_step, stop_at_eos)
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
-    seconds = time.perf_counter() - start
-    if was_training:
-        model.train()
-
-    tokens, finished, new = [], [], 0
-    for row in out[:, :max_new_tokens].tolist():
-        cut = row.index(cfg.eos_id) if stop_at_eos and cfg.eos_id in row else None
-        finished.append(cut is not None)
-        tokens.append(row[:cut] if cut is not None else row)
-        new += len(tokens[-1]) + (cut is not None)
-    return SampleOutput(tokens, finished, *counts, seconds, new)
-
-
-def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
-                     confidence_threshold, use_cache, generator, on_step, stop_at_eos):
-    """The block-diffusion sampling loop (E2D2, BD3-LM, MDLM). Returns the generated
-    tokens (b, n_blocks * B) and (network calls, encoder calls, decoder calls)."""
-    cfg = model.cfg
+    runner = model.make_runner(prompt, use_cache, max_new_tokens)  # the model's own runner
+    B = runner.block_len
+    T = runner.steps or steps or B  # default: T = B steps per block, as in the paper
     b = prompt.shape[0]
-    runner = model.make_runner(prompt, use_cache)
     n_blocks = math.ceil(max_new_tokens / B)
-    out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=prompt.device)
-    rows = torch.arange(b, device=prompt.device)  # the sequences still generating
+    out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(b, device=device)  # the sequences still generating
     network_calls = 0
     # time grid t_0 = 1 > t_1 > ... > t_T = 0, shared by every block
     grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()
     for k in range(n_blocks):
-        x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=prompt.device)
+        x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=device)  # all [MASK]
         last_x, last_logits = None, None
         for i in range(T):
             if not (x == cfg.mask_id).any():
@@ -979,96 +872,18 @@ def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
         done = (x == cfg.eos_id).any(dim=1) if stop_at_eos else torch.zeros_like(rows, dtype=torch.bool)
         if k == n_blocks - 1 or done.all():
             break
-        runner.commit(x)  # [E2D2] the encoder runs once per finished block
+        runner.commit(x)  # the finished block becomes clean context
         if done.any():  # per-sequence stop at [EOS]
             runner.keep(~done)
             rows = rows[~done]
-    return out, (network_calls, runner.encoder_calls, runner.decoder_calls)
+    if was_training:
+        model.train()
 
-
-def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
-                 confidence_threshold, generator, final: bool) -> torch.Tensor:
-    """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
-    Tokens that are already decoded never change (SUBS carry-over)."""
-    is_mask = x == cfg.mask_id  # (b, B)
-    pred, confidence = _pick_tokens(subs_log_probs(logits if temperature == 0 else logits / temperature,
-                                                   x, cfg.mask_id).exp(), temperature, generator)
-    alpha_t = noise_schedule(cfg.schedule, torch.tensor(t, dtype=torch.float64))[0].item()
-    alpha_s = noise_schedule(cfg.schedule, torch.tensor(s, dtype=torch.float64))[0].item()
-    if final:  # the last step reveals every remaining [MASK]
-        reveal = is_mask
-    elif strategy == "ancestral":
-        # q(x_s | x_t, x_theta): a [MASK] is revealed w.p. (alpha_s - alpha_t) / (1 - alpha_t)
-        p_reveal = (alpha_s - alpha_t) / (1.0 - alpha_t)
-        u = torch.rand(x.shape, generator=generator, device=x.device)
-        reveal = is_mask & (u < p_reveal)
-    else:
-        # predict and remask: after this step floor((1 - alpha_s) * B) tokens stay masked,
-        # but at least one [MASK] is revealed per step; the least confident stay masked.
-        B = x.shape[1]
-        n_stay = min(int(math.floor((1.0 - alpha_s) * B + 1e-6)), B)
-        n_stay = torch.clamp(is_mask.sum(1) - 1, min=0).clamp(max=n_stay)  # (b,)
-        conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
-        rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
-        reveal = is_mask & (rank >= n_stay[:, None])
-    if confidence_threshold is not None:
-        reveal = reveal | (is_mask & (confidence > confidence_threshold))
-    return torch.where(reveal, pred, x)
-
-
-def _pick_tokens(probs, temperature, generator):
-    """argmax (temperature 0) or a sample of probs (b, n, V); returns tokens and p(token)."""
-    if temperature == 0:
-        pred = probs.argmax(-1)  # (b, n)
-    else:
-        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator)
-        pred = pred.view(probs.shape[:-1])
-    return pred, probs.gather(-1, pred[..., None]).squeeze(-1)
-
-
-def _generate_ar(model: AR, prompt, max_new_tokens, temperature, generator, stop_at_eos,
-                 use_cache, on_step):
-    """Token-by-token sampling for the AR baseline. With the cache, each call feeds only
-    the newest token (keys/values of the rest are cached); without it, each call re-runs
-    the whole causal forward over [prompt ; generated so far]."""
-    cfg = model.cfg
-    b = prompt.shape[0]
-    out = torch.full((b, max_new_tokens), cfg.pad_id, dtype=torch.long, device=prompt.device)
-    rows = torch.arange(b, device=prompt.device)
-    cache = KVCache(cfg.n_enc, b, prompt.device)
-    seq, new, calls = prompt, prompt, 0  # seq: everything so far; new: tokens not yet run
-    for i in range(max_new_tokens):
-        if use_cache:
-            logits, kv = model.logits(new, cache.prefix(), cache.valid, start=len(cache))
-            cache.add(kv, new, cfg.pad_id)
-        else:
-            logits, _ = model.logits(seq)
-        calls += 1
-        last = logits[:, -1:].float()  # (b, 1, V): the next token's logits
-        probs = F.softmax(last / temperature if temperature > 0 else last, dim=-1)
-        nxt, _ = _pick_tokens(probs, temperature, generator)  # (b, 1)
-        out[rows, i] = nxt[:, 0]
-        if on_step is not None:
-            on_step(i, 0, rows, nxt)
-        seq, new = torch.cat([seq, nxt], 1), nxt
-        done = (nxt[:, 0] == cfg.eos_id) if stop_at_eos else torch.zeros_like(rows, dtype=torch.bool)
-        if done.all():
-            break
-        if done.any():
-            keep = ~done
-            cache.keep(keep)
-            seq, new, rows = seq[keep], new[keep], rows[keep]
-    return out, calls
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints: the config is saved as a dict and the model rebuilt from it.
-# ---------------------------------------------------------------------------------------
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"checkpoint config has unknown keys {unknown}")
-    return ModelConfig(**d)
+    # cut every row at its first [EOS] (the rest of that block is [EOS] or noise)
+    tokens, finished, new = [], [], 0
+    for row in out[:, :max_new_tokens].tolist():
+        cut = row.index(cfg.eos_id) if stop_at_eos and cfg.eos_id in row else None
+        finished.append(cut is not None)
+        tokens.append(row[:cut] if cut is not None else row)
+        new += len(tokens[-1]) + (cut is not None)
+    return SampleOutput(tokens, finished, network_calls, runner.encoder_calls, runner.decoder_calls, new)

@@ -6,58 +6,36 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
     python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L (or NELBO for text)
-    python sample.py --bench                    # sampling speed of every model, side by side
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
-network calls (denoising steps that ran the decoder) and encoder calls.
+network calls (denoising steps that ran the decoder) and encoder calls. The speed of
+every model side by side is measured by bench.py.
 """
 
 import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
 import data
-from e2d2 import build_model, config_from_dict, generate
+from e2d2 import generate
+from models import load_checkpoint, model_from_checkpoint
 
 
-def load_checkpoint(path: str, device: str, model_type: str = "") -> tuple:
-    """Rebuild the model from the config saved in the checkpoint; clear errors if the file
-    is missing, is not a checkpoint of this project, or holds another model type."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        sys.exit(f"error: no checkpoint at {path} (train one with: python train.py)")
-    except Exception as e:  # truncated or not a torch file
-        sys.exit(f"error: cannot read checkpoint {path}: {e.__class__.__name__}: {e}")
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        sys.exit(f"error: {path} is not an e2d2 checkpoint (no config/model inside)")
-    saved = ckpt["config"].get("model", "e2d2")
-    if model_type and saved != model_type:
-        sys.exit(f"error: {path} holds a {saved!r} model, not {model_type!r}")
-    try:
-        model = build_model(config_from_dict(ckpt["config"])).to(device)
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: checkpoint {path} does not match this code's models: {e}")
-    model.eval()
-    return model, ckpt
-
-
-def heldout_examples(tc: dict, cfg, n: int, seed: int) -> list:
-    """(prompt, answer) strings held out from what the checkpoint was trained on."""
-    if not tc.get("data"):
-        task = data.get_task(tc.get("task", "addition"), tc.get("digits", 0))
-        return data.task_examples(task, "val", n, seed)
-    if not tc["data"].lower().endswith((".jsonl", ".tsv")) and tc.get("data_format") != "pairs":
-        raise ValueError(f"the model was trained on plain text ({tc['data']}): give a prompt")
+def heldout_examples(ckpt: dict, n: int, seed: int) -> list:
+    """n (prompt, answer) strings held out from what the checkpoint was trained on: the
+    dataset is rebuilt from the training settings saved in the checkpoint."""
+    if "train_config" not in ckpt:
+        raise ValueError("the checkpoint has no training settings: give a prompt")
+    cfg = ckpt["config"]
+    dataset, _ = data.load_dataset(ckpt["train_config"], cfg["block_len"], cfg["seq_len"])
+    if dataset.kind == "text":
+        raise ValueError(f"the model was trained on plain text ({ckpt['train_config']['data']}): give a prompt")
     tok = data.ByteTokenizer()
-    pairs = data.PairsData(tc["data"], tok, cfg.block_len, cfg.seq_len, tc.get("val_fraction", 0.1))
-    return [(tok.decode(p), tok.decode(a)) for p, a in pairs.val_examples(n)]
+    return [(tok.decode(p), tok.decode(a)) for p, a in dataset.val_examples(n, seed)]
 
 
 class ShowSteps:
@@ -98,24 +76,21 @@ def main(argv=None):
     p.add_argument("--num_examples", type=int, default=8, help="held-out examples when no prompt is given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--bench", action="store_true",
-                   help="measure sampling speed of every model type side by side (random weights)")
-    p.add_argument("--bench_batches", default="1,8", help="--bench: batch sizes")
-    p.add_argument("--bench_repeats", type=int, default=3, help="--bench: timed runs (median)")
-    p.add_argument("--out", default="", help="--bench: also write the figures to this JSON file")
     args = p.parse_args(argv)
-
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.bench:
-        return bench_sampling([int(b) for b in args.bench_batches.split(",")], args.bench_repeats,
-                              device, args.out)
-    model, ckpt = load_checkpoint(args.ckpt, device, args.model)
+    try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
+        run(args, device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args, device: str):
+    """Load the checkpoint, then --eval a file, or answer prompts and print the speed."""
+    ckpt = load_checkpoint(args.ckpt, device)
+    model = model_from_checkpoint(ckpt, device, args.model)
     tok = data.ByteTokenizer()
     if args.eval:
-        try:
-            return evaluate_file(model, args.eval, args, device)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        return evaluate_file(model, args.eval, args, device)
 
     # prompts: command line, else stdin, else held-out examples of the task trained on
     expected = None
@@ -123,21 +98,19 @@ def main(argv=None):
     if not prompts and not sys.stdin.isatty():
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
-        try:
-            examples = heldout_examples(ckpt.get("train_config", {}), model.cfg, args.num_examples, args.seed)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        examples = heldout_examples(ckpt, args.num_examples, args.seed)
         prompts, expected = [p for p, _ in examples], [a for _, a in examples]
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     show = ShowSteps(tok, prompts) if args.show else None
-    try:
-        out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=args.max_new_tokens,
-                       steps=args.steps, strategy=args.strategy, temperature=args.temperature,
-                       confidence_threshold=args.threshold, use_cache=not args.no_cache,
-                       generator=generator, on_step=show)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    t0 = time.perf_counter()  # generate() does no timing of its own: we time around it
+    out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=args.max_new_tokens,
+                   steps=args.steps, strategy=args.strategy, temperature=args.temperature,
+                   confidence_threshold=args.threshold, use_cache=not args.no_cache,
+                   generator=generator, on_step=show)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
+    seconds = time.perf_counter() - t0
 
     correct = 0
     for i, (prompt, ids) in enumerate(zip(prompts, out.tokens)):
@@ -150,7 +123,7 @@ def main(argv=None):
         print(line)
     if expected is not None:
         print(f"exact match: {correct}/{len(prompts)}")
-    print(f"{out.new_tokens} tokens in {out.seconds:.3f}s = {out.new_tokens / out.seconds:.1f} tokens/s; "
+    print(f"{out.new_tokens} tokens in {seconds:.3f}s = {out.new_tokens / seconds:.1f} tokens/s; "
           f"network calls {out.network_calls} (decoder {out.decoder_calls}, encoder {out.encoder_calls})")
 
 
@@ -164,7 +137,7 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
     the NELBO per byte over consecutive windows of seq_len bytes (for AR: the exact NLL)
     and the perplexity bound exp(NELBO)."""
     cfg, tok = model.cfg, data.ByteTokenizer()
-    if path.lower().endswith((".jsonl", ".tsv")):
+    if data.data_kind(path) == "pairs":
         pairs, skipped = [], 0
         for src, tgt in data.read_pairs(path):
             p = tok.encode(src)
@@ -202,139 +175,6 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
     print(f"{path}: {count} bytes in {len(windows)} windows of {cfg.seq_len}; {kind} {nelbo:.4f} nats/byte, "
           f"perplexity <= {math.exp(nelbo):.3f}")
     return {"windows": len(windows), "nelbo": nelbo, "perplexity_bound": math.exp(nelbo)}
-
-
-# --- --bench: sampling speed, side by side ---------------------------------------------
-
-# The benchmark sizes: prompt 16, answer 128, width 256, N_enc=12, N_dec=2, B=8, T=8
-BENCH = dict(prompt=16, answer=128, d_model=256, n_heads=4, n_enc=12, n_dec=2, block_len=8, steps=8)
-# (label, model type, use_cache)
-BENCH_VARIANTS = [("e2d2 cached", "e2d2", True), ("e2d2 no cache", "e2d2", False),
-                  ("bd3lm cached", "bd3lm", True), ("mdlm", "mdlm", False), ("ar cached", "ar", True)]
-
-
-def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n_enc: int, n_dec: int):
-    """Analytic cost per generated token of sampling A tokens after a P-token prompt, with
-    T steps per block of B (no early stop). Returns (layer-token passes, layer calls):
-    the first is what compute-bound hardware pays (linear layers; attention left out),
-    the second what a latency-bound one pays (one call per layer, whatever its width).
-      E2D2 cached:   prompt through the encoder; per block T decoder calls on B tokens, then
-                     the encoder on the finished block (not after the last one).
-      E2D2 no cache: every step re-runs encoder + decoder over prompt + blocks so far.
-      BD3-LM cached: as E2D2 cached, but all N layers at every step.
-      MDLM:          K * T steps (as many as the block models take), all N layers over P + A.
-      AR cached:     the prompt, then one token per call."""
-    K = A // B
-    if model == "e2d2" and use_cache:
-        tokens = P * n_enc + K * T * B * n_dec + (K - 1) * B * n_enc
-        calls = n_enc + K * T * n_dec + (K - 1) * n_enc
-    elif model == "e2d2":
-        tokens = sum(T * (P + k * B) * (n_enc + n_dec) for k in range(1, K + 1))
-        calls = K * T * (n_enc + n_dec)
-    elif model == "bd3lm":
-        tokens = P * n_enc + K * T * B * n_enc + (K - 1) * B * n_enc
-        calls = n_enc + K * T * n_enc + (K - 1) * n_enc
-    elif model == "mdlm":
-        tokens, calls = K * T * (P + A) * n_enc, K * T * n_enc
-    else:  # ar
-        tokens, calls = (P + A - 1) * n_enc, A * n_enc
-    return tokens / A, calls / A
-
-
-def bench_sampling(batches: list, repeats: int, device: str, out_path: str = ""):
-    """Generated tokens/s and network calls of E2D2 (with and without cache), BD3-LM, MDLM
-    and AR at the same sizes, on random weights (speed does not depend on training), with
-    the [EOS] stop off so that every run generates exactly `answer` tokens. Each timing is
-    the median of `repeats` runs after a warm-up run."""
-    import json
-    import statistics
-
-    from e2d2 import ModelConfig
-
-    P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
-    models = {}
-    for name in ("e2d2", "bd3lm", "mdlm", "ar"):
-        torch.manual_seed(0)
-        cfg = ModelConfig(model=name, seq_len=P + A, d_model=BENCH["d_model"], n_heads=BENCH["n_heads"],
-                          n_enc=BENCH["n_enc"], n_dec=BENCH["n_dec"], block_len=B)
-        models[name] = build_model(cfg).to(device).eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-    g = torch.Generator().manual_seed(0)
-    rows, fits = [], {}
-    for batch in batches:
-        prompts = torch.randint(0, 256, (batch, P), generator=g).tolist()
-        with autocast:
-            fits[batch] = layer_time_model(models["mdlm"], batch, P + A, device)
-        for label, name, use_cache in BENCH_VARIANTS:
-            steps = A // B * T if name == "mdlm" else T  # MDLM: one block of A tokens, as many steps
-            kw = dict(max_new_tokens=A, steps=steps, use_cache=use_cache, stop_at_eos=False)
-            with autocast:
-                generate(models[name], prompts, **kw)  # warm-up
-                runs = [generate(models[name], prompts, **kw)
-                        for _ in tqdm(range(repeats), desc=f"bench {label} b={batch}", leave=False)]
-            seconds = statistics.median(r.seconds for r in runs)
-            ops, calls = sampling_cost(name, use_cache, P, A, B, T, BENCH["n_enc"], BENCH["n_dec"])
-            rows.append({"batch": batch, "variant": label, "tokens_per_s": batch * A / seconds,
-                         "seconds": seconds, "network_calls": runs[0].network_calls,
-                         "encoder_calls": runs[0].encoder_calls, "layer_tokens_per_token": ops,
-                         "layer_calls_per_token": calls,
-                         "predicted_s_per_token": fits[batch]["call_s"] * calls + fits[batch]["token_s"] * ops})
-    print(f"sampling {A} tokens after a {P}-token prompt; width {BENCH['d_model']}, N_enc={BENCH['n_enc']}, "
-          f"N_dec={BENCH['n_dec']} (baselines N={BENCH['n_enc']}), block {B}, {T} steps per block; "
-          f"device={device}; median of {repeats}")
-    for batch in batches:
-        f = fits[batch]
-        print(f"batch {batch}: one layer call costs {f['call_s'] * 1e3:.3f} ms + {f['token_s'] * 1e6:.1f} us "
-              f"per token (measured on 1 and {P + A} tokens)")
-    print(f"{'batch':>5} {'variant':14} {'tokens/s':>9} {'calls':>6} {'E2D2 speed-up':>13} "
-          f"{'analytic: layer-tokens':>22} {'layer calls':>11} {'both, timed':>11}")
-    for batch in batches:
-        ref = next(r for r in rows if r["batch"] == batch and r["variant"] == "e2d2 cached")
-        for r in (r for r in rows if r["batch"] == batch):
-            r["speedup_measured"] = ref["tokens_per_s"] / r["tokens_per_s"]
-            r["speedup_analytic_tokens"] = r["layer_tokens_per_token"] / ref["layer_tokens_per_token"]
-            r["speedup_analytic_calls"] = r["layer_calls_per_token"] / ref["layer_calls_per_token"]
-            r["speedup_predicted"] = r["predicted_s_per_token"] / ref["predicted_s_per_token"]
-            print(f"{batch:>5} {r['variant']:14} {r['tokens_per_s']:>9.1f} {r['network_calls']:>6} "
-                  f"{r['speedup_measured']:>12.2f}x {r['speedup_analytic_tokens']:>21.2f}x "
-                  f"{r['speedup_analytic_calls']:>10.2f}x {r['speedup_predicted']:>10.2f}x")
-    print("E2D2 speed-up = tokens/s of E2D2 cached / of the variant. Analytic = the variant's cost per "
-          "token / E2D2 cached's, counted in layer-token passes (what compute-bound hardware pays), in "
-          "layer calls (what a latency-bound one pays), and both weighted by the timed cost of one "
-          "layer call and of one token")
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": device, "sizes": BENCH, "layer_time": fits, "rows": rows}, f, indent=2)
-        print(f"wrote {out_path}")
-    return rows
-
-
-def layer_time_model(model, batch: int, n_tokens: int, device: str) -> dict:
-    """Time one call of the full (bidirectional) network on `batch` x 1 and `batch` x
-    n_tokens tokens and split a layer call's time into a fixed part and a per-token part:
-    time(one layer, n tokens) ~ call_s + token_s * n. Small calls are latency-bound (the
-    fixed part dominates); large ones compute-bound."""
-    import statistics
-
-    def timed(n):
-        x = torch.randint(0, 256, (batch, n), device=device)
-        no_prompt = torch.zeros_like(x, dtype=torch.bool)
-        with torch.no_grad():
-            model.logits(x, x, no_prompt)  # warm-up
-            times = []
-            for _ in range(5):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.logits(x, x, no_prompt)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times) / model.cfg.n_enc  # per layer
-
-    t1, tn = timed(1), timed(n_tokens)
-    token_s = max(tn - t1, 0.0) / (n_tokens - 1)
-    return {"call_s": max(t1 - token_s, 0.0), "token_s": token_s}
 
 
 if __name__ == "__main__":

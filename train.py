@@ -13,6 +13,7 @@ Every field of e2d2.ModelConfig and of TrainConfig below is a flag (--name=value
 The last line printed is machine-readable:
     final step=<n> val_nelbo=<x> exact_match=<y>
 (for plain text there is no exact match: exact_match=nan).
+Speed and side-by-side comparisons of the models are in bench.py.
 """
 
 import argparse
@@ -20,11 +21,10 @@ import json
 import math
 import os
 import signal
-import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -32,45 +32,44 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import MODEL_TYPES, ModelConfig, build_model, config_from_dict, generate
+from e2d2 import ModelConfig, generate
+from models import MODEL_TYPES, build_model, config_from_dict, load_checkpoint
+
+# -----------------------------------------------------------------------------
+# Training settings. The model's settings are e2d2.ModelConfig; both are flags.
 
 
 @dataclass
 class TrainConfig:
+    # data: a built-in task, or a file of your own (data.load_dataset reads it)
     task: str = "addition"  # built-in task (data.TASKS)
     digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
     data: str = ""  # your data file instead of a task: .jsonl / .tsv pairs, else plain text
     data_format: str = "auto"  # "auto" (by extension), "pairs" or "text"
     val_fraction: float = 0.1  # the end of the data file held out for evaluation
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
-    out_dir: str = "out"  # where ckpt.pt and log.jsonl go
+    # where checkpoints and the log go
+    out_dir: str = "out"  # ckpt.pt and log.jsonl
+    resume: bool = False  # continue from out_dir/ckpt.pt
     seed: int = 1337
+    # optimisation: AdamW, linear warmup then cosine decay, gradient clipping
     batch_size: int = 128  # the global batch: split over processes and accumulation steps
     grad_accum: int = 1  # micro-batches per process and step
     max_steps: int = 2000
-    lr: float = 2e-3  # peak learning rate (AdamW)
+    lr: float = 2e-3  # peak learning rate
     min_lr: float = 1e-4  # cosine decays to this
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     train_loss: str = "masked_ce"  # "masked_ce" (as the authors train) or "nelbo"
-    eval_every: int = 500  # steps between evaluations (and checkpoints)
+    # evaluation (every eval_every steps, then a checkpoint)
+    eval_every: int = 500
     eval_examples: int = 256  # held-out prompts sampled for exact match
     eval_batches: int = 4  # held-out batches for the validation NELBO
     sample_steps: int = 0  # denoising steps per block when evaluating (0 = block_len)
-    resume: bool = False  # continue from out_dir/ckpt.pt
+    # system
     device: str = "auto"  # "auto" = cuda if available, else cpu
     compile: bool = False  # torch.compile the model (GPU)
-    # --compare: train every model type with these settings and print a table
-    compare: bool = False
-    # --bench: time training steps of every model type at matched sizes (no data needed)
-    bench: bool = False
-    bench_batch: int = 8
-    bench_repeats: int = 5
-    out: str = ""  # --bench / --compare: also write the figures to this JSON file
-
-
-# --- command line: one flag per config field ------------------------------------------
 
 
 def parse_args(argv=None):
@@ -102,21 +101,62 @@ def parse_args(argv=None):
     return model_over, TrainConfig(**train_over)
 
 
-# --- learning rate: linear warmup, then cosine decay to min_lr ------------------------
+# -----------------------------------------------------------------------------
+# Setup: the model config, the checkpoint to resume from, the dataset.
+
+
+def setup(tc: TrainConfig, model_over: dict, device: str):
+    """The model config, the checkpoint (with --resume) and the dataset. Raises
+    ValueError with a clear message for anything the user can fix."""
+    if tc.resume:
+        # the checkpoint's config is the model; flags may only repeat it
+        ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device,
+                               need=("config", "model", "optimizer", "step"))
+        cfg = config_from_dict(ckpt["config"])
+        if "model" in model_over and model_over["model"] != cfg.model:
+            raise ValueError(f"the checkpoint in {tc.out_dir} holds a {cfg.model!r} model, not "
+                             f"{model_over['model']!r}")
+        clash = {k: (v, getattr(cfg, k)) for k, v in model_over.items() if getattr(cfg, k) != v}
+        if clash:
+            raise ValueError("--resume keeps the checkpoint's model config; these flags differ "
+                             "from it (given, saved): " + str(clash))
+        dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len)
+    else:
+        ckpt = None
+        # the dataset decides seq_len unless a flag does; the tokenizer decides the ids
+        block_len = model_over.get("block_len", ModelConfig.block_len)
+        dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"))
+        tok = data.ByteTokenizer()
+        base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                    mask_id=tok.mask_id, seq_len=seq_len)
+        cfg = ModelConfig(**{**base, **model_over})
+    if cfg.model not in MODEL_TYPES:
+        raise ValueError(f"model must be one of {MODEL_TYPES}, got {cfg.model!r}")
+    if getattr(dataset, "skipped", 0):
+        print(f"skipped {dataset.skipped} examples of {tc.data} longer than seq_len={cfg.seq_len}")
+    # the global batch must split into equal micro-batches over processes x grad_accum
+    n_micro = tc.grad_accum * (dist.get_world_size() if dist.is_initialized() else 1)
+    if tc.grad_accum < 1 or tc.batch_size % n_micro != 0:
+        raise ValueError(f"batch_size={tc.batch_size} must split evenly into {n_micro} micro-batches "
+                         f"(processes x grad_accum)")
+    return cfg, ckpt, dataset
+
+
+# -----------------------------------------------------------------------------
+# Learning rate, checkpoints, evaluation.
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
-# --- checkpoints ----------------------------------------------------------------------
-
-
 def save_checkpoint(path, model, optimizer, step, tc, metrics):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.
+    The config is saved as a dict, so models.model_from_checkpoint can rebuild the model."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {
         "model_type": model.cfg.model,
@@ -132,61 +172,21 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device: str) -> dict:
-    """Read a training checkpoint, with a clear error for a missing or broken file."""
+def keep_log_until(path: str, step: int) -> None:
+    """Drop the log lines of steps after `step` (left by a run that was killed)."""
     if not os.path.exists(path):
-        raise ValueError(f"--resume given but there is no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated, or not a torch file at all
-        raise ValueError(f"cannot read checkpoint {path} ({e.__class__.__name__}); it is corrupt "
-                         f"or not a checkpoint") from None
-    missing = {"config", "model", "optimizer", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise ValueError(f"{path} is not a training checkpoint of this project (missing {sorted(missing)})")
-    return ckpt
-
-
-# --- data -----------------------------------------------------------------------------
-
-
-def load_data(tc: TrainConfig, block_len: int, seq_len: int):
-    """The dataset: a built-in task, or the user's file (see data.py)."""
-    tok = data.ByteTokenizer()
-    if not tc.data:
-        return data.TaskData(data.get_task(tc.task, tc.digits), tok)
-    if data_format(tc) == "pairs":
-        return data.PairsData(tc.data, tok, block_len, seq_len, tc.val_fraction, tc.too_long)
-    return data.TextData(tc.data, seq_len, tc.val_fraction)
-
-
-def data_format(tc: TrainConfig) -> str:
-    if tc.data_format not in ("auto", "pairs", "text"):
-        raise ValueError(f"data_format must be auto, pairs or text, got {tc.data_format!r}")
-    if tc.data_format != "auto":
-        return tc.data_format
-    return "pairs" if tc.data.lower().endswith((".jsonl", ".tsv")) else "text"
-
-
-def default_seq_len(tc: TrainConfig, block_len: int) -> int:
-    """A seq_len that fits every example of the task or file (text: 128-byte windows)."""
-    if not tc.data:
-        max_p, max_a = data.get_task(tc.task, tc.digits).max_lengths()
-        return data.example_length(max_p, max_a, block_len)
-    if data_format(tc) == "text":
-        return data.ceil_to(128, block_len)
-    tok = data.ByteTokenizer()
-    return max(data.example_length(len(tok.encode(p)), len(tok.encode(a)), block_len)
-               for p, a in data.read_pairs(tc.data))
-
-
-# --- evaluation -----------------------------------------------------------------------
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 @torch.no_grad()
 def evaluate(model, dataset, tc, device, autocast):
     """Validation NELBO (fixed held-out batches, fixed noise) and, for seq2seq data, the
-    exact-match accuracy of answers sampled for held-out prompts."""
+    exact-match accuracy of answers sampled for held-out prompts (and how fast they were
+    sampled: generated tokens/s, timed around generate)."""
     cfg = model.cfg
     model.eval()
     g = torch.Generator(device=device).manual_seed(tc.seed)  # same noise at every eval
@@ -196,59 +196,57 @@ def evaluate(model, dataset, tc, device, autocast):
         batch = dataset.collate(val[i:i + tc.batch_size], cfg.block_len, cfg.seq_len).to(device)
         with autocast:
             out = model(batch.x0, batch.prompt_mask, generator=g)
-        total += out.nelbo.item() * out.n_targets.item()
+        total += out.nelbo.item() * out.n_targets.item()  # a sum over target tokens ...
         count += out.n_targets.item()
-    metrics = {"val_nelbo": total / max(count, 1), "exact_match": float("nan")}
+    metrics = {"val_nelbo": total / max(count, 1), "exact_match": float("nan")}  # ... then per token
     if dataset.kind == "seq2seq":
         examples = dataset.val_examples(tc.eval_examples, tc.seed + 10_000)
         correct, new_tokens, seconds = 0, 0, 0.0
         for i in range(0, len(examples), tc.batch_size):
             chunk = examples[i:i + tc.batch_size]
+            t0 = time.perf_counter()
             with autocast:
                 res = generate(model, [p for p, _ in chunk], steps=tc.sample_steps or None)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
+            seconds += time.perf_counter() - t0
             correct += sum(ids == a for ids, (_, a) in zip(res.tokens, chunk))
-            new_tokens, seconds = new_tokens + res.new_tokens, seconds + res.seconds
+            new_tokens += res.new_tokens
         metrics.update(exact_match=correct / len(examples),
                        sample_tokens_per_s=new_tokens / max(seconds, 1e-9))
     model.train()
     return metrics
 
 
-# --- setup ----------------------------------------------------------------------------
+class StopRequest:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
+    so the checkpoint is always taken between two whole steps; a second one stops at once.
+    Under torchrun the processes agree on stopping (one asked = all stop)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: saving after this step (again to abort)", file=sys.stderr)
+
+    def agreed(self, device) -> bool:
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag)  # sum over processes: > 0 if any process was asked
+        return flag.item() > 0
 
 
-def setup(tc: TrainConfig, model_over: dict, device: str):
-    """The model config, the checkpoint (with --resume) and the dataset. Raises
-    ValueError with a clear message for anything the user can fix."""
-    if tc.resume:
-        ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device)
-        cfg = config_from_dict(ckpt["config"])
-        if "model" in model_over and model_over["model"] != cfg.model:
-            raise ValueError(f"the checkpoint in {tc.out_dir} holds a {cfg.model!r} model, not "
-                             f"{model_over['model']!r}")
-        clash = {k: (v, getattr(cfg, k)) for k, v in model_over.items() if getattr(cfg, k) != v}
-        if clash:
-            raise ValueError("--resume keeps the checkpoint's model config; these flags differ "
-                             "from it (given, saved): " + str(clash))
-    else:
-        ckpt = None
-        # defaults, then the tokenizer's ids and a seq_len that fits the data, then the flags
-        tok = data.ByteTokenizer()
-        block_len = model_over.get("block_len", ModelConfig.block_len)
-        base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                    mask_id=tok.mask_id, seq_len=default_seq_len(tc, block_len))
-        cfg = ModelConfig(**{**base, **model_over})
-    dataset = load_data(tc, cfg.block_len, cfg.seq_len)
-    if getattr(dataset, "skipped", 0):
-        print(f"skipped {dataset.skipped} examples of {tc.data} longer than seq_len={cfg.seq_len}")
-    n_micro = tc.grad_accum * (dist.get_world_size() if dist.is_initialized() else 1)
-    if tc.grad_accum < 1 or tc.batch_size % n_micro != 0:
-        raise ValueError(f"batch_size={tc.batch_size} must split evenly into {n_micro} micro-batches "
-                         f"(processes x grad_accum)")
-    return cfg, ckpt, dataset
-
-
-# --- the training loop ----------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# The training loop.
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None) -> dict:
@@ -257,10 +255,11 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main_process = rank == 0
     if dataset is None:
-        dataset = load_data(tc, cfg.block_len, cfg.seq_len)
+        dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     log_path = os.path.join(tc.out_dir, "log.jsonl")
 
+    # the model and the optimizer, from scratch or from the checkpoint
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
@@ -343,6 +342,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 t_last, tokens_since = now, 0
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 metrics = evaluate(model, dataset, tc, device, autocast)
+                metrics["train_tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)  # so far
                 bar.write(f"step {step}: val_nelbo={metrics['val_nelbo']:.4f} "
                           f"exact_match={metrics['exact_match']:.3f}")
                 with open(log_path, "a") as f:
@@ -363,69 +363,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9)}
 
 
-def keep_log_until(path: str, step: int) -> None:
-    """Drop the log lines of steps after `step` (left by a run that was killed)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-
-class StopRequest:
-    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
-    so the checkpoint is always taken between two whole steps; a second one stops at once.
-    Under torchrun the processes agree on stopping (one asked = all stop)."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstop requested: saving after this step (again to abort)", file=sys.stderr)
-
-    def agreed(self, device) -> bool:
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
-
-# --- main -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    model_over, tc = parse_args(argv)
-    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" in os.environ:  # started by torchrun: one process per device
-        device = start_distributed(device)
-    main_process = not dist.is_initialized() or dist.get_rank() == 0
-    try:
-        if tc.bench:
-            return bench_training(tc, model_over, device)
-        if tc.compare:
-            return compare(tc, model_over, device)
-        cfg, ckpt, dataset = setup(tc, model_over, device)
-        result = train(cfg, tc, device, ckpt, dataset)
-    except (ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if result["stopped"]:
-        sys.exit(130)
-    if main_process:
-        m = result["metrics"]
-        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
+# -----------------------------------------------------------------------------
+# main: flags, torchrun, clear errors, the final machine-readable line.
 
 
 def start_distributed(device: str) -> str:
@@ -440,138 +379,25 @@ def start_distributed(device: str) -> str:
     return device
 
 
-# --- --compare: every model, the same budget -------------------------------------------
-
-
-def compare(tc: TrainConfig, model_over: dict, device: str):
-    """Train E2D2 and the three baselines with the same settings (baselines: N = n_enc
-    layers) and print a markdown table of the held-out results."""
-    if "model" in model_over:
-        raise ValueError("--compare trains every model type; drop --model")
-    rows = []
-    for name in MODEL_TYPES:
-        run = replace(tc, out_dir=os.path.join(tc.out_dir, name), compare=False)
-        cfg, _, dataset = setup(run, {**model_over, "model": name}, device)
-        print(f"\n=== {name} ===")
-        r = train(cfg, run, device, None, dataset)
-        rows.append({"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
-                     "params": r["model"].num_params(), **r["metrics"],
-                     "train_tokens_per_s": r["train_tokens_per_s"]})
-    print(f"\n{tc.task}, {tc.max_steps} steps of batch {tc.batch_size}, device={device}")
-    print("| model | layers | params | exact match | val NELBO (AR: NLL) | sampling tokens/s | training tokens/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.2f}M | {r['exact_match']:.3f} | "
-              f"{r['val_nelbo']:.4f} | {r['sample_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} |")
-    if tc.out:
-        write_json(tc.out, {"device": device, "train_config": asdict(tc), "rows": rows})
-
-
-# --- --bench: training step speed, side by side ----------------------------------------
-
-# The benchmark sizes: prompt 16 + answer 128 tokens, width 256, N_enc=12, N_dec=2, B=8
-BENCH_MODEL = dict(d_model=256, n_heads=4, n_enc=12, n_dec=2, block_len=8, seq_len=16 + 128)
-BENCH_PROMPT = 16
-
-
-def training_cost(cfg: ModelConfig) -> int:
-    """Analytic cost of one training forward, in layer passes per data token: E2D2 runs
-    N_enc layers over x_0 and N_dec over x_t; BD3-LM its N layers over [x_0 ; x_t] (2L
-    tokens); MDLM and AR N layers over L. (Attention and the backward pass are left out.)"""
-    return {"e2d2": cfg.n_enc + cfg.n_dec, "bd3lm": 2 * cfg.n_enc}.get(cfg.model, cfg.n_enc)
-
-
-def bench_training(tc: TrainConfig, model_over: dict, device: str):
-    """Time forward + backward + optimizer steps of every model type on random tokens at
-    matched sizes (E2D2: N_enc + N_dec layers; the baselines: N = N_enc). After 2 warm-up
-    steps, the median of `bench_repeats` steps. Prints tokens/s, memory and the speed
-    ratio to E2D2 beside the analytic one."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for name in MODEL_TYPES:
-        cfg = ModelConfig(**{**BENCH_MODEL, **model_over, "model": name})
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        L = cfg.seq_len
-        x0 = torch.randint(0, 256, (tc.bench_batch, L), generator=g).to(device)
-        prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
-        prompt_mask[:, :BENCH_PROMPT] = True
-        noise = torch.Generator(device=device).manual_seed(0)
-
-        def step():
-            with autocast:
-                loss = model(x0, prompt_mask, generator=noise).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(2):  # warm-up
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in tqdm(range(tc.bench_repeats), desc=f"bench {name}", leave=False):
-            t0 = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        step_s = statistics.median(times)
-        row = {"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
-               "params": model.num_params(), "step_s": step_s,
-               "tokens_per_s": tc.bench_batch * L / step_s,
-               "activation_mib": saved_activation_bytes(model, x0, prompt_mask, autocast) / 2**20,
-               "cost": training_cost(cfg)}
-        if device == "cuda":
-            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        rows.append(row)
-    e2d2_row = rows[0]
-    for r in rows:
-        r["ratio_e2d2_over_model"] = e2d2_row["tokens_per_s"] / r["tokens_per_s"]
-        r["analytic_ratio"] = r["cost"] / e2d2_row["cost"]
-    cfg0 = ModelConfig(**{**BENCH_MODEL, **model_over})
-    print(f"training step, batch {tc.bench_batch} x {cfg0.seq_len} tokens (prompt {BENCH_PROMPT}), "
-          f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
-          f"device={device}, median of {tc.bench_repeats}")
-    mem = "peak MiB" if device == "cuda" else "activations MiB"
-    print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'step ms':>9} {mem:>16} {'E2D2 speed-up':>14} {'analytic':>9}")
-    for r in rows:
-        m = r.get("peak_mib", r["activation_mib"])
-        print(f"{r['model']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['step_s'] * 1e3:>9.1f} "
-              f"{m:>16.1f} {r['ratio_e2d2_over_model']:>13.2f}x {r['analytic_ratio']:>8.2f}x")
-    print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
-          "model / of E2D2 (linear layers only)")
-    if tc.out:
-        write_json(tc.out, {"device": device, "batch": tc.bench_batch, "config": asdict(cfg0), "rows": rows})
-    return rows
-
-
-def saved_activation_bytes(model, x0, prompt_mask, autocast) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass during one forward: the
-    activation memory of a training step, measured the same way on CPU and GPU."""
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(x0, prompt_mask, generator=torch.Generator(device=x0.device).manual_seed(0)).loss
-    return total
-
-
-def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-    print(f"wrote {path}")
+def main(argv=None):
+    model_over, tc = parse_args(argv)
+    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" in os.environ:  # started by torchrun: one process per device
+        device = start_distributed(device)
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    try:
+        cfg, ckpt, dataset = setup(tc, model_over, device)
+        result = train(cfg, tc, device, ckpt, dataset)
+    except (ValueError, FloatingPointError) as e:  # the user's mistake: a message, no stack trace
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result["stopped"]:
+        sys.exit(130)  # the shell's code for "interrupted"
+    if main_process:
+        m = result["metrics"]
+        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
+"""Shared helpers of the tests: the project root on sys.path, tiny models, a training
+layout with noise, hand-written masks, and running the scripts as a user does."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -9,7 +13,62 @@ sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+import e2d2  # noqa: E402  (after the path is set)
+from e2d2 import ModelConfig  # noqa: E402
+from models import build_model  # noqa: E402
+
+# the scripts run single-threaded and unbuffered (their output is read as it comes)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+# a small model for the scripts' end-to-end tests
+SMALL = ["--d_model=32", "--n_enc=2", "--n_dec=1", "--eval_examples=4", "--eval_batches=1"]
+
 
 @pytest.fixture
 def root():
     return ROOT
+
+
+def run(*args, stdin=None, cmd=None):
+    """Run a script of the project (python <args>) in the project root; no time limit,
+    so a slow machine never fails a test."""
+    return subprocess.run((cmd or [sys.executable]) + list(args), cwd=ROOT, capture_output=True,
+                          text=True, input=stdin, env=ENV)
+
+
+def tiny(model="e2d2", **kw):
+    """A tiny model in float64 (equal math gives equal tokens), eval mode, seed 0."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(model=model, seq_len=32, block_len=4, d_model=32, n_heads=4,
+                                n_enc=3, n_dec=2), **kw})
+    return build_model(cfg).double().eval()
+
+
+def random_layout(model, prompt_lens=(5, 7, 2), n_answer_blocks=3, seed=0):
+    """x0 in the training layout (left-padded prompt, answer blocks) and a noisy x_t."""
+    g = torch.Generator().manual_seed(seed)
+    B = model.cfg.block_len
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in prompt_lens]
+    P = e2d2.left_pad(prompts, B, model.cfg.pad_id)
+    ans = torch.randint(0, 200, (len(prompts), n_answer_blocks * B), generator=g)
+    x0 = torch.cat([P, ans], 1)
+    x_t = x0.clone()
+    noisy = torch.rand(ans.shape, generator=g) < 0.5
+    x_t[:, P.shape[1]:][noisy] = model.cfg.mask_id
+    prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
+    prompt_mask[:, :P.shape[1]] = True
+    return prompts, x0, x_t, prompt_mask, P.shape[1]
+
+
+def rows(*lines):
+    """A boolean mask written by hand, one string of 0/1 per query ("11 00" = 1100)."""
+    return torch.tensor([[int(c) for c in line.replace(" ", "")] for line in lines], dtype=torch.bool)
+
+
+def log_losses(out_dir):
+    """The per-step training losses in out_dir/log.jsonl."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]

@@ -4,17 +4,9 @@ import pytest
 import torch
 
 import train
-from e2d2 import (CachedBD3LM, ModelConfig, bd3lm_mask, build_model,
-                  causal_mask, full_mask, generate)
-from test_masks import rows
-from test_model import random_layout
-
-
-def tiny(model, **kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(**{**dict(model=model, seq_len=32, block_len=4, d_model=32, n_heads=4,
-                                n_enc=3, n_dec=2), **kw})
-    return build_model(cfg).double().eval()
+from baselines import CachedBD3LM, causal_mask, full_mask
+from conftest import random_layout, rows, tiny
+from e2d2 import bd3lm_mask, generate
 
 
 def test_bd3lm_mask_hand_worked():

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-import sample
-import train
-from e2d2 import Layer, ModelConfig, build_model, generate
+import bench
+from e2d2 import Layer, ModelConfig, generate
+from models import build_model
 
 
 class LayerCounter:
@@ -27,7 +27,7 @@ class LayerCounter:
             h.remove()
 
 
-@pytest.mark.parametrize("name,use_cache", [v[1:] for v in sample.BENCH_VARIANTS])
+@pytest.mark.parametrize("name,use_cache", [v[1:] for v in bench.BENCH_VARIANTS])
 def test_sampling_cost_counts_what_the_sampler_runs(name, use_cache):
     P, A, B, T, n_enc, n_dec = 8, 16, 4, 3, 3, 2
     cfg = ModelConfig(model=name, seq_len=P + A, block_len=B, d_model=32, n_heads=4, n_enc=n_enc, n_dec=n_dec)
@@ -36,7 +36,7 @@ def test_sampling_cost_counts_what_the_sampler_runs(name, use_cache):
     r = generate(model, [[7] * P, [9] * P], max_new_tokens=A, steps=A // B * T if name == "mdlm" else T,
                  use_cache=use_cache, stop_at_eos=False)
     counter.remove()
-    layer_tokens, layer_calls = sample.sampling_cost(name, use_cache, P, A, B, T, n_enc, n_dec)
+    layer_tokens, layer_calls = bench.sampling_cost(name, use_cache, P, A, B, T, n_enc, n_dec)
     assert counter.tokens == pytest.approx(layer_tokens * A)
     assert counter.calls == pytest.approx(layer_calls * A)
     assert all(len(t) == A for t in r.tokens)
@@ -51,13 +51,12 @@ def test_training_cost_counts_layer_passes(name):
     prompt = torch.zeros_like(x0, dtype=torch.bool)
     prompt[:, :4] = True
     model(x0, prompt)
-    assert counter.tokens == train.training_cost(cfg) * 16
+    assert counter.tokens == bench.training_cost(cfg) * 16
 
 
 def test_training_benchmark_runs(tmp_path, capsys):
     out = tmp_path / "train.json"
-    tc = train.TrainConfig(bench=True, bench_batch=2, bench_repeats=1, out=str(out))
-    rows = train.bench_training(tc, dict(d_model=32, n_enc=2, n_dec=1, seq_len=24), "cpu")
+    rows = bench.bench_training(2, 1, "cpu", dict(d_model=32, n_enc=2, n_dec=1, seq_len=24), str(out))
     assert [r["model"] for r in rows] == ["e2d2", "ar", "mdlm", "bd3lm"]
     assert all(r["tokens_per_s"] > 0 and r["activation_mib"] > 0 for r in rows)
     bd3 = next(r for r in rows if r["model"] == "bd3lm")
@@ -67,11 +66,11 @@ def test_training_benchmark_runs(tmp_path, capsys):
 
 
 def test_sampling_benchmark_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(sample, "BENCH", dict(prompt=4, answer=8, d_model=32, n_heads=4, n_enc=2,
+    monkeypatch.setattr(bench, "BENCH", dict(prompt=4, answer=8, d_model=32, n_heads=4, n_enc=2,
                                               n_dec=1, block_len=4, steps=2))
     out = tmp_path / "sample.json"
-    rows = sample.bench_sampling([1, 2], 1, "cpu", str(out))
-    assert len(rows) == 2 * len(sample.BENCH_VARIANTS)
+    rows = bench.bench_sampling([1, 2], 1, "cpu", str(out))
+    assert len(rows) == 2 * len(bench.BENCH_VARIANTS)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     e2d2 = next(r for r in rows if r["variant"] == "e2d2 cached" and r["batch"] == 2)
     assert e2d2["network_calls"] == 2 * 2 and e2d2["speedup_measured"] == 1.0

@@ -1,11 +1,8 @@
 """The two training masks on small hand-worked cases (L=8, B=2): 1 = may attend."""
 import torch
 
+from conftest import rows
 from e2d2 import decoder_mask, encoder_mask
-
-
-def rows(*lines):
-    return torch.tensor([[int(c) for c in line.replace(" ", "")] for line in lines], dtype=torch.bool)
 
 
 def test_encoder_mask_no_prompt_is_block_causal():

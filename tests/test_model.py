@@ -4,42 +4,19 @@ import pytest
 import torch
 
 import data
-import e2d2
-from e2d2 import CachedE2D2, E2D2, ModelConfig, Recompute, generate
-
-
-def tiny(decoder="hidden", **kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(**{**dict(seq_len=32, block_len=4, d_model=32, n_heads=4, n_enc=3,
-                                n_dec=2, decoder=decoder), **kw})
-    return E2D2(cfg).double().eval()
-
-
-def random_layout(model, prompt_lens=(5, 7, 2), n_answer_blocks=3, seed=0):
-    """x0 in the training layout (left-padded prompt, answer blocks) and a noisy x_t."""
-    g = torch.Generator().manual_seed(seed)
-    B = model.cfg.block_len
-    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in prompt_lens]
-    P = e2d2.left_pad(prompts, B, model.cfg.pad_id)
-    ans = torch.randint(0, 200, (len(prompts), n_answer_blocks * B), generator=g)
-    x0 = torch.cat([P, ans], 1)
-    x_t = x0.clone()
-    noisy = torch.rand(ans.shape, generator=g) < 0.5
-    x_t[:, P.shape[1]:][noisy] = model.cfg.mask_id
-    prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
-    prompt_mask[:, :P.shape[1]] = True
-    return prompts, x0, x_t, prompt_mask, P.shape[1]
+from conftest import random_layout, tiny
+from e2d2 import E2D2, CachedE2D2, ModelConfig, generate
 
 
 @pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
 def test_train_and_inference_logits_agree_block_by_block(decoder):
-    model = tiny(decoder)
+    model = tiny(decoder=decoder)
     B = model.cfg.block_len
     prompts, x0, x_t, prompt_mask, P = random_layout(model)
     with torch.no_grad():
         train_logits = model.logits(x0, x_t, prompt_mask)  # all blocks in one pass
         cached = CachedE2D2(model, x0[:, :P])
-        recompute = Recompute(model, x0[:, :P])
+        recompute = model.make_runner(x0[:, :P], use_cache=False, max_new_tokens=x0.shape[1] - P)
         for start in range(P, x0.shape[1], B):
             blk = slice(start, start + B)
             inf_logits = cached.logits(x_t[:, blk])
@@ -118,9 +95,11 @@ class ScriptedRunner:
     answer block s (its logits are made by hand), so the test knows where each stops."""
 
     calls = []
+    steps = None
 
     def __init__(self, model, prompt):
         self.cfg, self.last = model.cfg, prompt[:, -1].clone()
+        self.block_len = model.cfg.block_len
         self.block, self.encoder_calls, self.decoder_calls = 0, 0, 0
 
     def logits(self, x):
@@ -141,7 +120,7 @@ class ScriptedRunner:
 
 def test_per_sequence_eos_stop(monkeypatch):
     model = tiny()
-    monkeypatch.setattr(E2D2, "make_runner", lambda self, prompt, use_cache: ScriptedRunner(self, prompt))
+    monkeypatch.setattr(E2D2, "make_runner", lambda self, prompt, use_cache, max_new_tokens: ScriptedRunner(self, prompt))
     ScriptedRunner.calls = []
     r = generate(model, [[50, 1], [50, 0], [50, 9]], max_new_tokens=12)
     assert r.finished == [True, True, False]
@@ -192,7 +171,7 @@ def test_shared_kv_decoder_reads_the_top_encoder_layers():
     # decoder layer i reads the keys/values of encoder layer N_enc - N_dec + i, so every
     # encoder layer shapes the loss; unused are only what comes after the last keys/values:
     # the top layer's queries, output projection and MLP, and enc_norm (h is never read)
-    model = tiny("shared_kv").train()  # N_enc = 3, N_dec = 2: encoder layers 1 and 2
+    model = tiny(decoder="shared_kv").train()  # N_enc = 3, N_dec = 2: encoder layers 1 and 2
     _, x0, _, prompt_mask, _ = random_layout(model)
     model(x0, prompt_mask, generator=torch.Generator().manual_seed(0)).loss.backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()}

@@ -1,0 +1,214 @@
+"""
+The three models E2D2 is compared with, built from e2d2.py's pieces (the same Layer,
+attention, masks, schedules, forward process, loss and block loop), N = n_enc layers each:
+
+  AR:     a causal transformer, next-token loss, KV-cached sampling one token at a time.
+  MDLM:   one bidirectional network over [prompt ; noisy answer], one t per sequence;
+          no cache is possible: every denoising step runs the full network.
+  BD3-LM: one network over [x_0 ; x_t] (2L tokens) with e2d2.bd3lm_mask; sampling caches
+          the clean blocks' keys/values but runs all N layers at every denoising step,
+          where E2D2 runs only its N_dec decoder layers.
+
+Each model hands e2d2.generate its runner (see the "Runners" section of e2d2.py); a
+runner comes right before the model whose make_runner returns it. Nothing in e2d2.py
+imports this file: E2D2 is told without its baselines.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from e2d2 import (KVCache, Layer, Loss, ModelConfig, Recompute, TokenModel, _padding_rows_see_self,
+                  bd3lm_mask, check_length, diffusion_forward, encoder_mask)
+
+# ---------------------------------------------------------------------------------------
+# The two masks only the baselines use (E2D2's encoder/decoder masks are in e2d2.py).
+# ---------------------------------------------------------------------------------------
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """AR: query i sees real keys j <= i. (b, L, L)."""
+    L = valid.shape[1]
+    tril = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    return _padding_rows_see_self(tril[None] & valid[:, None, :], valid)
+
+
+def full_mask(valid: torch.Tensor) -> torch.Tensor:
+    """MDLM: every query sees every real key (bidirectional). (b, L, L)."""
+    L = valid.shape[1]
+    return _padding_rows_see_self(valid[:, None, :].expand(-1, L, L), valid)
+
+
+class OneStack(TokenModel):
+    """A baseline's network: one stack of N = n_enc layers (no encoder/decoder split)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
+        self.init_weights()
+
+
+# ---------------------------------------------------------------------------------------
+# AR: causal, next-token loss. In the block loop it is a model whose blocks are one token
+# long and take one step: its runner returns the next token's logits.
+# ---------------------------------------------------------------------------------------
+
+
+class ARRunner:
+    """Token-by-token sampling. With the cache, each call feeds only the tokens not yet
+    run (the prompt first, then the newest token; keys/values of the rest are cached);
+    without it, each call re-runs the causal forward over [prompt ; generated so far]."""
+
+    block_len, steps = 1, 1  # one token per "block", decided in one step
+
+    def __init__(self, model, prompt: torch.Tensor, use_cache: bool):
+        if prompt.shape[1] == 0:
+            raise ValueError("the AR model needs a non-empty prompt to predict the first token from")
+        self.model, self.use_cache = model, use_cache
+        self.cache = KVCache(model.cfg.n_enc, prompt.shape[0], prompt.device)
+        self.seq, self.new = prompt, prompt  # seq: everything so far; new: tokens not yet cached
+        self.encoder_calls = self.decoder_calls = 0
+
+    def logits(self, x_block):
+        """(b, 1, V): the logits of the token after everything so far (x_block, one
+        [MASK], only says where that token goes)."""
+        if self.use_cache:
+            logits, kv = self.model.logits(self.new, self.cache.prefix(), self.cache.valid,
+                                           start=len(self.cache))
+            self.cache.add(kv, self.new, self.model.cfg.pad_id)
+        else:
+            logits, _ = self.model.logits(self.seq)
+        self.decoder_calls += 1
+        return logits[:, -1:]  # the last position predicts the next token
+
+    def commit(self, block):
+        self.seq, self.new = torch.cat([self.seq, block], 1), block
+
+    def keep(self, rows):
+        self.cache.keep(rows)
+        self.seq, self.new = self.seq[rows], self.new[rows]
+
+
+class AR(OneStack):
+    def logits(self, x, prefix=None, prefix_valid=None, start: int = 0):
+        """Causal logits (b, n, V) of tokens x at positions start.. ; logits[:, i] predicts
+        the token after x[:, i]. With a KV prefix (cache) of `start` earlier tokens.
+        Returns the logits and the per-layer (k, v) of x."""
+        b, n = x.shape
+        valid = x != self.cfg.pad_id
+        if prefix_valid is None:
+            prefix_valid = valid[:, :0]
+        mask = causal_mask(torch.cat([prefix_valid, valid], 1))[:, start:]  # (b, n, start + n)
+        positions = torch.arange(start, start + n, device=x.device)
+        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), positions, mask, prefix)
+        return self.head(h), new_kv
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss)."""
+        check_length(self.cfg, x0.shape[1], 1)
+        target = (x0 != self.cfg.pad_id) & ~prompt_mask
+        logits, _ = self.logits(x0)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+        nll = F.cross_entropy(rearrange(logits[:, :-1], "b n V -> b V n"), x0[:, 1:],
+                              reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
+        tgt = target[:, 1:]
+        n = tgt.sum().clamp(min=1)
+        loss = torch.where(tgt, nll, torch.zeros_like(nll)).sum() / n
+        return Loss(loss, loss, loss, n)
+
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+        return ARRunner(self, prompt, use_cache)
+
+
+# ---------------------------------------------------------------------------------------
+# MDLM: one bidirectional network; the whole answer is one block.
+# ---------------------------------------------------------------------------------------
+
+
+class MDLM(OneStack):
+    def logits(self, x0, x_t, prompt_mask):
+        """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
+        valid = x_t != self.cfg.pad_id
+        positions = torch.arange(x_t.shape[1], device=x_t.device)
+        h, _ = self.run(self.layers, self.drop(self.embed(x_t)), positions, full_mask(valid))
+        return self.head(h)
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
+        is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
+        canvas is ONE block, so one t per sequence."""
+        cfg = self.cfg
+        check_length(cfg, x0.shape[1], 1)
+        b, L = x0.shape
+        x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
+        prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
+        x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)  # the canvas
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss)
+
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+        # bidirectional: nothing can be cached; the answer is one block of max_new_tokens
+        return Recompute(self, prompt, max_new_tokens, reencodes=False)
+
+
+# ---------------------------------------------------------------------------------------
+# BD3-LM: one N-layer network over [x_0 ; x_t]. E2D2 is this model with the network split.
+# ---------------------------------------------------------------------------------------
+
+
+class CachedBD3LM:
+    """BD3-LM sampling: the clean blocks' keys/values are cached (one cache: the same
+    network reads clean and noisy tokens), but every denoising step still runs ALL N
+    layers on the noisy block, where E2D2 runs only its N_dec decoder layers."""
+
+    steps = None
+
+    def __init__(self, model: OneStack, prompt: torch.Tensor):
+        self.model, cfg = model, model.cfg
+        self.block_len = cfg.block_len
+        self.cache = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
+        self.encoder_calls = self.decoder_calls = 0
+        if prompt.shape[1] > 0:
+            valid = prompt != cfg.pad_id
+            self._run(prompt, encoder_mask(valid, valid, cfg.block_len), keep=True)  # bidirectional
+
+    def _run(self, tokens, mask, keep: bool):
+        """All N layers over tokens (b, n) against the cache; keep=True caches them."""
+        n0 = len(self.cache)
+        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)
+        h, new_kv = self.model.run(self.model.layers, self.model.embed(tokens), positions, mask,
+                                   self.cache.prefix())
+        if keep:  # a clean block: its keys/values join the cache
+            self.cache.add(new_kv, tokens, self.model.cfg.pad_id)
+            self.encoder_calls += 1
+        return h
+
+    def logits(self, x_block):
+        self.decoder_calls += 1
+        return self.model.head(self._run(x_block, self.cache.block_mask(x_block.shape[1]), keep=False))
+
+    def commit(self, block):
+        self._run(block, self.cache.block_mask(block.shape[1]), keep=True)
+
+    def keep(self, rows):
+        self.cache.keep(rows)
+
+
+class BD3LM(OneStack):
+    def logits(self, x0, x_t, prompt_mask):
+        """All N layers over the 2L tokens [x_0 ; x_t]; returns the noisy half's logits."""
+        L = x0.shape[1]
+        x = torch.cat([x0, x_t], 1)  # (b, 2L)
+        positions = torch.arange(L, device=x0.device).repeat(2)  # x_0,j and x_t,j share j
+        mask = bd3lm_mask(prompt_mask, x0 != self.cfg.pad_id, self.cfg.block_len)  # (b, 2L, 2L)
+        h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
+        return self.head(h[:, L:])  # (b, L, V)
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+        check_length(self.cfg, x0.shape[1], self.cfg.block_len)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+        if use_cache:
+            return CachedBD3LM(self, prompt)
+        return Recompute(self, prompt, self.cfg.block_len, reencodes=False)

@@ -1,0 +1,336 @@
+"""
+Benchmarks: E2D2 against its baselines, side by side, with the analytic costs beside the
+measured figures.
+
+    python bench.py train     # training step speed and activation memory of every model
+    python bench.py sample    # sampling tokens/s: E2D2 cached and uncached, BD3-LM, MDLM, AR
+    python bench.py compare   # train every model with train.py's settings, held-out results
+    python bench.py train --out=bench/training_cpu.json     # also write the figures as JSON
+    python bench.py compare --max_steps=500                 # other flags go to train.py
+
+The models have random weights in `train` and `sample` (speed does not depend on what a
+model has learned). Every timing is a median after warm-up runs; GPU work is waited for
+before the clock is read. The analytic costs count what each model runs (layer calls and
+layer-token passes); tests check those counts against hooks on the real layers.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from e2d2 import ModelConfig, generate
+from models import MODEL_TYPES, build_model, load_checkpoint, model_from_checkpoint
+
+
+def timed(fn, device: str):
+    """Run fn() and return (its result, wall seconds), waiting for the GPU if there is one:
+    GPU work is asynchronous, so the clock is read only once it has finished."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def autocast_for(device: str):
+    """bf16 autocast on a GPU, as train.py trains; plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# Training speed: forward + backward + AdamW steps on random tokens at matched sizes.
+# ---------------------------------------------------------------------------------------
+
+# prompt 16 + answer 128 tokens, width 256, N_enc=12 (baselines: N=12), N_dec=2, B=8
+BENCH_MODEL = dict(d_model=256, n_heads=4, n_enc=12, n_dec=2, block_len=8, seq_len=16 + 128)
+BENCH_PROMPT = 16
+
+
+def training_cost(cfg: ModelConfig) -> int:
+    """Analytic cost of one training forward, in layer passes per data token: E2D2 runs
+    N_enc layers over x_0 and N_dec over x_t; BD3-LM its N layers over [x_0 ; x_t] (2L
+    tokens); MDLM and AR N layers over L. (Attention and the backward pass are left out.)"""
+    return {"e2d2": cfg.n_enc + cfg.n_dec, "bd3lm": 2 * cfg.n_enc}.get(cfg.model, cfg.n_enc)
+
+
+def saved_activation_bytes(model, x0, prompt_mask, autocast) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass during one forward: the
+    activation memory of a training step, measured the same way on CPU and GPU."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)  # a storage saved twice counts once
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(x0, prompt_mask, generator=torch.Generator(device=x0.device).manual_seed(0)).loss
+    return total
+
+
+def bench_training(batch: int, repeats: int, device: str, model_over: dict = None, out: str = ""):
+    """Time forward + backward + optimizer steps of every model type on random tokens at
+    matched sizes (E2D2: N_enc + N_dec layers; the baselines: N = N_enc). After 2 warm-up
+    steps, the median of `repeats` steps. Prints tokens/s, memory and the speed ratio to
+    E2D2 beside the analytic one."""
+    model_over = model_over or {}
+    autocast = autocast_for(device)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name in MODEL_TYPES:
+        cfg = ModelConfig(**{**BENCH_MODEL, **model_over, "model": name})
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        L = cfg.seq_len
+        x0 = torch.randint(0, 256, (batch, L), generator=g).to(device)  # random bytes
+        prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
+        prompt_mask[:, :BENCH_PROMPT] = True
+        noise = torch.Generator(device=device).manual_seed(0)
+
+        def step():
+            with autocast:
+                loss = model(x0, prompt_mask, generator=noise).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):  # warm-up
+            step()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = [timed(step, device)[1] for _ in tqdm(range(repeats), desc=f"bench {name}", leave=False)]
+        step_s = statistics.median(times)
+        row = {"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
+               "params": model.num_params(), "step_s": step_s,
+               "tokens_per_s": batch * L / step_s,
+               "activation_mib": saved_activation_bytes(model, x0, prompt_mask, autocast) / 2**20,
+               "cost": training_cost(cfg)}
+        if device.startswith("cuda"):
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        rows.append(row)
+    e2d2_row = rows[0]
+    for r in rows:  # how many times faster E2D2 trains than this model, measured and analytic
+        r["ratio_e2d2_over_model"] = e2d2_row["tokens_per_s"] / r["tokens_per_s"]
+        r["analytic_ratio"] = r["cost"] / e2d2_row["cost"]
+    cfg0 = ModelConfig(**{**BENCH_MODEL, **model_over})
+    print(f"training step, batch {batch} x {cfg0.seq_len} tokens (prompt {BENCH_PROMPT}), "
+          f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
+          f"device={device}, median of {repeats}")
+    mem = "peak MiB" if device.startswith("cuda") else "activations MiB"
+    print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'step ms':>9} {mem:>16} {'E2D2 speed-up':>14} {'analytic':>9}")
+    for r in rows:
+        m = r.get("peak_mib", r["activation_mib"])
+        print(f"{r['model']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['step_s'] * 1e3:>9.1f} "
+              f"{m:>16.1f} {r['ratio_e2d2_over_model']:>13.2f}x {r['analytic_ratio']:>8.2f}x")
+    print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
+          "model / of E2D2 (linear layers only)")
+    if out:
+        write_json(out, {"device": device, "batch": batch, "config": asdict(cfg0), "rows": rows})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling speed: tokens/s and network calls, E2D2 against the baselines.
+# ---------------------------------------------------------------------------------------
+
+# prompt 16, answer 128, width 256, N_enc=12, N_dec=2, B=8, T=8
+BENCH = dict(prompt=16, answer=128, d_model=256, n_heads=4, n_enc=12, n_dec=2, block_len=8, steps=8)
+# (label, model type, use_cache)
+BENCH_VARIANTS = [("e2d2 cached", "e2d2", True), ("e2d2 no cache", "e2d2", False),
+                  ("bd3lm cached", "bd3lm", True), ("mdlm", "mdlm", False), ("ar cached", "ar", True)]
+
+
+def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n_enc: int, n_dec: int):
+    """Analytic cost per generated token of sampling A tokens after a P-token prompt, with
+    T steps per block of B (no early stop). Returns (layer-token passes, layer calls):
+    the first is what compute-bound hardware pays (linear layers; attention left out),
+    the second what a latency-bound one pays (one call per layer, whatever its width).
+      E2D2 cached:   prompt through the encoder; per block T decoder calls on B tokens, then
+                     the encoder on the finished block (not after the last one).
+      E2D2 no cache: every step re-runs encoder + decoder over prompt + blocks so far.
+      BD3-LM cached: as E2D2 cached, but all N layers at every step.
+      MDLM:          K * T steps (as many as the block models take), all N layers over P + A.
+      AR cached:     the prompt, then one token per call."""
+    K = A // B  # blocks
+    if model == "e2d2" and use_cache:
+        tokens = P * n_enc + K * T * B * n_dec + (K - 1) * B * n_enc
+        calls = n_enc + K * T * n_dec + (K - 1) * n_enc
+    elif model == "e2d2":
+        tokens = sum(T * (P + k * B) * (n_enc + n_dec) for k in range(1, K + 1))
+        calls = K * T * (n_enc + n_dec)
+    elif model == "bd3lm":
+        tokens = P * n_enc + K * T * B * n_enc + (K - 1) * B * n_enc
+        calls = n_enc + K * T * n_enc + (K - 1) * n_enc
+    elif model == "mdlm":
+        tokens, calls = K * T * (P + A) * n_enc, K * T * n_enc
+    else:  # ar
+        tokens, calls = (P + A - 1) * n_enc, A * n_enc
+    return tokens / A, calls / A
+
+
+def layer_time_model(model, batch: int, n_tokens: int, device: str) -> dict:
+    """Time one call of the full (bidirectional) network on `batch` x 1 and `batch` x
+    n_tokens tokens and split a layer call's time into a fixed part and a per-token part:
+    time(one layer, n tokens) ~ call_s + token_s * n. Small calls are latency-bound (the
+    fixed part dominates); large ones compute-bound."""
+
+    def per_layer(n):
+        x = torch.randint(0, 256, (batch, n), device=device)
+        no_prompt = torch.zeros_like(x, dtype=torch.bool)
+        with torch.no_grad():
+            model.logits(x, x, no_prompt)  # warm-up
+            times = [timed(lambda: model.logits(x, x, no_prompt), device)[1] for _ in range(5)]
+        return statistics.median(times) / model.cfg.n_enc
+
+    t1, tn = per_layer(1), per_layer(n_tokens)
+    token_s = max(tn - t1, 0.0) / (n_tokens - 1)
+    return {"call_s": max(t1 - token_s, 0.0), "token_s": token_s}
+
+
+def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
+    """Generated tokens/s and network calls of E2D2 (with and without cache), BD3-LM, MDLM
+    and AR at the same sizes, on random weights (speed does not depend on training), with
+    the [EOS] stop off so that every run generates exactly `answer` tokens. Each timing is
+    the median of `repeats` runs after a warm-up run."""
+    P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
+    models = {}
+    for name in ("e2d2", "bd3lm", "mdlm", "ar"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(model=name, seq_len=P + A, d_model=BENCH["d_model"], n_heads=BENCH["n_heads"],
+                          n_enc=BENCH["n_enc"], n_dec=BENCH["n_dec"], block_len=B)
+        models[name] = build_model(cfg).to(device).eval()
+    autocast = autocast_for(device)
+    g = torch.Generator().manual_seed(0)
+    rows, fits = [], {}
+    for batch in batches:
+        prompts = torch.randint(0, 256, (batch, P), generator=g).tolist()
+        with autocast:
+            fits[batch] = layer_time_model(models["mdlm"], batch, P + A, device)
+        for label, name, use_cache in BENCH_VARIANTS:
+            steps = A // B * T if name == "mdlm" else T  # MDLM: one block of A tokens, as many steps
+            kw = dict(max_new_tokens=A, steps=steps, use_cache=use_cache, stop_at_eos=False)
+            with autocast:
+                generate(models[name], prompts, **kw)  # warm-up
+                runs = [timed(lambda: generate(models[name], prompts, **kw), device)
+                        for _ in tqdm(range(repeats), desc=f"bench {label} b={batch}", leave=False)]
+            seconds = statistics.median(s for _, s in runs)
+            first = runs[0][0]
+            ops, calls = sampling_cost(name, use_cache, P, A, B, T, BENCH["n_enc"], BENCH["n_dec"])
+            rows.append({"batch": batch, "variant": label, "tokens_per_s": batch * A / seconds,
+                         "seconds": seconds, "network_calls": first.network_calls,
+                         "encoder_calls": first.encoder_calls, "layer_tokens_per_token": ops,
+                         "layer_calls_per_token": calls,
+                         "predicted_s_per_token": fits[batch]["call_s"] * calls + fits[batch]["token_s"] * ops})
+    print(f"sampling {A} tokens after a {P}-token prompt; width {BENCH['d_model']}, N_enc={BENCH['n_enc']}, "
+          f"N_dec={BENCH['n_dec']} (baselines N={BENCH['n_enc']}), block {B}, {T} steps per block; "
+          f"device={device}; median of {repeats}")
+    for batch in batches:
+        f = fits[batch]
+        print(f"batch {batch}: one layer call costs {f['call_s'] * 1e3:.3f} ms + {f['token_s'] * 1e6:.1f} us "
+              f"per token (measured on 1 and {P + A} tokens)")
+    print(f"{'batch':>5} {'variant':14} {'tokens/s':>9} {'calls':>6} {'E2D2 speed-up':>13} "
+          f"{'analytic: layer-tokens':>22} {'layer calls':>11} {'both, timed':>11}")
+    for batch in batches:
+        ref = next(r for r in rows if r["batch"] == batch and r["variant"] == "e2d2 cached")
+        for r in (r for r in rows if r["batch"] == batch):  # every ratio is relative to E2D2 cached
+            r["speedup_measured"] = ref["tokens_per_s"] / r["tokens_per_s"]
+            r["speedup_analytic_tokens"] = r["layer_tokens_per_token"] / ref["layer_tokens_per_token"]
+            r["speedup_analytic_calls"] = r["layer_calls_per_token"] / ref["layer_calls_per_token"]
+            r["speedup_predicted"] = r["predicted_s_per_token"] / ref["predicted_s_per_token"]
+            print(f"{batch:>5} {r['variant']:14} {r['tokens_per_s']:>9.1f} {r['network_calls']:>6} "
+                  f"{r['speedup_measured']:>12.2f}x {r['speedup_analytic_tokens']:>21.2f}x "
+                  f"{r['speedup_analytic_calls']:>10.2f}x {r['speedup_predicted']:>10.2f}x")
+    print("E2D2 speed-up = tokens/s of E2D2 cached / of the variant. Analytic = the variant's cost per "
+          "token / E2D2 cached's, counted in layer-token passes (what compute-bound hardware pays), in "
+          "layer calls (what a latency-bound one pays), and both weighted by the timed cost of one "
+          "layer call and of one token")
+    if out:
+        write_json(out, {"device": device, "sizes": BENCH, "layer_time": fits, "rows": rows})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Quality with the same budget: train.py once per model, the same flags.
+# ---------------------------------------------------------------------------------------
+
+
+def compare(train_flags: list, out_dir: str, out: str = ""):
+    """Train E2D2 and the three baselines by running train.py with the same flags
+    (baselines: N = n_enc layers), each into out_dir/<model>, then print a markdown table
+    of what their checkpoints hold: held-out results, sampling and training speed."""
+    if any(f.startswith("--model") for f in train_flags):
+        raise ValueError("compare trains every model type; drop --model")
+    root = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for name in MODEL_TYPES:
+        run_dir = os.path.join(out_dir, name)
+        print(f"\n=== {name} ===", flush=True)
+        r = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--model={name}",
+                            f"--out_dir={run_dir}", *train_flags])
+        if r.returncode != 0:
+            raise ValueError(f"train.py --model={name} failed (exit code {r.returncode})")
+        ckpt = load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "cpu")
+        model = model_from_checkpoint(ckpt, "cpu")
+        cfg, m = model.cfg, ckpt["metrics"]
+        rows.append({"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
+                     "params": model.num_params(), **m})
+    tc = ckpt["train_config"]
+    print(f"\n{tc['data'] or tc['task']}, {tc['max_steps']} steps of batch {tc['batch_size']}")
+    print("| model | layers | params | exact match | val NELBO (AR: NLL) | sampling tokens/s | training tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.2f}M | {r['exact_match']:.3f} | "
+              f"{r['val_nelbo']:.4f} | {r.get('sample_tokens_per_s', float('nan')):.0f} | "
+              f"{r['train_tokens_per_s']:.0f} |")
+    if out:
+        write_json(out, {"train_flags": train_flags, "train_config": tc, "rows": rows})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["train", "sample", "compare"], help="which benchmark")
+    p.add_argument("--device", default="auto", help="train / sample: cuda if available, else cpu")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file")
+    p.add_argument("--batch", type=int, default=8, help="train: sequences per step")
+    p.add_argument("--batches", default="1,8", help="sample: batch sizes, comma-separated")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (median); train 5, sample 3")
+    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes")
+    args, rest = p.parse_known_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if rest and args.what != "compare":  # only compare passes flags on (to train.py)
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.what == "train":
+            return bench_training(args.batch, args.repeats or 5, device, out=args.out)
+        if args.what == "sample":
+            return bench_sampling([int(b) for b in args.batches.split(",")], args.repeats or 3, device, args.out)
+        return compare(rest, args.out_dir, args.out)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
