@@ -96,8 +96,9 @@ def validate_config(cfg: ModelConfig) -> None:
     place that knows every model.)"""
     problems = []
     for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            problems.append(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
     if not problems:
         if cfg.seq_len % cfg.block_len != 0:
             problems.append(f"seq_len={cfg.seq_len} is not a multiple of block_len={cfg.block_len}")
@@ -107,9 +108,8 @@ def validate_config(cfg: ModelConfig) -> None:
             problems.append(f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)")
         # shared_kv pairs decoder layer i with an encoder layer, so there must be enough
         if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
-            problems.append(
-                f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it needs "
-                f"n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
+            problems.append(f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it "
+                            f"needs n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
         for name in ("pad_id", "eos_id", "mask_id"):
             if not 0 <= getattr(cfg, name) < cfg.vocab_size:
                 problems.append(f"{name}={getattr(cfg, name)} is outside the vocabulary")
@@ -171,7 +171,6 @@ def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Ten
 # A padding query would see no key at all, and softmax over an empty row is NaN; so each
 # padding query sees exactly itself. Its output is never used.
 # ---------------------------------------------------------------------------------------
-
 
 def block_ids(length: int, block_len: int, device=None) -> torch.Tensor:
     """(length,) tensor with the block index of every position."""
@@ -240,7 +239,6 @@ def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -
 # token of block k becomes [MASK] independently with probability 1 - alpha(t_k).
 # ---------------------------------------------------------------------------------------
 
-
 @dataclass
 class Noised:
     x_t: torch.Tensor  # (b, L) noisy tokens
@@ -288,7 +286,6 @@ def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block
 # SUBS parameterization and the loss (the NELBO of MDLM / BD3-LM).
 # ---------------------------------------------------------------------------------------
 
-
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
     """log p_theta(x_0 | x_t) with the SUBS parameterization of MDLM (b, L, V):
       - zero mass on [MASK] (the clean data never contains it): logit -inf;
@@ -299,9 +296,8 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
     logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
     log_p = F.log_softmax(logits, dim=-1)
     V = logits.shape[-1]
-    carry = torch.where(
-        torch.arange(V, device=x_t.device) == x_t[..., None], 0.0, -math.inf
-    )  # (b, L, V): one-hot of x_t, in log space
+    # (b, L, V): the one-hot of x_t, in log space
+    carry = torch.where(torch.arange(V, device=x_t.device) == x_t[..., None], 0.0, -math.inf)
     return torch.where((x_t != mask_id)[..., None], carry, log_p)
 
 
@@ -337,7 +333,6 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
 # SwiGLU MLP, a pre-norm Layer, and a KV cache. The encoder and the decoder are stacks
 # of the same Layer.
 # ---------------------------------------------------------------------------------------
-
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 even under bf16 autocast."""
@@ -399,10 +394,8 @@ class Attention(nn.Module):
         if prefix is not None:
             keys = torch.cat([prefix[0], k], dim=2)  # (b, H, n_prefix + n, hd)
             values = torch.cat([prefix[1], v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask[:, None],  # mask broadcast over heads
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (b, H, n, hd)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],  # mask: all heads
+                                           dropout_p=self.dropout if self.training else 0.0)  # (b, H, n, hd)
         return self.out(rearrange(y, "b H n hd -> b n (H hd)")), (k, v)
 
 
@@ -439,7 +432,7 @@ class Layer(nn.Module):
         """Keys/values of the clean stream h as THIS layer sees them: through its own input
         norm and K/V projection (the decoder's "hidden" variant). In BD3-LM each layer's
         clean keys come from its own clean hidden state instead."""
-        return self.attn.project_kv(self.norm1(h), cos, sin)  # [E2D2]
+        return self.attn.project_kv(self.norm1(h), cos, sin)
 
 
 class KVCache:
@@ -481,7 +474,6 @@ class KVCache:
 # tied to the output head, RoPE, weight init, `run` (hidden states through a stack of
 # Layers), and the diffusion training step.
 # ---------------------------------------------------------------------------------------
-
 
 class TokenModel(nn.Module):
     """Base of every model. A subclass adds its layers and defines
@@ -558,7 +550,6 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss) 
 # over clean tokens and a decoder stack over noisy tokens.
 # ---------------------------------------------------------------------------------------
 
-
 class E2D2Network(TokenModel):
     """What E2D2 computes: encode the clean tokens, decode the noisy ones. The sampler's
     hook (make_runner) is added by the E2D2 class at the end of the file, once its
@@ -603,9 +594,11 @@ class E2D2Network(TokenModel):
         (L tokens) and the decoder x_t (L queries against 2L keys)."""
         valid = x0 != self.cfg.pad_id
         positions = torch.arange(x0.shape[1], device=x0.device)  # x_0,j and x_t,j share j
-        h, enc_kv = self.encode(x0, positions, encoder_mask(prompt_mask, valid, self.cfg.block_len))  # [E2D2]
+        enc_mask = encoder_mask(prompt_mask, valid, self.cfg.block_len)  # (b, L, L)
+        h, enc_kv = self.encode(x0, positions, enc_mask)  # [E2D2] N_enc layers over L clean tokens
         clean = self.clean_kv(h, positions, enc_kv)  # [E2D2] per decoder layer, L keys each
-        return self.decode(x_t, positions, decoder_mask(valid, self.cfg.block_len), clean)  # [E2D2]
+        dec_mask = decoder_mask(valid, self.cfg.block_len)  # (b, L, 2L)
+        return self.decode(x_t, positions, dec_mask, clean)  # [E2D2] N_dec layers, L queries, 2L keys
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
         """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0
@@ -626,7 +619,6 @@ class E2D2Network(TokenModel):
 # CachedE2D2 is the fast one. Recompute re-runs the TRAINING forward over everything at
 # every step (no cache); it is the reference every cached runner must match exactly.
 # ---------------------------------------------------------------------------------------
-
 
 class CachedE2D2:
     """E2D2 sampling with two caches:
@@ -708,7 +700,6 @@ class Recompute:
 # The E2D2 model: the network, plus the runner it hands the sampler.
 # ---------------------------------------------------------------------------------------
 
-
 class E2D2(E2D2Network):
     def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
         """The runner generate() drives: both caches, or the recomputing reference."""
@@ -720,7 +711,6 @@ class E2D2(E2D2Network):
 # ---------------------------------------------------------------------------------------
 # Sampling, block by block, with whatever runner the model hands the loop.
 # ---------------------------------------------------------------------------------------
-
 
 @dataclass
 class SampleOutput:
@@ -747,23 +737,17 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
     return out
 
 
-def _pick_tokens(probs, temperature, generator):
-    """argmax (temperature 0) or a sample of probs (b, n, V); returns tokens and p(token)."""
-    if temperature == 0:
-        pred = probs.argmax(-1)  # (b, n)
-    else:
-        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator)
-        pred = pred.view(probs.shape[:-1])
-    return pred, probs.gather(-1, pred[..., None]).squeeze(-1)
-
-
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
                  confidence_threshold, generator, final: bool) -> torch.Tensor:
     """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
     Tokens that are already decoded never change (SUBS carry-over)."""
     is_mask = x == cfg.mask_id  # (b, B)
     probs = subs_log_probs(logits if temperature == 0 else logits / temperature, x, cfg.mask_id).exp()
-    pred, confidence = _pick_tokens(probs, temperature, generator)  # x_theta and p(x_theta): (b, B)
+    if temperature == 0:  # x_theta: the argmax, or a sample of probs
+        pred = probs.argmax(-1)  # (b, B)
+    else:
+        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape)
+    confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
     alpha_t = noise_schedule(cfg.schedule, torch.tensor(t, dtype=torch.float64))[0].item()
     alpha_s = noise_schedule(cfg.schedule, torch.tensor(s, dtype=torch.float64))[0].item()
     if final:  # the last step reveals every remaining [MASK]
@@ -788,35 +772,24 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
 
 
 @torch.no_grad()
-def generate(
-    model: TokenModel,
-    prompts: list,
-    max_new_tokens: Optional[int] = None,
-    steps: Optional[int] = None,
-    strategy: str = "remask",
-    temperature: float = 0.0,
-    confidence_threshold: Optional[float] = None,
-    use_cache: bool = True,
-    generator: Optional[torch.Generator] = None,
-    on_step: Optional[Callable] = None,
-    stop_at_eos: bool = True,
-) -> SampleOutput:
+def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = None,
+             steps: Optional[int] = None, strategy: str = "remask", temperature: float = 0.0,
+             confidence_threshold: Optional[float] = None, use_cache: bool = True,
+             generator: Optional[torch.Generator] = None, on_step: Optional[Callable] = None,
+             stop_at_eos: bool = True) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
-    For each new block: start from all [MASK]; for T = `steps` steps (t from 1 down to 0)
-    ask the runner for the block's logits and update the block with
-      strategy="remask":    predict every [MASK], keep the most confident predictions and
-                            re-mask the rest so that floor((1 - alpha_s) * B) stay masked
-                            (confidence-based "predict and remask");
-      strategy="ancestral": sample x_s ~ q(x_s | x_t, x_theta): each [MASK] is revealed with
-                            probability (alpha_s - alpha_t) / (1 - alpha_t), as a token drawn
-                            from x_theta.
-    confidence_threshold additionally reveals every [MASK] whose top probability exceeds it.
-    temperature=0 takes the argmax of x_theta, > 0 samples from softmax(logits / temperature).
-    If the block did not change since the last call, the last logits are reused (no call).
-    A finished block is committed (encoded, cached); a sequence stops after the block in
-    which it produced [EOS] (stop_at_eos); everything stops after max_new_tokens.
-    The model's runner sets B (E2D2: block_len; MDLM: the whole answer; AR: 1 token, 1 step).
+    Block by block (the model's runner sets B: E2D2 block_len; MDLM the whole answer; AR
+    one token), each block starting all [MASK]; T = `steps` steps per block (default B),
+    t from 1 down to 0, each asking the runner for the block's logits, then
+      strategy="remask":    keep the most confident predictions, re-mask the rest so that
+                            floor((1 - alpha_s) * B) stay masked ("predict and remask");
+      strategy="ancestral": x_s ~ q(x_s | x_t, x_theta): a [MASK] is revealed with
+                            probability (alpha_s - alpha_t) / (1 - alpha_t).
+    confidence_threshold also reveals every [MASK] whose probability exceeds it;
+    temperature=0 takes the argmax of x_theta, > 0 samples softmax(logits / temperature).
+    An unchanged block reuses the last logits (no call). A finished block is committed
+    (encoded, cached); a sequence stops after the block where it wrote [EOS] (stop_at_eos).
     on_step(block, step, rows, x_block) is called after every step (for --show).
     No timing here: callers that measure speed time around this call.
     """
@@ -831,15 +804,12 @@ def generate(
     prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
     room = cfg.seq_len - prompt.shape[1]  # positions left for the answer
     if room < cfg.block_len:
-        raise ValueError(
-            f"prompt of {max(len(p) for p in prompts)} tokens ({prompt.shape[1]} after aligning "
-            f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}")
-    if max_new_tokens is None:
-        max_new_tokens = room
+        raise ValueError(f"prompt of {max(len(p) for p in prompts)} tokens ({prompt.shape[1]} after aligning "
+                         f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}")
+    max_new_tokens = room if max_new_tokens is None else max_new_tokens
     if not 1 <= max_new_tokens <= room:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
-            f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)")
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
+                         f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     was_training = model.training

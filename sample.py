@@ -48,6 +48,8 @@ class ShowSteps:
         self.current = [None] * len(prompts)  # (block index, tokens) being denoised
 
     def __call__(self, block, step, rows, x):
+        # rows: which sequences of the batch are still generating (finished ones have left);
+        # x: their current block (len(rows), B)
         for row, tokens in zip(rows.tolist(), x.tolist()):
             if self.current[row] is not None and self.current[row][0] != block:
                 self.done[row] += self.current[row][1]
@@ -112,6 +114,7 @@ def run(args, device: str):
         torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
     seconds = time.perf_counter() - t0
 
+    # one line per prompt: the prompt and its answer (checked when the answer is known)
     correct = 0
     for i, (prompt, ids) in enumerate(zip(prompts, out.tokens)):
         answer = tok.decode(ids)
@@ -138,6 +141,7 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
     and the perplexity bound exp(NELBO)."""
     cfg, tok = model.cfg, data.ByteTokenizer()
     if data.data_kind(path) == "pairs":
+        # a source too long to leave room for one answer block is skipped (and counted)
         pairs, skipped = [], 0
         for src, tgt in data.read_pairs(path):
             p = tok.encode(src)
@@ -161,6 +165,7 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
         print(f"{path}: {len(pairs)} examples ({skipped} skipped: source too long); exact match "
               f"{result['exact_match']:.4f}, BLEU {result['bleu']:.2f}, ROUGE-L {result['rouge_l']:.2f}")
         return result
+    # plain text: consecutive windows of seq_len bytes, all targets, one noise draw each
     windows = data.text_windows(data.read_text(path), cfg.seq_len)
     if not windows:
         raise ValueError(f"{path}: shorter than one window of seq_len={cfg.seq_len} bytes")

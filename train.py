@@ -72,6 +72,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
 
 
+# -----------------------------------------------------------------------------
+# Command line: one flag per field of both dataclasses.
+
+
 def parse_args(argv=None):
     """Build an argparse parser from the two dataclasses, so every field is a flag.
     Model fields default to None: only the ones given override the defaults (or, with
@@ -95,6 +99,7 @@ def parse_args(argv=None):
             else:
                 g.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
     args = vars(p.parse_args(argv))
+    # split the flags given (not None) into model overrides and the training config
     model_names = {f.name for f in fields(ModelConfig)}
     model_over = {k: v for k, v in args.items() if k in model_names and v is not None}
     train_over = {k: v for k, v in args.items() if k not in model_names and v is not None}
@@ -123,7 +128,8 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
         dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len)
     else:
         ckpt = None
-        # the dataset decides seq_len unless a flag does; the tokenizer decides the ids
+        # a new model: the defaults, then the tokenizer's special ids and a seq_len that fits
+        # the data (the dataset decides it unless --seq_len does), then the flags
         block_len = model_over.get("block_len", ModelConfig.block_len)
         dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"))
         tok = data.ByteTokenizer()
@@ -148,8 +154,9 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
 
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < tc.warmup_steps:
+    if step < tc.warmup_steps:  # small steps while AdamW's moment estimates settle
         return tc.lr * (step + 1) / tc.warmup_steps
+    # progress in [0, 1] after warmup: lr goes from tc.lr down to tc.min_lr along a half cosine
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
@@ -158,6 +165,7 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics):
     """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.
     The config is saved as a dict, so models.model_from_checkpoint can rebuild the model."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    # everything a resumed run needs to continue exactly: weights, AdamW moments, the step
     state = {
         "model_type": model.cfg.model,
         "config": asdict(model.cfg),
@@ -188,8 +196,10 @@ def evaluate(model, dataset, tc, device, autocast):
     exact-match accuracy of answers sampled for held-out prompts (and how fast they were
     sampled: generated tokens/s, timed around generate)."""
     cfg = model.cfg
-    model.eval()
-    g = torch.Generator(device=device).manual_seed(tc.seed)  # same noise at every eval
+    model.eval()  # no dropout
+    # 1. the NELBO of held-out examples: the same examples and the same noise at every
+    #    evaluation, so two evaluations differ only by the weights
+    g = torch.Generator(device=device).manual_seed(tc.seed)
     total, count = 0.0, 0
     val = dataset.val_examples(tc.eval_batches * tc.batch_size, tc.seed)
     for i in range(0, len(val), tc.batch_size):
@@ -199,6 +209,8 @@ def evaluate(model, dataset, tc, device, autocast):
         total += out.nelbo.item() * out.n_targets.item()  # a sum over target tokens ...
         count += out.n_targets.item()
     metrics = {"val_nelbo": total / max(count, 1), "exact_match": float("nan")}  # ... then per token
+    # 2. seq2seq: sample answers for held-out prompts with the cached sampler; an answer is
+    #    right only if it is exactly the target (what the user of the model sees)
     if dataset.kind == "seq2seq":
         examples = dataset.val_examples(tc.eval_examples, tc.seed + 10_000)
         correct, new_tokens, seconds = 0, 0, 0.0
@@ -228,16 +240,19 @@ class StopRequest:
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
+        """Give the signals back to whoever handled them before (tests call train() often)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        """The signal handler: only set a flag; the loop checks it between steps."""
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print("\nstop requested: saving after this step (again to abort)", file=sys.stderr)
 
     def agreed(self, device) -> bool:
+        """True if any process was asked to stop (all of them then stop at the same step)."""
         if not dist.is_initialized():
             return self.requested
         flag = torch.tensor([float(self.requested)], device=device)
@@ -251,7 +266,11 @@ class StopRequest:
 
 def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None) -> dict:
     """Train; return the final step, the last evaluation, the loss curve and the model.
-    Under torchrun every process runs this; rank 0 alone evaluates, logs and saves."""
+    Under torchrun every process runs this; rank 0 alone evaluates, logs and saves.
+
+    Every step is a pure function of (seed, step): its examples, its noise and its dropout.
+    So a run resumed from a checkpoint, or split over processes / micro-batches, follows
+    the same loss curve as one uninterrupted process (the tests check both)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main_process = rank == 0
     if dataset is None:
@@ -259,7 +278,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     log_path = os.path.join(tc.out_dir, "log.jsonl")
 
-    # the model and the optimizer, from scratch or from the checkpoint
+    # the model and the optimizer (AdamW, betas of GPT training), from scratch or from the
+    # checkpoint; the same seed gives every process the same initial weights
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
@@ -274,18 +294,24 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     if main_process:
         os.makedirs(tc.out_dir, exist_ok=True)
         keep_log_until(log_path, step)  # a resumed run rewrites what came after its checkpoint
-    # bf16 autocast on GPU; plain float32 on CPU
+    # mixed precision: bf16 autocast on a GPU (the weights stay float32; norms, softmax and the
+    # loss are computed in float32 inside the model); plain float32 on the CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    # `fwd` is what the loop calls: the model, maybe compiled, maybe wrapped in DDP; `model`
+    # stays the plain module that is evaluated and saved
     fwd = torch.compile(model) if tc.compile else model
     if world > 1:  # gradients are averaged over the processes during backward
+        # (shared_kv leaves the top encoder layer's MLP without a gradient: tell DDP)
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
                   find_unused_parameters=cfg.model == "e2d2" and cfg.decoder == "shared_kv")
-    if main_process:
+    if main_process:  # one line that says what is being trained
         layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
         source = tc.data or f"task={tc.task}"
         print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
               f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}")
 
+    # the loop's state: the noise generator (seeded per micro-batch below, so that runs with
+    # other numbers of processes draw the same x_t), the stop flag, and what is reported
     noise = torch.Generator(device=device)
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
     losses, train_tokens, train_seconds = [], 0, 0.0
@@ -296,6 +322,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     t_last, tokens_since = time.perf_counter(), 0
     while step < tc.max_steps:
         t_step = time.perf_counter()
+        # 0. this step's learning rate, and the seed of its dropout
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
         torch.manual_seed(tc.seed * 7919 + step)  # dropout of a step is fixed too
@@ -317,12 +344,14 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             step_tokens += batch.x0.numel()
         if world > 1:  # the loss of the global batch, the same number on every process
             dist.all_reduce(step_loss)
+        # a NaN/inf loss would poison the weights: stop before the update, keep the checkpoint
         if not math.isfinite(step_loss.item()):
             bar.close()
             kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
             raise FloatingPointError(f"the loss became {step_loss.item()} at step {step + 1}: stopping "
                                      f"before the update ({kept}). Try a lower --lr.")
-        # 3. the update
+        # 3. the update: clip the gradient norm (one bad batch cannot throw the weights far),
+        #    AdamW step, gradients cleared for the next step
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -330,13 +359,14 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
         losses.append(step_loss.item())
         train_seconds += time.perf_counter() - t_step
         train_tokens += step_tokens * world
-        # 4. progress bar, log, evaluation, checkpoint (rank 0)
+        # 4. progress bar, log, evaluation, checkpoint (rank 0). The log has one line per
+        #    step and one per evaluation; a checkpoint is written after every evaluation.
         if main_process:
             bar.update(1)
             tokens_since += step_tokens * world
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_at(step - 1, tc)}) + "\n")
-            if step % 10 == 0:
+            if step % 10 == 0:  # the bar shows the loss and training tokens/s of the last 10 steps
                 now = time.perf_counter()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
                 t_last, tokens_since = now, 0
@@ -348,6 +378,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+        # 5. Ctrl-C / SIGTERM: the step is whole, so save it and leave (exit code 130)
         if stop.agreed(device):
             bar.close()
             if main_process:
@@ -355,6 +386,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
             stop.restore()
             return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": True}
+    # max_steps reached: hand back what the caller (main, bench.py, tests, notebooks) reads
     bar.close()
     stop.restore()
     if main_process and not metrics:  # nothing trained in this run, no metrics in the checkpoint
@@ -380,6 +412,8 @@ def start_distributed(device: str) -> str:
 
 
 def main(argv=None):
+    """python train.py [--flags]: setup, train, print the final line. A ValueError is the
+    user's mistake (a flag, a file, a checkpoint): one line "error: ...", exit code 1."""
     model_over, tc = parse_args(argv)
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:  # started by torchrun: one process per device
