@@ -35,6 +35,17 @@ def run(*args, stdin=None, cmd=None):
                           text=True, input=stdin, env=ENV)
 
 
+def script_error(main, argv, capsys) -> str:
+    """Call a script's main(argv) in this process (no interpreter start-up per case) and
+    return what it tells the user when it fails: a script stops on a user's mistake with
+    SystemExit (sys.exit("error: ...") or argparse's usage error), never another
+    exception, so no stack trace can reach the user."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code not in (0, None)
+    return f"{stop.value.code}\n{capsys.readouterr().err}"
+
+
 def tiny(model="e2d2", **kw):
     """A tiny model in float64 (equal math gives equal tokens), eval mode, seed 0."""
     torch.manual_seed(0)
