@@ -32,6 +32,7 @@ H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "m
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------
 # Config
@@ -47,6 +49,7 @@ from einops import rearrange
 SCHEDULES = ("linear", "cosine", "log", "exp")
 DECODER_VARIANTS = ("hidden", "shared_kv")
 MODEL_TYPES = ("e2d2", "ar", "mdlm", "bd3lm")
+PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
 
 @dataclass
@@ -83,6 +86,13 @@ class ModelConfig:
     t_max: float = 1.0
     dropout: float = 0.0
     rope_base: float = 10000.0
+    # How the clean stream read a prompt in training, so that the sampler reads it the same
+    # way: "bidirectional" (seq2seq data: every query sees the whole prompt) or
+    # "block_causal" (plain text: there is no prompt in training, only block-causal clean
+    # context, so a prompt is read block by block like any earlier text). train.py sets it
+    # from the data; a checkpoint saved before this field existed gets it from
+    # config_from_dict.
+    prompt_attention: str = "bidirectional"
 
     def __post_init__(self):
         validate_config(self)
@@ -119,6 +129,8 @@ def validate_config(cfg: ModelConfig) -> None:
         problems.append(f"decoder must be one of {DECODER_VARIANTS}, got {cfg.decoder!r}")
     if cfg.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if cfg.prompt_attention not in PROMPT_ATTENTION:
+        problems.append(f"prompt_attention must be one of {PROMPT_ATTENTION}, got {cfg.prompt_attention!r}")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
         problems.append(f"need 0 <= t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -158,6 +170,37 @@ def sample_t(
     when [t_min, t_max] is narrower than [0, 1]). Shape (b, K)."""
     u = torch.rand(batch, n_blocks, generator=generator, device=device)
     return t_min + (t_max - t_min) * u
+
+
+# Evaluation draws t over ALL of [0, 1] (whatever [t_min, t_max] training used), because
+# the NELBO is an integral over the whole range: NELBO = int_0^1 f(t) dt, with
+# f(t) = E_{x_t ~ q}[ w(t) * sum over masked targets of -log p ], w = -alpha'/(1-alpha).
+# Near t = 0 one draw is the trouble: a token is masked with probability 1-alpha(t) ~ t
+# and then weighted by w ~ 1/t (linear schedule). f stays finite (about -alpha'(t) times
+# the mean -log p), but with t ~ U[0, 1] the variance of a draw grows like log(1/t_lowest)
+# (infinite without a floor) and rare huge terms make the average and its standard error
+# unreliable. Two things handle it:
+#   1. importance sampling: t = v^2 with v ~ U[0, 1], i.e. density p(t) = 1 / (2 sqrt t),
+#      more draws near 0, each term multiplied by 1 / p(t) = 2v. Still unbiased, and the
+#      variance is finite (int dt / (t p(t)) = int 2 / sqrt t dt = 4);
+#   2. a floor: t below EVAL_T_FLOOR is evaluated at the floor (it keeps w finite in
+#      floating point). What it costs: f on [0, floor] is replaced by f(floor), an error of
+#      at most floor * max|alpha'| * (mean -log p), i.e. about 1e-5 of the NELBO.
+EVAL_T_FLOOR = 1e-5
+
+
+def sample_t_stratified(batch: int, n_blocks: int, generator=None, device=None):
+    """Evaluation times and their importance weights, each (b, K), float64 (near the floor
+    1 - alpha(t) is ~1e-10 for the "exp" schedule, 0 in float32).
+    The n = b*K values v = (i + u) / n, i = 0..n-1, share ONE u ~ U[0, 1) and are shuffled
+    over the blocks: each v is U[0, 1] on its own (the estimate stays unbiased) but together
+    they cover [0, 1] evenly (low-discrepancy sampling, as in MDLM). Then t = v^2 (floored)
+    and the weight 1 / p(t) = 2v (see the comment above)."""
+    n = batch * n_blocks
+    u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+    v = (torch.arange(n, device=device, dtype=torch.float64) + u) / n  # (n,) one per stratum
+    v = v[torch.randperm(n, generator=generator, device=device)].view(batch, n_blocks)
+    return (v * v).clamp(min=EVAL_T_FLOOR), 2.0 * v
 
 
 def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Tensor:
@@ -331,6 +374,9 @@ class Loss:
     nelbo: torch.Tensor  # sum_i w_k * (-log p(x0_i | x_t)) / n_targets
     masked_ce: torch.Tensor  # sum over masked targets of -log p, / n_targets (unweighted)
     n_targets: torch.Tensor  # number of target tokens the averages are taken over
+    # per sequence, for evaluation (the standard error needs per-sequence terms):
+    seq_nats: torch.Tensor  # (b,) sum over the row's targets of w_k * (-log p) (AR: -log p)
+    scored_ids: torch.Tensor  # (b, L') the target token ids those nats are for, PAD elsewhere
 
 
 def diffusion_loss(
@@ -339,22 +385,28 @@ def diffusion_loss(
     noised: Noised,
     target_mask: torch.Tensor,
     mask_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    importance: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-diffusion NELBO (MDLM / BD3-LM) and the unweighted masked cross-entropy.
 
     NELBO per token = (1 / n_targets) * sum_{target i, masked} w_k * (-log p(x0_i | x_t)),
     with w_k = -alpha'(t_k) / (1 - alpha(t_k)) for the block k that holds i. Unmasked
     targets contribute exactly 0 because of SUBS carry-over. Returns
-    (nelbo, masked_ce, n_targets).
+    (nelbo, masked_ce, n_targets, seq_nats), seq_nats (b,) the NELBO numerator per row.
+    importance (b, L): 1 / p(t_k) when t was drawn from a density p other than U[0, 1]
+    (evaluation, see sample_t_stratified); it multiplies the NELBO weights.
     """
     log_p = subs_log_probs(logits, noised.x_t, mask_id)  # (b, L, V)
     nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (b, L); 0 where x_t == x0
     w = loss_weight(noised.alpha_t, noised.alpha_prime_t)  # (b, L)
+    if importance is not None:
+        w = w * importance
     n_targets = target_mask.sum().clamp(min=1)
     zero = torch.zeros_like(nll)
     masked_ce = torch.where(target_mask, nll, zero).sum() / n_targets
-    nelbo = torch.where(target_mask, w * nll, zero).sum() / n_targets
-    return nelbo, masked_ce, n_targets
+    seq_nats = torch.where(target_mask, w * nll, zero).sum(1)  # (b,)
+    nelbo = seq_nats.sum() / n_targets
+    return nelbo, masked_ce, n_targets, seq_nats
 
 
 # ---------------------------------------------------------------------------------------
@@ -513,22 +565,32 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
         raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
 
 
-def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss) -> Loss:
+def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
+                      evaluate: bool = False) -> Loss:
     """The training step shared by E2D2, BD3-LM and MDLM: one t per block of `block_len`,
     x_t ~ q(x_t | x_0), logits of every noisy token in ONE call of model.logits, and the
     losses. train_loss picks what `loss` is: "masked_ce" (the authors' training objective)
-    or "nelbo" (the bound itself)."""
+    or "nelbo" (the bound itself).
+    evaluate=True estimates the NELBO itself: t over all of [0, 1] (stratified, importance
+    sampled, floored: see sample_t_stratified), x_t drawn from q(x_t | x_0) exactly, with no re-masking of empty blocks
+    (that training device would change the distribution the bound is an expectation over)."""
     cfg = model.cfg
     if train_loss not in ("masked_ce", "nelbo"):
         raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
     b, L = x0.shape
     target_mask = (x0 != cfg.pad_id) & ~prompt_mask
-    t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
+    importance = None
+    if evaluate:  # (b, K) each: t over all of [0, 1], and 1 / p(t)
+        t, importance = sample_t_stratified(b, L // block_len, generator, x0.device)
+        importance = importance.repeat_interleave(block_len, dim=1)  # (b, L)
+    else:
+        t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
     noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
-                      ensure_masked=True, generator=generator)
+                      ensure_masked=not evaluate, generator=generator)
     logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
-    nelbo, masked_ce, n = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id)
-    return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n)
+    nelbo, masked_ce, n, seq_nats = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id, importance)
+    scored = torch.where(target_mask, x0, cfg.pad_id)
+    return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n, seq_nats, scored)
 
 
 # ---------------------------------------------------------------------------------------
@@ -586,11 +648,13 @@ class E2D2(TokenModel):
         clean = self.clean_kv(h, positions, enc_kv)  # per decoder layer, L keys each
         return self.decode(x_t, positions, decoder_mask(valid, self.cfg.block_len), clean)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
         """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0
-        (one t per block), runs encoder + decoder once and returns the losses."""
+        (one t per block), runs encoder + decoder once and returns the losses
+        (evaluate=True: the exact NELBO estimate, see diffusion_forward)."""
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
 
     def make_runner(self, prompt, use_cache: bool):
         return CachedE2D2(self, prompt) if use_cache else Recompute(self, prompt)
@@ -628,8 +692,10 @@ class AR(OneStack):
         h, new_kv = self.run(self.layers, self.drop(self.embed(x)), positions, mask, prefix)
         return self.head(h), new_kv
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
-        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss)."""
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
+        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss, and
+        evaluation needs no draws)."""
         check_length(self.cfg, x0.shape[1], 1)
         target = (x0 != self.cfg.pad_id) & ~prompt_mask
         logits, _ = self.logits(x0)
@@ -638,8 +704,9 @@ class AR(OneStack):
                               reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
         tgt = target[:, 1:]
         n = tgt.sum().clamp(min=1)
-        loss = torch.where(tgt, nll, torch.zeros_like(nll)).sum() / n
-        return Loss(loss, loss, loss, n)
+        seq_nats = torch.where(tgt, nll, torch.zeros_like(nll)).sum(1)  # (b,)
+        loss = seq_nats.sum() / n
+        return Loss(loss, loss, loss, n, seq_nats, torch.where(tgt, x0[:, 1:], self.cfg.pad_id))
 
 
 class MDLM(OneStack):
@@ -650,7 +717,8 @@ class MDLM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x_t)), positions, full_mask(valid))
         return self.head(h)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
         """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
         is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
         canvas is ONE block, so one t per sequence."""
@@ -660,7 +728,7 @@ class MDLM(OneStack):
         x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
         prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
         x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)
-        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss)
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, evaluate)
 
     def make_runner(self, prompt, use_cache: bool):
         return Recompute(self, prompt)  # bidirectional: nothing can be cached
@@ -676,9 +744,10 @@ class BD3LM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
         return self.head(h[:, L:])  # (b, L, V)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
 
     def make_runner(self, prompt, use_cache: bool):
         return CachedBD3LM(self, prompt) if use_cache else Recompute(self, prompt)
@@ -692,6 +761,87 @@ def build_model(cfg: ModelConfig) -> TokenModel:
 
 
 # ---------------------------------------------------------------------------------------
+# Evaluation: the NELBO estimate, with its standard error. One function for every model
+# (AR's NLL is exact; the diffusion models' bound is estimated from draws of t and x_t).
+# ---------------------------------------------------------------------------------------
+
+
+def ratio_estimate(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
+    """R = sum(num) / sum(den) over n sequences and its standard error (the delta method
+    for a ratio of means): SE^2 = sum_i (num_i - R den_i)^2 / (n (n - 1) mean(den)^2).
+    It treats the sequences as independent draws; the stratified t makes the draws of one
+    batch negatively correlated, so this SE errs on the large side."""
+    num, den = num.double(), den.double()
+    r = (num.sum() / den.sum()).item()
+    n = num.numel()
+    if n < 2:
+        return r, math.nan
+    resid = num - r * den
+    return r, math.sqrt((resid.pow(2).sum() / (n * (n - 1))).item()) / den.mean().item()
+
+
+@dataclass
+class NelboEstimate:
+    """Per held-out sequence: the NELBO numerator (nats, averaged over the draws), the
+    number of target tokens, and (if given a tokenizer's bytes per token) their bytes."""
+
+    seq_nats: torch.Tensor  # (n,) float64
+    seq_tokens: torch.Tensor  # (n,)
+    seq_bytes: Optional[torch.Tensor] = None  # (n,)
+
+    def per_token(self) -> tuple[float, float]:
+        return ratio_estimate(self.seq_nats, self.seq_tokens)
+
+    def per_byte(self) -> tuple[float, float]:
+        """Total nats / total bytes (a tokenizer-independent figure), with its SE."""
+        return ratio_estimate(self.seq_nats, self.seq_bytes)
+
+    def figures(self) -> dict:
+        """NELBO per token and the perplexity bound exp(NELBO per token); with bytes also
+        the NELBO per byte and bits per byte. Each value has its standard error (the
+        perplexity's by the delta method: SE(exp x) = exp(x) SE(x))."""
+        nelbo, se = self.per_token()
+        out = {"nelbo_per_token": nelbo, "nelbo_per_token_se": se,
+               "ppl_bound": math.exp(nelbo), "ppl_bound_se": math.exp(nelbo) * se}
+        if self.seq_bytes is not None:
+            per_byte, se_b = self.per_byte()
+            out.update(nelbo_per_byte=per_byte, nelbo_per_byte_se=se_b,
+                       bits_per_byte=per_byte / math.log(2), bits_per_byte_se=se_b / math.log(2))
+        return out
+
+
+@torch.no_grad()
+def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
+               bytes_per_token: Optional[torch.Tensor] = None, progress: bool = False) -> NelboEstimate:
+    """Estimate the NELBO (AR: the exact NLL) of held-out data. batches: (x0, prompt_mask)
+    pairs as the training forward takes them. Every sequence gets `draws` independent
+    draws of (t, x_t) (t stratified over [0, 1] across the batch, x_t ~ q(x_t | x_0) with no
+    re-masking: see diffusion_forward); its contribution is their mean. bytes_per_token
+    (V,): how many bytes each token id stands for, to report the figure per byte."""
+    if draws < 1:
+        raise ValueError(f"eval draws must be >= 1, got {draws}")
+    draws = 1 if model.cfg.model == "ar" else draws  # exact: nothing to average
+    was_training = model.training
+    model.eval()
+    nats, tokens, n_bytes = [], [], []
+    for x0, prompt_mask in tqdm(batches, desc="nelbo", leave=False, disable=not progress):
+        seq = 0.0
+        for _ in range(draws):
+            out = model(x0, prompt_mask, generator=generator, evaluate=True)
+            seq = seq + out.seq_nats.double() / draws  # (b,)
+        scored = out.scored_ids != model.cfg.pad_id  # the same targets in every draw
+        nats.append(seq.cpu())
+        tokens.append(scored.sum(1).cpu())
+        if bytes_per_token is not None:
+            per = bytes_per_token.to(x0.device)[out.scored_ids]  # (b, L') bytes of each position
+            n_bytes.append(torch.where(scored, per, 0).sum(1).cpu())
+    if was_training:
+        model.train()
+    return NelboEstimate(torch.cat(nats), torch.cat(tokens),
+                         torch.cat(n_bytes) if bytes_per_token is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
 # Sampling, block by block.
 #
 # The loop in `generate` is the same for every block-diffusion model and every way of
@@ -702,6 +852,16 @@ def build_model(cfg: ModelConfig) -> TokenModel:
 # CachedE2D2 is the fast one. Recompute re-runs the TRAINING forward over everything at
 # every step (no cache); it is the reference every cached runner must match exactly.
 # ---------------------------------------------------------------------------------------
+
+
+def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt_mask the sampler reads a (left-padded) prompt (b, P') with: the one its
+    training gave prompts. Seq2seq ("bidirectional"): every real prompt token is a prompt
+    token. Plain text ("block_causal"): training had no prompt, only block-causal clean
+    context, so no position is: the prompt's blocks are read block-causally."""
+    if cfg.prompt_attention == "bidirectional":
+        return prompt != cfg.pad_id
+    return torch.zeros_like(prompt, dtype=torch.bool)
 
 
 class KVCache:
@@ -747,9 +907,9 @@ class CachedE2D2:
         self.enc = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
         self.dec = KVCache(cfg.n_dec, prompt.shape[0], prompt.device)
         self.encoder_calls = self.decoder_calls = 0
-        if prompt.shape[1] > 0:
-            valid = prompt != cfg.pad_id
-            self._encode(prompt, encoder_mask(valid, valid, cfg.block_len))  # prompt: bidirectional
+        if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
+            mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
+            self._encode(prompt, mask)
 
     def _encode(self, tokens, mask):
         """Encode new clean tokens against the encoder cache; extend both caches."""
@@ -786,9 +946,9 @@ class CachedBD3LM:
         self.model, cfg = model, model.cfg
         self.cache = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
         self.encoder_calls = self.decoder_calls = 0
-        if prompt.shape[1] > 0:
-            valid = prompt != cfg.pad_id
-            self._run(prompt, encoder_mask(valid, valid, cfg.block_len), keep=True)
+        if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
+            mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
+            self._run(prompt, mask, keep=True)
 
     def _run(self, tokens, mask, keep: bool):
         n0 = len(self.cache)
@@ -819,12 +979,13 @@ class Recompute:
 
     def __init__(self, model, prompt: torch.Tensor):
         self.model, self.context, self.n_prompt = model, prompt, prompt.shape[1]
+        self.prompt_mask = sampler_prompt_mask(model.cfg, prompt)  # (b, P'): as in training
         self.encoder_calls = self.decoder_calls = 0
 
     def logits(self, x_block):
         x = torch.cat([self.context, x_block], dim=1)  # (b, n + B)
         prompt_mask = torch.zeros_like(x, dtype=torch.bool)
-        prompt_mask[:, : self.n_prompt] = True  # (its padding is masked out as padding)
+        prompt_mask[:, : self.n_prompt] = self.prompt_mask
         self.decoder_calls += 1
         self.encoder_calls += isinstance(self.model, E2D2)  # E2D2 re-encodes everything
         return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]
@@ -833,7 +994,7 @@ class Recompute:
         self.context = torch.cat([self.context, block], dim=1)
 
     def keep(self, rows):
-        self.context = self.context[rows]
+        self.context, self.prompt_mask = self.context[rows], self.prompt_mask[rows]
 
 
 @dataclass
@@ -891,8 +1052,11 @@ def generate(
     If the block did not change since the last call, the last logits are reused (no call).
     A finished block is committed (encoded, cached); a sequence stops after the block in
     which it produced [EOS] (stop_at_eos); everything stops after max_new_tokens.
-    MDLM has no blocks: its whole answer is one block of max_new_tokens. AR generates one
-    token per call (steps, strategy and the threshold do not apply).
+    MDLM has no blocks: its whole answer is one block, and each prompt gets the canvas its
+    training gave it: seq_len minus its OWN block-aligned prompt (data.collate lays every
+    row out alone), or max_new_tokens if that is given. In a batch the rows' canvases
+    differ: a row's positions past its canvas are PAD (never attended to, never filled).
+    AR generates one token per call (steps, strategy and the threshold do not apply).
     on_step(block, step, rows, x_block) is called after every step (for --show).
     """
     cfg = model.cfg
@@ -910,14 +1074,19 @@ def generate(
             f"prompt of {max(len(p) for p in prompts)} tokens ({prompt.shape[1]} after aligning "
             f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}"
         )
-    if max_new_tokens is None:
-        max_new_tokens = room
-    if not 1 <= max_new_tokens <= room:
+    if max_new_tokens is not None and not 1 <= max_new_tokens <= room:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
             f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)"
         )
-    B = max_new_tokens if cfg.model == "mdlm" else cfg.block_len  # MDLM: one block
+    if cfg.model == "mdlm":  # one block: each row's own canvas (b,)
+        own_prompt = [cfg.block_len * math.ceil(len(p) / cfg.block_len) for p in prompts]
+        canvas = torch.tensor([max_new_tokens or cfg.seq_len - n for n in own_prompt], device=device)
+        max_new_tokens = B = int(canvas.max())
+    else:
+        max_new_tokens = max_new_tokens or room
+        canvas = torch.full((len(prompts),), max_new_tokens, device=device)
+        B = cfg.block_len
     T = B if steps is None else steps
     if T < 1:
         raise ValueError(f"steps must be >= 1, got {T}")
@@ -932,7 +1101,8 @@ def generate(
         counts = (calls, 0, calls)
     else:
         out, counts = _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
-                                       confidence_threshold, use_cache, generator, on_step, stop_at_eos)
+                                       confidence_threshold, use_cache, generator, on_step, stop_at_eos,
+                                       canvas if cfg.model == "mdlm" else None)
     if device.type == "cuda":
         torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
     seconds = time.perf_counter() - start
@@ -940,7 +1110,8 @@ def generate(
         model.train()
 
     tokens, finished, new = [], [], 0
-    for row in out[:, :max_new_tokens].tolist():
+    for row, n in zip(out.tolist(), canvas.tolist()):
+        row = row[:n]
         cut = row.index(cfg.eos_id) if stop_at_eos and cfg.eos_id in row else None
         finished.append(cut is not None)
         tokens.append(row[:cut] if cut is not None else row)
@@ -949,9 +1120,11 @@ def generate(
 
 
 def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
-                     confidence_threshold, use_cache, generator, on_step, stop_at_eos):
+                     confidence_threshold, use_cache, generator, on_step, stop_at_eos, canvas=None):
     """The block-diffusion sampling loop (E2D2, BD3-LM, MDLM). Returns the generated
-    tokens (b, n_blocks * B) and (network calls, encoder calls, decoder calls)."""
+    tokens (b, n_blocks * B) and (network calls, encoder calls, decoder calls).
+    canvas (b,) (MDLM's one block): how many of the block's B positions each row fills;
+    the rest are PAD."""
     cfg = model.cfg
     b = prompt.shape[0]
     runner = model.make_runner(prompt, use_cache)
@@ -963,6 +1136,10 @@ def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
     grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()
     for k in range(n_blocks):
         x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=prompt.device)
+        n_positions = None  # every row fills all B positions ...
+        if canvas is not None:  # ... except MDLM's rows: their own canvas, PAD after it
+            n_positions = canvas[rows]
+            x = torch.where(torch.arange(B, device=x.device) < n_positions[:, None], x, cfg.pad_id)
         last_x, last_logits = None, None
         for i in range(T):
             if not (x == cfg.mask_id).any():
@@ -972,7 +1149,7 @@ def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
                 last_x = x
                 network_calls += 1
             x = denoise_step(last_logits, x, grid[i], grid[i + 1], cfg, strategy, temperature,
-                             confidence_threshold, generator, final=(i == T - 1))
+                             confidence_threshold, generator, final=(i == T - 1), n_positions=n_positions)
             if on_step is not None:
                 on_step(k, i, rows, x)
         out[rows, k * B:(k + 1) * B] = x
@@ -987,9 +1164,10 @@ def _generate_blocks(model, prompt, max_new_tokens, B, T, strategy, temperature,
 
 
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
-                 confidence_threshold, generator, final: bool) -> torch.Tensor:
+                 confidence_threshold, generator, final: bool, n_positions=None) -> torch.Tensor:
     """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
-    Tokens that are already decoded never change (SUBS carry-over)."""
+    Tokens that are already decoded never change (SUBS carry-over). n_positions (b,): how
+    many positions of each row are to be generated (default all B; MDLM's canvases)."""
     is_mask = x == cfg.mask_id  # (b, B)
     pred, confidence = _pick_tokens(subs_log_probs(logits if temperature == 0 else logits / temperature,
                                                    x, cfg.mask_id).exp(), temperature, generator)
@@ -1003,11 +1181,12 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
         u = torch.rand(x.shape, generator=generator, device=x.device)
         reveal = is_mask & (u < p_reveal)
     else:
-        # predict and remask: after this step floor((1 - alpha_s) * B) tokens stay masked,
-        # but at least one [MASK] is revealed per step; the least confident stay masked.
-        B = x.shape[1]
-        n_stay = min(int(math.floor((1.0 - alpha_s) * B + 1e-6)), B)
-        n_stay = torch.clamp(is_mask.sum(1) - 1, min=0).clamp(max=n_stay)  # (b,)
+        # predict and remask: after this step floor((1 - alpha_s) * n) of a row's n
+        # positions stay masked, but at least one [MASK] is revealed per step; the least
+        # confident stay masked.
+        n = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_positions is None else n_positions
+        n_stay = torch.floor((1.0 - alpha_s) * n.double() + 1e-6).long()  # (b,)
+        n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
         conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
         rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
         reveal = is_mask & (rank >= n_stay[:, None])
@@ -1066,9 +1245,44 @@ def _generate_ar(model: AR, prompt, max_new_tokens, temperature, generator, stop
 # ---------------------------------------------------------------------------------------
 
 
-def config_from_dict(d: dict) -> ModelConfig:
+def config_from_dict(d: dict, prompt_attention: str = "bidirectional") -> ModelConfig:
+    """The saved config. prompt_attention: the value for a checkpoint saved before that
+    field existed (the caller knows from the saved training config whether the data was
+    plain text, see data.prompt_attention_of)."""
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"checkpoint config has unknown keys {unknown}")
-    return ModelConfig(**d)
+    return ModelConfig(**{"prompt_attention": prompt_attention, **d})
+
+
+# ---------------------------------------------------------------------------------------
+# Devices: one parser of the --device flag and one autocast rule for every script.
+# ---------------------------------------------------------------------------------------
+
+
+def pick_device(flag: str = "auto", local_rank: Optional[int] = None) -> str:
+    """--device -> a torch device string. "auto" is "cuda" when a GPU is visible, else
+    "cpu"; "cuda", "cuda:N" and "cpu" are taken as given. Under torchrun (local_rank set)
+    every process uses the GPU of its local rank: "cuda" or "cuda:N" becomes
+    "cuda:<local_rank>". Anything else is a ValueError naming the flag."""
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(flag)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+    if dev.type == "cuda" and local_rank is not None:
+        return f"cuda:{local_rank}"
+    return str(dev)
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def autocast_for(device):
+    """bf16 autocast on any CUDA device ("cuda", "cuda:0", ...); plain float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda(device) else nullcontext()

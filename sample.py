@@ -5,7 +5,8 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
-    python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L (or NELBO for text)
+    python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L
+    python sample.py --eval test.txt            # NELBO per byte, bits per byte, perplexity bound
     python sample.py --bench                    # sampling speed of every model, side by side
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
@@ -13,16 +14,14 @@ network calls (denoising steps that ran the decoder) and encoder calls.
 """
 
 import argparse
-import math
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
 import data
-from e2d2 import build_model, config_from_dict, generate
+from e2d2 import autocast_for, build_model, config_from_dict, eval_nelbo, generate, is_cuda, pick_device
 
 
 def load_checkpoint(path: str, device: str, model_type: str = "") -> tuple:
@@ -40,7 +39,8 @@ def load_checkpoint(path: str, device: str, model_type: str = "") -> tuple:
     if model_type and saved != model_type:
         sys.exit(f"error: {path} holds a {saved!r} model, not {model_type!r}")
     try:
-        model = build_model(config_from_dict(ckpt["config"])).to(device)
+        cfg = config_from_dict(ckpt["config"], data.prompt_attention_of(ckpt.get("train_config") or {}))
+        model = build_model(cfg).to(device)
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: checkpoint {path} does not match this code's models: {e}")
@@ -53,7 +53,7 @@ def heldout_examples(tc: dict, cfg, n: int, seed: int) -> list:
     if not tc.get("data"):
         task = data.get_task(tc.get("task", "addition"), tc.get("digits", 0))
         return data.task_examples(task, "val", n, seed)
-    if not tc["data"].lower().endswith((".jsonl", ".tsv")) and tc.get("data_format") != "pairs":
+    if data.data_kind(tc["data"], tc.get("data_format", "auto")) == "text":
         raise ValueError(f"the model was trained on plain text ({tc['data']}): give a prompt")
     tok = data.ByteTokenizer()
     pairs = data.PairsData(tc["data"], tok, cfg.block_len, cfg.seq_len, tc.get("val_fraction", 0.1))
@@ -87,6 +87,8 @@ def main(argv=None):
     p.add_argument("--eval", default="", help="evaluate on a data file: .jsonl/.tsv pairs (exact "
                    "match, BLEU, ROUGE-L) or plain text (NELBO and perplexity bound)")
     p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences per batch")
+    p.add_argument("--eval_draws", type=int, default=4,
+                   help="--eval on text: draws of (t, x_t) per window for the NELBO estimate")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default block_len)")
     p.add_argument("--strategy", choices=["remask", "ancestral"], default="remask")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -105,7 +107,10 @@ def main(argv=None):
     p.add_argument("--out", default="", help="--bench: also write the figures to this JSON file")
     args = p.parse_args(argv)
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if args.bench:
         return bench_sampling([int(b) for b in args.bench_batches.split(",")], args.bench_repeats,
                               device, args.out)
@@ -161,8 +166,10 @@ def main(argv=None):
 def evaluate_file(model, path: str, args, device: str) -> dict:
     """Seq2seq pairs (.jsonl / .tsv): sample an answer for every source and report exact
     match, corpus BLEU and ROUGE-L against the targets. Anything else is plain text:
-    the NELBO per byte over consecutive windows of seq_len bytes (for AR: the exact NLL)
-    and the perplexity bound exp(NELBO)."""
+    the NELBO over consecutive windows of seq_len bytes (for AR: the exact NLL), per byte
+    (total nats / total bytes), in bits per byte, and the perplexity bound
+    exp(NELBO per token), each with its standard error (e2d2.eval_nelbo: t over all of
+    [0, 1], x_t ~ q(x_t | x_0) exactly, --eval_draws draws per window)."""
     cfg, tok = model.cfg, data.ByteTokenizer()
     if path.lower().endswith((".jsonl", ".tsv")):
         pairs, skipped = [], 0
@@ -192,16 +199,19 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
     if not windows:
         raise ValueError(f"{path}: shorter than one window of seq_len={cfg.seq_len} bytes")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    total, count = 0.0, 0
-    for i in range(0, len(windows), args.batch_size):
-        batch = data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
-        out = model(batch.x0, batch.prompt_mask, generator=g)
-        total, count = total + out.nelbo.item() * out.n_targets.item(), count + out.n_targets.item()
-    nelbo = total / count
+    batches = [data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
+               for i in range(0, len(windows), args.batch_size)]
+    with autocast_for(device):
+        est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], args.eval_draws, g,
+                         tok.bytes_per_token(), progress=True)
+    f = est.figures()
     kind = "NLL" if cfg.model == "ar" else "NELBO"
-    print(f"{path}: {count} bytes in {len(windows)} windows of {cfg.seq_len}; {kind} {nelbo:.4f} nats/byte, "
-          f"perplexity <= {math.exp(nelbo):.3f}")
-    return {"windows": len(windows), "nelbo": nelbo, "perplexity_bound": math.exp(nelbo)}
+    draws = "exact" if cfg.model == "ar" else f"{args.eval_draws} draws per window"
+    print(f"{path}: {int(est.seq_bytes.sum())} bytes scored in {len(windows)} windows of {cfg.seq_len} "
+          f"({draws}); {kind} {f['nelbo_per_byte']:.4f} ± {f['nelbo_per_byte_se']:.4f} nats/byte, "
+          f"{f['bits_per_byte']:.4f} ± {f['bits_per_byte_se']:.4f} bits/byte, perplexity <= "
+          f"{f['ppl_bound']:.3f} ± {f['ppl_bound_se']:.3f} (per token; ± = standard error)")
+    return {"windows": len(windows), **f}
 
 
 # --- --bench: sampling speed, side by side ---------------------------------------------
@@ -258,7 +268,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out_path: str = "")
         cfg = ModelConfig(model=name, seq_len=P + A, d_model=BENCH["d_model"], n_heads=BENCH["n_heads"],
                           n_enc=BENCH["n_enc"], n_dec=BENCH["n_dec"], block_len=B)
         models[name] = build_model(cfg).to(device).eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    autocast = autocast_for(device)
     g = torch.Generator().manual_seed(0)
     rows, fits = [], {}
     for batch in batches:
@@ -323,11 +333,11 @@ def layer_time_model(model, batch: int, n_tokens: int, device: str) -> dict:
             model.logits(x, x, no_prompt)  # warm-up
             times = []
             for _ in range(5):
-                if device == "cuda":
+                if is_cuda(device):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 model.logits(x, x, no_prompt)
-                if device == "cuda":
+                if is_cuda(device):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         return statistics.median(times) / model.cfg.n_enc  # per layer

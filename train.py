@@ -11,8 +11,9 @@ Train E2D2 (or a baseline) on a built-in task or on your own data.
 
 Every field of e2d2.ModelConfig and of TrainConfig below is a flag (--name=value).
 The last line printed is machine-readable:
-    final step=<n> val_nelbo=<x> exact_match=<y>
-(for plain text there is no exact match: exact_match=nan).
+    final step=<n> val_nelbo=<x> val_nelbo_se=<s> exact_match=<y>
+val_nelbo is the held-out NELBO per target token (AR: the exact NLL) and val_nelbo_se its
+standard error; for plain text there is no exact match: exact_match=nan.
 """
 
 import argparse
@@ -32,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import MODEL_TYPES, ModelConfig, build_model, config_from_dict, generate
+from e2d2 import (MODEL_TYPES, ModelConfig, autocast_for, build_model, config_from_dict, eval_nelbo,
+                  generate, is_cuda, pick_device)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TrainConfig:
     eval_every: int = 500  # steps between evaluations (and checkpoints)
     eval_examples: int = 256  # held-out prompts sampled for exact match
     eval_batches: int = 4  # held-out batches for the validation NELBO
+    eval_draws: int = 4  # draws of (t, x_t) per held-out sequence for the NELBO estimate
     sample_steps: int = 0  # denoising steps per block when evaluating (0 = block_len)
     resume: bool = False  # continue from out_dir/ckpt.pt
     device: str = "auto"  # "auto" = cuda if available, else cpu
@@ -161,11 +164,7 @@ def load_data(tc: TrainConfig, block_len: int, seq_len: int):
 
 
 def data_format(tc: TrainConfig) -> str:
-    if tc.data_format not in ("auto", "pairs", "text"):
-        raise ValueError(f"data_format must be auto, pairs or text, got {tc.data_format!r}")
-    if tc.data_format != "auto":
-        return tc.data_format
-    return "pairs" if tc.data.lower().endswith((".jsonl", ".tsv")) else "text"
+    return "pairs" if data.data_kind(tc.data, tc.data_format) == "seq2seq" else "text"
 
 
 def default_seq_len(tc: TrainConfig, block_len: int) -> int:
@@ -185,20 +184,26 @@ def default_seq_len(tc: TrainConfig, block_len: int) -> int:
 
 @torch.no_grad()
 def evaluate(model, dataset, tc, device, autocast):
-    """Validation NELBO (fixed held-out batches, fixed noise) and, for seq2seq data, the
-    exact-match accuracy of answers sampled for held-out prompts."""
+    """Validation NELBO per token with its standard error (fixed held-out batches, fixed
+    noise; the exact estimate of e2d2.eval_nelbo, over all of t in [0, 1] whatever
+    [t_min, t_max] training used); for plain text also per byte, bits per byte and the
+    perplexity bound. For seq2seq data, the exact-match accuracy of answers sampled for
+    held-out prompts."""
     cfg = model.cfg
     model.eval()
     g = torch.Generator(device=device).manual_seed(tc.seed)  # same noise at every eval
-    total, count = 0.0, 0
     val = dataset.val_examples(tc.eval_batches * tc.batch_size, tc.seed)
-    for i in range(0, len(val), tc.batch_size):
-        batch = dataset.collate(val[i:i + tc.batch_size], cfg.block_len, cfg.seq_len).to(device)
-        with autocast:
-            out = model(batch.x0, batch.prompt_mask, generator=g)
-        total += out.nelbo.item() * out.n_targets.item()
-        count += out.n_targets.item()
-    metrics = {"val_nelbo": total / max(count, 1), "exact_match": float("nan")}
+    batches = [dataset.collate(val[i:i + tc.batch_size], cfg.block_len, cfg.seq_len).to(device)
+               for i in range(0, len(val), tc.batch_size)]
+    text = dataset.kind == "text"
+    with autocast:
+        est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], tc.eval_draws, g,
+                         data.ByteTokenizer().bytes_per_token() if text else None)
+    fig = est.figures()
+    metrics = {"val_nelbo": fig["nelbo_per_token"], "val_nelbo_se": fig["nelbo_per_token_se"],
+               "exact_match": float("nan")}
+    if text:
+        metrics.update({"val_" + k: v for k, v in fig.items() if not k.startswith("nelbo_per_token")})
     if dataset.kind == "seq2seq":
         examples = dataset.val_examples(tc.eval_examples, tc.seed + 10_000)
         correct, new_tokens, seconds = 0, 0, 0.0
@@ -222,7 +227,7 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
     ValueError with a clear message for anything the user can fix."""
     if tc.resume:
         ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device)
-        cfg = config_from_dict(ckpt["config"])
+        cfg = config_from_dict(ckpt["config"], data.prompt_attention_of(ckpt.get("train_config", {})))
         if "model" in model_over and model_over["model"] != cfg.model:
             raise ValueError(f"the checkpoint in {tc.out_dir} holds a {cfg.model!r} model, not "
                              f"{model_over['model']!r}")
@@ -232,11 +237,18 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
                              "from it (given, saved): " + str(clash))
     else:
         ckpt = None
-        # defaults, then the tokenizer's ids and a seq_len that fits the data, then the flags
+        # defaults, then the tokenizer's ids, a seq_len that fits the data and how its
+        # prompts are read (seq2seq: bidirectionally; text: block-causally), then the flags
         tok = data.ByteTokenizer()
         block_len = model_over.get("block_len", ModelConfig.block_len)
+        kind = data.data_kind(tc.data, tc.data_format) if tc.data else "seq2seq"
+        prompt_attention = data.PROMPT_ATTENTION[kind]
+        if model_over.get("prompt_attention", prompt_attention) != prompt_attention:
+            raise ValueError(f"prompt_attention is set by the data: {kind} data trains prompts "
+                             f"{prompt_attention!r}, not {model_over['prompt_attention']!r}; drop the flag")
         base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                    mask_id=tok.mask_id, seq_len=default_seq_len(tc, block_len))
+                    mask_id=tok.mask_id, seq_len=default_seq_len(tc, block_len),
+                    prompt_attention=prompt_attention)
         cfg = ModelConfig(**{**base, **model_over})
     dataset = load_data(tc, cfg.block_len, cfg.seq_len)
     if getattr(dataset, "skipped", 0):
@@ -251,9 +263,13 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
 # --- the training loop ----------------------------------------------------------------
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None) -> dict:
+def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None,
+          stop: "StopRequest | None" = None) -> dict:
     """Train; return the final step, the last evaluation, the loss curve and the model.
-    Under torchrun every process runs this; rank 0 alone evaluates, logs and saves."""
+    Under torchrun every process runs this; rank 0 alone evaluates, logs and saves.
+    stop: main() passes the StopRequest that its signal handlers set (a first Ctrl-C or
+    SIGTERM ends the run after the current step, saved); a caller that imports train()
+    (tests, notebooks) keeps its own signal handling and passes nothing."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main_process = rank == 0
     if dataset is None:
@@ -275,11 +291,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     if main_process:
         os.makedirs(tc.out_dir, exist_ok=True)
         keep_log_until(log_path, step)  # a resumed run rewrites what came after its checkpoint
-    # bf16 autocast on GPU; plain float32 on CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    autocast = autocast_for(device)  # bf16 autocast on GPU; plain float32 on CPU
     fwd = torch.compile(model) if tc.compile else model
     if world > 1:  # gradients are averaged over the processes during backward
-        fwd = DDP(fwd, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+        fwd = DDP(fwd, device_ids=[torch.device(device).index] if is_cuda(device) else None,
                   find_unused_parameters=cfg.model == "e2d2" and cfg.decoder == "shared_kv")
     if main_process:
         layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
@@ -288,7 +303,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
               f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}")
 
     noise = torch.Generator(device=device)
-    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
+    stop = stop or StopRequest(install=False)  # never requested unless main() installed it
     losses, train_tokens, train_seconds = [], 0, 0.0
     micro = tc.batch_size // (world * tc.grad_accum)  # examples per micro-batch
     model.train()
@@ -343,8 +358,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 t_last, tokens_since = now, 0
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 metrics = evaluate(model, dataset, tc, device, autocast)
-                bar.write(f"step {step}: val_nelbo={metrics['val_nelbo']:.4f} "
-                          f"exact_match={metrics['exact_match']:.3f}")
+                bar.write(f"step {step}: {format_metrics(metrics)}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
@@ -353,14 +367,22 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             if main_process:
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
                 print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
-            stop.restore()
             return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": True}
     bar.close()
-    stop.restore()
     if main_process and not metrics:  # nothing trained in this run, no metrics in the checkpoint
         metrics = evaluate(model, dataset, tc, device, autocast)
     return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": False,
             "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9)}
+
+
+def format_metrics(m: dict) -> str:
+    """One evaluation line: every NELBO figure with its standard error."""
+    s = f"val_nelbo={m['val_nelbo']:.4f} ± {m['val_nelbo_se']:.4f} nats/token"
+    if "val_nelbo_per_byte" in m:
+        s += (f", {m['val_nelbo_per_byte']:.4f} ± {m['val_nelbo_per_byte_se']:.4f} nats/byte, "
+              f"{m['val_bits_per_byte']:.4f} ± {m['val_bits_per_byte_se']:.4f} bits/byte, "
+              f"perplexity <= {m['val_ppl_bound']:.3f} ± {m['val_ppl_bound_se']:.3f}")
+    return s + f" exact_match={m['exact_match']:.3f}"
 
 
 def keep_log_until(path: str, step: int) -> None:
@@ -376,11 +398,14 @@ def keep_log_until(path: str, step: int) -> None:
 class StopRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
     so the checkpoint is always taken between two whole steps; a second one stops at once.
-    Under torchrun the processes agree on stopping (one asked = all stop)."""
+    Under torchrun the processes agree on stopping (one asked = all stop). Only main()
+    installs the handlers (install=True): a process that imports train() keeps its own."""
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {}
+        if install:
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -405,45 +430,51 @@ class StopRequest:
 
 def main(argv=None):
     model_over, tc = parse_args(argv)
-    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        # torchrun sets LOCAL_RANK: each process then uses the GPU of its local rank
+        local_rank = int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else None
+        device = pick_device(tc.device, local_rank)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if "RANK" in os.environ:  # started by torchrun: one process per device
-        device = start_distributed(device)
+        start_distributed(device)
     main_process = not dist.is_initialized() or dist.get_rank() == 0
+    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
     try:
         if tc.bench:
             return bench_training(tc, model_over, device)
         if tc.compare:
-            return compare(tc, model_over, device)
+            return compare(tc, model_over, device, stop)
         cfg, ckpt, dataset = setup(tc, model_over, device)
-        result = train(cfg, tc, device, ckpt, dataset)
+        result = train(cfg, tc, device, ckpt, dataset, stop)
     except (ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     finally:
+        stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
     if result["stopped"]:
         sys.exit(130)
     if main_process:
         m = result["metrics"]
-        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
+        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} "
+              f"val_nelbo_se={m['val_nelbo_se']:.4f} exact_match={m['exact_match']:.4f}")
 
 
-def start_distributed(device: str) -> str:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: NCCL and one GPU per process, or gloo
-    on the CPU. Returns this process's device."""
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
+def start_distributed(device: str) -> None:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: NCCL on this process's GPU (device
+    is already cuda:<LOCAL_RANK>, see e2d2.pick_device), or gloo on the CPU."""
+    if is_cuda(device):
+        torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl")
-        return f"cuda:{local}"
-    dist.init_process_group("gloo")
-    return device
+    else:
+        dist.init_process_group("gloo")
 
 
 # --- --compare: every model, the same budget -------------------------------------------
 
 
-def compare(tc: TrainConfig, model_over: dict, device: str):
+def compare(tc: TrainConfig, model_over: dict, device: str, stop=None):
     """Train E2D2 and the three baselines with the same settings (baselines: N = n_enc
     layers) and print a markdown table of the held-out results."""
     if "model" in model_over:
@@ -453,16 +484,20 @@ def compare(tc: TrainConfig, model_over: dict, device: str):
         run = replace(tc, out_dir=os.path.join(tc.out_dir, name), compare=False)
         cfg, _, dataset = setup(run, {**model_over, "model": name}, device)
         print(f"\n=== {name} ===")
-        r = train(cfg, run, device, None, dataset)
+        r = train(cfg, run, device, None, dataset, stop)
+        if r["stopped"]:
+            return rows
         rows.append({"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
                      "params": r["model"].num_params(), **r["metrics"],
                      "train_tokens_per_s": r["train_tokens_per_s"]})
     print(f"\n{tc.task}, {tc.max_steps} steps of batch {tc.batch_size}, device={device}")
-    print("| model | layers | params | exact match | val NELBO (AR: NLL) | sampling tokens/s | training tokens/s |")
+    print("| model | layers | params | exact match | val NELBO ± SE, nats/token (AR: NLL) | sampling tokens/s "
+          "| training tokens/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.2f}M | {r['exact_match']:.3f} | "
-              f"{r['val_nelbo']:.4f} | {r['sample_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} |")
+              f"{r['val_nelbo']:.4f} ± {r['val_nelbo_se']:.4f} | {r['sample_tokens_per_s']:.0f} | "
+              f"{r['train_tokens_per_s']:.0f} |")
     if tc.out:
         write_json(tc.out, {"device": device, "train_config": asdict(tc), "rows": rows})
 
@@ -486,7 +521,7 @@ def bench_training(tc: TrainConfig, model_over: dict, device: str):
     matched sizes (E2D2: N_enc + N_dec layers; the baselines: N = N_enc). After 2 warm-up
     steps, the median of `bench_repeats` steps. Prints tokens/s, memory and the speed
     ratio to E2D2 beside the analytic one."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    autocast = autocast_for(device)
     g = torch.Generator().manual_seed(0)
     rows = []
     for name in MODEL_TYPES:
@@ -509,14 +544,14 @@ def bench_training(tc: TrainConfig, model_over: dict, device: str):
 
         for _ in range(2):  # warm-up
             step()
-        if device == "cuda":
+        if is_cuda(device):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in tqdm(range(tc.bench_repeats), desc=f"bench {name}", leave=False):
             t0 = time.perf_counter()
             step()
-            if device == "cuda":
+            if is_cuda(device):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         step_s = statistics.median(times)
@@ -525,7 +560,7 @@ def bench_training(tc: TrainConfig, model_over: dict, device: str):
                "tokens_per_s": tc.bench_batch * L / step_s,
                "activation_mib": saved_activation_bytes(model, x0, prompt_mask, autocast) / 2**20,
                "cost": training_cost(cfg)}
-        if device == "cuda":
+        if is_cuda(device):
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
     e2d2_row = rows[0]
@@ -536,7 +571,7 @@ def bench_training(tc: TrainConfig, model_over: dict, device: str):
     print(f"training step, batch {tc.bench_batch} x {cfg0.seq_len} tokens (prompt {BENCH_PROMPT}), "
           f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
           f"device={device}, median of {tc.bench_repeats}")
-    mem = "peak MiB" if device == "cuda" else "activations MiB"
+    mem = "peak MiB" if is_cuda(device) else "activations MiB"
     print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'step ms':>9} {mem:>16} {'E2D2 speed-up':>14} {'analytic':>9}")
     for r in rows:
         m = r.get("peak_mib", r["activation_mib"])
