@@ -74,5 +74,17 @@ def test_sampling_benchmark_runs(tmp_path, monkeypatch):
     assert len(rows) == 2 * len(sample.BENCH_VARIANTS)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     e2d2 = next(r for r in rows if r["variant"] == "e2d2 cached" and r["batch"] == 2)
-    assert e2d2["network_calls"] == 2 * 2 and e2d2["speedup_measured"] == 1.0
+    assert e2d2["network_calls"] == 2 * 2  # K = 2 blocks, T = 2 steps
+    # every other variant's speed-up is E2D2 cached's tokens/s over its own, and its
+    # analytic ratios are the sampling_cost counts of the two variants
+    for r in rows:
+        ref = next(q for q in rows if q["variant"] == "e2d2 cached" and q["batch"] == r["batch"])
+        assert r["speedup_measured"] == pytest.approx(ref["tokens_per_s"] / r["tokens_per_s"])
+        name, cache = next((m, c) for v, m, c in sample.BENCH_VARIANTS if v == r["variant"])
+        ops, calls = sample.sampling_cost(name, cache, 4, 8, 4, 2, 2, 1)
+        ref_ops, ref_calls = sample.sampling_cost("e2d2", True, 4, 8, 4, 2, 2, 1)
+        assert r["speedup_analytic_tokens"] == pytest.approx(ops / ref_ops)
+        assert r["speedup_analytic_calls"] == pytest.approx(calls / ref_calls)
+    no_cache = next(r for r in rows if r["variant"] == "e2d2 no cache" and r["batch"] == 2)
+    assert no_cache["encoder_calls"] == no_cache["network_calls"] > e2d2["encoder_calls"]
     assert len(json.loads(out.read_text())["rows"]) == len(rows)
