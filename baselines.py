@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from e2d2 import (KVCache, Layer, Loss, ModelConfig, Recompute, TokenModel, _padding_rows_see_self,
-                  bd3lm_mask, check_length, diffusion_forward, encoder_mask)
+                  bd3lm_mask, check_length, diffusion_forward, encoder_mask, sampler_prompt_mask)
 
 # ---------------------------------------------------------------------------------------
 # The two masks only the baselines use (E2D2's encoder/decoder masks are in e2d2.py).
@@ -60,7 +60,7 @@ class ARRunner:
     run (the prompt first, then the newest token; keys/values of the rest are cached);
     without it, each call re-runs the causal forward over [prompt ; generated so far]."""
 
-    block_len, steps = 1, 1  # one token per "block", decided in one step
+    block_len, steps, canvas = 1, 1, None  # one token per "block", decided in one step
 
     def __init__(self, model, prompt: torch.Tensor, use_cache: bool):
         if prompt.shape[1] == 0:
@@ -104,8 +104,12 @@ class AR(OneStack):
         h, new_kv = self.run(self.layers, self.drop(self.embed(x)), positions, mask, prefix)
         return self.head(h), new_kv
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
-        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss)."""
+    exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
+
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
+        """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss, and
+        evaluation needs no draws)."""
         check_length(self.cfg, x0.shape[1], 1)
         target = (x0 != self.cfg.pad_id) & ~prompt_mask
         logits, _ = self.logits(x0)
@@ -114,8 +118,9 @@ class AR(OneStack):
                               reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
         tgt = target[:, 1:]
         n = tgt.sum().clamp(min=1)
-        loss = torch.where(tgt, nll, torch.zeros_like(nll)).sum() / n
-        return Loss(loss, loss, loss, n)
+        seq_nats = torch.where(tgt, nll, torch.zeros_like(nll)).sum(1)  # (b,)
+        loss = seq_nats.sum() / n
+        return Loss(loss, loss, loss, n, seq_nats, torch.where(tgt, x0[:, 1:], self.cfg.pad_id))
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
         return ARRunner(self, prompt, use_cache)
@@ -134,7 +139,8 @@ class MDLM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x_t)), positions, full_mask(valid))
         return self.head(h)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
         """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
         is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
         canvas is ONE block, so one t per sequence."""
@@ -144,11 +150,17 @@ class MDLM(OneStack):
         x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
         prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
         x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)  # the canvas
-        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss)
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, evaluate)
 
-    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
-        # bidirectional: nothing can be cached; the answer is one block of max_new_tokens
-        return Recompute(self, prompt, max_new_tokens, reencodes=False)
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens):
+        """Bidirectional: nothing can be cached. The answer is ONE block, and each row gets
+        the canvas training gave it: seq_len minus its OWN block-aligned prompt (data.collate
+        lays every row out alone), or max_new_tokens if that is given. In a batch the rows'
+        canvases differ: a row's positions past its canvas are PAD (never filled)."""
+        cfg = self.cfg
+        own_prompt = cfg.block_len * torch.ceil((prompt != cfg.pad_id).sum(1) / cfg.block_len).long()  # (b,)
+        canvas = torch.full_like(own_prompt, max_new_tokens) if max_new_tokens else cfg.seq_len - own_prompt
+        return Recompute(self, prompt, int(canvas.max()), reencodes=False, canvas=canvas)
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,16 +173,16 @@ class CachedBD3LM:
     network reads clean and noisy tokens), but every denoising step still runs ALL N
     layers on the noisy block, where E2D2 runs only its N_dec decoder layers."""
 
-    steps = None
+    steps = canvas = None
 
     def __init__(self, model: OneStack, prompt: torch.Tensor):
         self.model, cfg = model, model.cfg
         self.block_len = cfg.block_len
         self.cache = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
         self.encoder_calls = self.decoder_calls = 0
-        if prompt.shape[1] > 0:
-            valid = prompt != cfg.pad_id
-            self._run(prompt, encoder_mask(valid, valid, cfg.block_len), keep=True)  # bidirectional
+        if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
+            mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
+            self._run(prompt, mask, keep=True)
 
     def _run(self, tokens, mask, keep: bool):
         """All N layers over tokens (b, n) against the cache; keep=True caches them."""
@@ -204,9 +216,10 @@ class BD3LM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
         return self.head(h[:, L:])  # (b, L, V)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
         if use_cache:

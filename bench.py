@@ -21,31 +21,26 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
 from e2d2 import ModelConfig, generate
-from models import MODEL_TYPES, build_model, load_checkpoint, model_from_checkpoint
+from models import (MODEL_TYPES, autocast_for, build_model, is_cuda, load_checkpoint, model_from_checkpoint,
+                    pick_device)
 
 
 def timed(fn, device: str):
     """Run fn() and return (its result, wall seconds), waiting for the GPU if there is one:
     GPU work is asynchronous, so the clock is read only once it has finished."""
-    if device.startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
-    if device.startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
-
-
-def autocast_for(device: str):
-    """bf16 autocast on a GPU, as train.py trains; plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
 
 def write_json(path: str, obj) -> None:
@@ -118,7 +113,7 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
 
         for _ in range(2):  # warm-up
             step()
-        if device.startswith("cuda"):
+        if is_cuda(device):
             torch.cuda.reset_peak_memory_stats()
         times = [timed(step, device)[1] for _ in tqdm(range(repeats), desc=f"bench {name}", leave=False)]
         step_s = statistics.median(times)
@@ -127,7 +122,7 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
                "tokens_per_s": batch * L / step_s,
                "activation_mib": saved_activation_bytes(model, x0, prompt_mask, autocast) / 2**20,
                "cost": training_cost(cfg)}
-        if device.startswith("cuda"):
+        if is_cuda(device):
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
     e2d2_row = rows[0]
@@ -138,7 +133,7 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
     print(f"training step, batch {batch} x {cfg0.seq_len} tokens (prompt {BENCH_PROMPT}), "
           f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
           f"device={device}, median of {repeats}")
-    mem = "peak MiB" if device.startswith("cuda") else "activations MiB"
+    mem = "peak MiB" if is_cuda(device) else "activations MiB"
     print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'step ms':>9} {mem:>16} {'E2D2 speed-up':>14} {'analytic':>9}")
     for r in rows:
         m = r.get("peak_mib", r["activation_mib"])
@@ -298,11 +293,12 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
                      "params": model.num_params(), **m})
     tc = ckpt["train_config"]
     print(f"\n{tc['data'] or tc['task']}, {tc['max_steps']} steps of batch {tc['batch_size']}")
-    print("| model | layers | params | exact match | val NELBO (AR: NLL) | sampling tokens/s | training tokens/s |")
+    print("| model | layers | params | exact match | val NELBO ± SE, nats/token (AR: NLL) | sampling tokens/s "
+          "| training tokens/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.2f}M | {r['exact_match']:.3f} | "
-              f"{r['val_nelbo']:.4f} | {r.get('sample_tokens_per_s', float('nan')):.0f} | "
+              f"{r['val_nelbo']:.4f} ± {r['val_nelbo_se']:.4f} | {r.get('sample_tokens_per_s', float('nan')):.0f} | "
               f"{r['train_tokens_per_s']:.0f} |")
     if out:
         write_json(out, {"train_flags": train_flags, "train_config": tc, "rows": rows})
@@ -319,10 +315,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs (median); train 5, sample 3")
     p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes")
     args, rest = p.parse_known_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if rest and args.what != "compare":  # only compare passes flags on (to train.py)
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.what == "compare" and args.device != "auto":
+        rest.append(f"--device={args.device}")  # train.py picks the device of each run
     try:
+        device = pick_device(args.device)
         if args.what == "train":
             return bench_training(args.batch, args.repeats or 5, device, out=args.out)
         if args.what == "sample":

@@ -57,6 +57,12 @@ class ByteTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def bytes_per_token(self) -> torch.Tensor:
+        """(vocab_size,) how many bytes of text each token id stands for: 1 for a byte,
+        0 for a special token. Figures per byte divide total nats by total bytes, so they
+        stay comparable when a tokenizer's tokens are longer than one byte."""
+        return (torch.arange(self.vocab_size) < 256).long()
+
 
 # --- built-in tasks -------------------------------------------------------------------
 # Each task maps a random example to (prompt, answer) strings. Held-out examples are
@@ -320,6 +326,30 @@ class PairsData:
     collate = staticmethod(collate)
 
 
+def data_kind(path: str, data_format: str = "auto") -> str:
+    """"seq2seq" (pairs) or "text" for a data file: by --data_format, or with "auto" by
+    its extension (.jsonl / .tsv are pairs, anything else plain text)."""
+    if data_format not in ("auto", "pairs", "text"):
+        raise ValueError(f"data_format must be auto, pairs or text, got {data_format!r}")
+    if data_format == "auto":
+        data_format = "pairs" if path.lower().endswith((".jsonl", ".tsv")) else "text"
+    return "seq2seq" if data_format == "pairs" else "text"
+
+
+# How the clean stream reads a prompt after training on each kind of data (the
+# ModelConfig field prompt_attention): seq2seq prompts were read bidirectionally; plain
+# text had no prompt, only block-causal context.
+PROMPT_ATTENTION = {"seq2seq": "bidirectional", "text": "block_causal"}
+
+
+def prompt_attention_of(train_config: dict) -> str:
+    """prompt_attention for a checkpoint saved before the field existed, from its saved
+    training config (built-in tasks are seq2seq)."""
+    if not train_config.get("data"):
+        return PROMPT_ATTENTION["seq2seq"]
+    return PROMPT_ATTENTION[data_kind(train_config["data"], train_config.get("data_format", "auto"))]
+
+
 def read_text(path: str) -> list:
     """The bytes of a file as token ids; clear errors for a missing or empty file."""
     try:
@@ -366,19 +396,9 @@ class TextData:
         return Batch(x0, torch.zeros_like(x0, dtype=torch.bool))
 
 
-# --- picking the dataset: the one place a data file is read and its format decided ----
+# --- picking the dataset: the one place a data file is read ----------------------------
 
 TEXT_SEQ_LEN = 128  # plain text trains on windows of this many bytes unless --seq_len says
-
-
-def data_kind(path: str, data_format: str = "auto") -> str:
-    """"pairs" (seq2seq) or "text": by the file's extension (.jsonl, .tsv are pairs)
-    unless data_format says which."""
-    if data_format not in ("auto", "pairs", "text"):
-        raise ValueError(f"data_format must be auto, pairs or text, got {data_format!r}")
-    if data_format != "auto":
-        return data_format
-    return "pairs" if path.lower().endswith((".jsonl", ".tsv")) else "text"
 
 
 def load_dataset(settings: dict, block_len: int, seq_len=None):

@@ -48,6 +48,7 @@ from einops import rearrange
 
 SCHEDULES = ("linear", "cosine", "log", "exp")
 DECODER_VARIANTS = ("hidden", "shared_kv")
+PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
 
 @dataclass
@@ -85,6 +86,13 @@ class ModelConfig:
     t_max: float = 1.0
     dropout: float = 0.0
     rope_base: float = 10000.0
+    # How the clean stream read a prompt in training, so that the sampler reads it the same
+    # way: "bidirectional" (seq2seq data: every query sees the whole prompt) or
+    # "block_causal" (plain text: there is no prompt in training, only block-causal clean
+    # context, so a prompt is read block by block like any earlier text). train.py sets it
+    # from the data; a checkpoint saved before this field existed gets it from
+    # models.config_from_dict.
+    prompt_attention: str = "bidirectional"
 
     def __post_init__(self):
         validate_config(self)
@@ -117,6 +125,8 @@ def validate_config(cfg: ModelConfig) -> None:
         problems.append(f"decoder must be one of {DECODER_VARIANTS}, got {cfg.decoder!r}")
     if cfg.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if cfg.prompt_attention not in PROMPT_ATTENTION:
+        problems.append(f"prompt_attention must be one of {PROMPT_ATTENTION}, got {cfg.prompt_attention!r}")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
         problems.append(f"need 0 <= t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -156,6 +166,37 @@ def sample_t(batch: int, n_blocks: int, t_min: float, t_max: float, generator=No
     when [t_min, t_max] is narrower than [0, 1]). Shape (b, K)."""
     u = torch.rand(batch, n_blocks, generator=generator, device=device)
     return t_min + (t_max - t_min) * u
+
+
+# Evaluation draws t over ALL of [0, 1] (whatever [t_min, t_max] training used), because
+# the NELBO is an integral over the whole range: NELBO = int_0^1 f(t) dt, with
+# f(t) = E_{x_t ~ q}[ w(t) * sum over masked targets of -log p ], w = -alpha'/(1-alpha).
+# Near t = 0 one draw is the trouble: a token is masked with probability 1-alpha(t) ~ t
+# and then weighted by w ~ 1/t (linear schedule). f stays finite (about -alpha'(t) times
+# the mean -log p), but with t ~ U[0, 1] the variance of a draw grows like log(1/t_lowest)
+# (infinite without a floor) and rare huge terms make the average and its standard error
+# unreliable. Two things handle it:
+#   1. importance sampling: t = v^2 with v ~ U[0, 1], i.e. density p(t) = 1 / (2 sqrt t),
+#      more draws near 0, each term multiplied by 1 / p(t) = 2v. Still unbiased, and the
+#      variance is finite (int dt / (t p(t)) = int 2 / sqrt t dt = 4);
+#   2. a floor: t below EVAL_T_FLOOR is evaluated at the floor (it keeps w finite in
+#      floating point). What it costs: f on [0, floor] is replaced by f(floor), an error of
+#      at most floor * max|alpha'| * (mean -log p), i.e. about 1e-5 of the NELBO.
+EVAL_T_FLOOR = 1e-5
+
+
+def sample_t_stratified(batch: int, n_blocks: int, generator=None, device=None):
+    """Evaluation times and their importance weights, each (b, K), float64 (near the floor
+    1 - alpha(t) is ~1e-10 for the "exp" schedule, 0 in float32).
+    The n = b*K values v = (i + u) / n, i = 0..n-1, share ONE u ~ U[0, 1) and are shuffled
+    over the blocks: each v is U[0, 1] on its own (the estimate stays unbiased) but together
+    they cover [0, 1] evenly (low-discrepancy sampling, as in MDLM). Then t = v^2 (floored)
+    and the weight 1 / p(t) = 2v (see the comment above)."""
+    n = batch * n_blocks
+    u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+    v = (torch.arange(n, device=device, dtype=torch.float64) + u) / n  # (n,) one per stratum
+    v = v[torch.randperm(n, generator=generator, device=device)].view(batch, n_blocks)
+    return (v * v).clamp(min=EVAL_T_FLOOR), 2.0 * v
 
 
 def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Tensor:
@@ -307,25 +348,33 @@ class Loss:
     nelbo: torch.Tensor  # sum_i w_k * (-log p(x0_i | x_t)) / n_targets
     masked_ce: torch.Tensor  # sum over masked targets of -log p, / n_targets (unweighted)
     n_targets: torch.Tensor  # number of target tokens the averages are taken over
+    # per sequence, for evaluation (the standard error needs per-sequence terms):
+    seq_nats: torch.Tensor  # (b,) sum over the row's targets of w_k * (-log p) (AR: -log p)
+    scored_ids: torch.Tensor  # (b, L') the target token ids those nats are for, PAD elsewhere
 
 
 def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
-                   target_mask: torch.Tensor, mask_id: int):
+                   target_mask: torch.Tensor, mask_id: int, importance: Optional[torch.Tensor] = None):
     """Block-diffusion NELBO (MDLM / BD3-LM) and the unweighted masked cross-entropy.
 
     NELBO per token = (1 / n_targets) * sum_{target i, masked} w_k * (-log p(x0_i | x_t)),
     with w_k = -alpha'(t_k) / (1 - alpha(t_k)) for the block k that holds i. Unmasked
     targets contribute exactly 0 because of SUBS carry-over. Returns
-    (nelbo, masked_ce, n_targets).
+    (nelbo, masked_ce, n_targets, seq_nats), seq_nats (b,) the NELBO numerator per row.
+    importance (b, L): 1 / p(t_k) when t was drawn from a density p other than U[0, 1]
+    (evaluation, see sample_t_stratified); it multiplies the NELBO weights.
     """
     log_p = subs_log_probs(logits, noised.x_t, mask_id)  # (b, L, V)
     nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (b, L); 0 where x_t == x0
     w = loss_weight(noised.alpha_t, noised.alpha_prime_t)  # (b, L)
+    if importance is not None:
+        w = w * importance
     n_targets = target_mask.sum().clamp(min=1)
     zero = torch.zeros_like(nll)
     masked_ce = torch.where(target_mask, nll, zero).sum() / n_targets
-    nelbo = torch.where(target_mask, w * nll, zero).sum() / n_targets
-    return nelbo, masked_ce, n_targets
+    seq_nats = torch.where(target_mask, w * nll, zero).sum(1)  # (b,)
+    nelbo = seq_nats.sum() / n_targets
+    return nelbo, masked_ce, n_targets, seq_nats
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,6 +530,8 @@ class TokenModel(nn.Module):
       forward(x0, prompt_mask, generator, train_loss) -> Loss,
       make_runner(prompt, use_cache, max_new_tokens) -> the runner generate() drives."""
 
+    exact_likelihood = False  # True for a model whose loss is an exact NLL (AR)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -527,22 +578,33 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
         raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
 
 
-def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss) -> Loss:
+def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
+                      evaluate: bool = False) -> Loss:
     """The training step shared by E2D2, BD3-LM and MDLM: one t per block of `block_len`,
     x_t ~ q(x_t | x_0), logits of every noisy token in ONE call of model.logits, and the
     losses. train_loss picks what `loss` is: "masked_ce" (the authors' training objective)
-    or "nelbo" (the bound itself)."""
+    or "nelbo" (the bound itself).
+    evaluate=True estimates the NELBO itself: t over all of [0, 1] (stratified, importance
+    sampled, floored: see sample_t_stratified), x_t drawn from q(x_t | x_0) exactly, with
+    no re-masking of empty blocks (that training device would change the distribution the
+    bound is an expectation over)."""
     cfg = model.cfg
     if train_loss not in ("masked_ce", "nelbo"):
         raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
     b, L = x0.shape
     target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
-    t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
+    importance = None
+    if evaluate:  # (b, K) each: t over all of [0, 1], and 1 / p(t)
+        t, importance = sample_t_stratified(b, L // block_len, generator, x0.device)
+        importance = importance.repeat_interleave(block_len, dim=1)  # (b, L)
+    else:
+        t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
     noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
-                      ensure_masked=True, generator=generator)
+                      ensure_masked=not evaluate, generator=generator)
     logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
-    nelbo, masked_ce, n = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id)
-    return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n)
+    nelbo, masked_ce, n, seq_nats = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id, importance)
+    scored = torch.where(target_mask, x0, cfg.pad_id)  # which tokens the nats are for
+    return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n, seq_nats, scored)
 
 
 # ---------------------------------------------------------------------------------------
@@ -600,11 +662,13 @@ class E2D2Network(TokenModel):
         dec_mask = decoder_mask(valid, self.cfg.block_len)  # (b, L, 2L)
         return self.decode(x_t, positions, dec_mask, clean)  # [E2D2] N_dec layers, L queries, 2L keys
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce") -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
+                evaluate: bool = False) -> Loss:
         """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0
-        (one t per block), runs encoder + decoder once and returns the losses."""
+        (one t per block), runs encoder + decoder once and returns the losses
+        (evaluate=True: the exact NELBO estimate, see diffusion_forward)."""
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
 
 
 # ---------------------------------------------------------------------------------------
@@ -612,6 +676,8 @@ class E2D2Network(TokenModel):
 # way of computing logits; a "runner", handed to it by the model, hides that difference:
 #   runner.block_len        B, the length of the blocks the loop denoises
 #   runner.steps            None (the caller's T), or a fixed T the model needs
+#   runner.canvas           None, or (b,) how many positions each row generates (MDLM:
+#                           its one block is each row's own canvas, PAD after it)
 #   runner.logits(x_block)  (b, B, V) logits of the noisy block (one network call)
 #   runner.commit(block)    the finished clean block joins the context
 #   runner.keep(rows)       drop finished sequences from the batch
@@ -620,6 +686,16 @@ class E2D2Network(TokenModel):
 # every step (no cache); it is the reference every cached runner must match exactly.
 # ---------------------------------------------------------------------------------------
 
+def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt_mask the sampler reads a (left-padded) prompt (b, P') with: the one its
+    training gave prompts. Seq2seq ("bidirectional"): every real prompt token is a prompt
+    token. Plain text ("block_causal"): training had no prompt, only block-causal clean
+    context, so no position is: the prompt's blocks are read block-causally."""
+    if cfg.prompt_attention == "bidirectional":
+        return prompt != cfg.pad_id
+    return torch.zeros_like(prompt, dtype=torch.bool)
+
+
 class CachedE2D2:
     """E2D2 sampling with two caches:
       enc[l]: keys/values of every clean token in encoder layer l, so a finished block is
@@ -627,7 +703,7 @@ class CachedE2D2:
       dec[l]: keys/values of h in decoder layer l (the "cross-attention cache"), computed
               once per clean token and reused at every denoising step."""
 
-    steps = None  # any number of denoising steps per block
+    steps = canvas = None  # any number of denoising steps per block; every row fills B
 
     def __init__(self, model: E2D2Network, prompt: torch.Tensor):
         self.model, cfg = model, model.cfg
@@ -635,9 +711,9 @@ class CachedE2D2:
         self.enc = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
         self.dec = KVCache(cfg.n_dec, prompt.shape[0], prompt.device)  # [E2D2]
         self.encoder_calls = self.decoder_calls = 0
-        if prompt.shape[1] > 0:
-            valid = prompt != cfg.pad_id
-            self._encode(prompt, encoder_mask(valid, valid, cfg.block_len))  # prompt: bidirectional
+        if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
+            mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
+            self._encode(prompt, mask)
 
     def _encode(self, tokens, mask):
         """Encode new clean tokens (b, n) against the encoder cache; extend both caches."""
@@ -672,19 +748,20 @@ class Recompute:
     BD3-LM's clean stream are block-causal, so what sits in the noisy block's slot of x0
     cannot reach that block's logits: we put x_t there. (MDLM reads only x_t.)
     reencodes: whether each call counts as an encoder call too (E2D2: it re-runs the
-    encoder over everything at every step)."""
+    encoder over everything at every step). canvas (b,): see the runner interface above."""
 
     steps = None
 
-    def __init__(self, model, prompt: torch.Tensor, block_len: int, reencodes: bool):
+    def __init__(self, model, prompt: torch.Tensor, block_len: int, reencodes: bool, canvas=None):
         self.model, self.context, self.n_prompt = model, prompt, prompt.shape[1]
-        self.block_len, self.reencodes = block_len, reencodes
+        self.block_len, self.reencodes, self.canvas = block_len, reencodes, canvas
+        self.prompt_mask = sampler_prompt_mask(model.cfg, prompt)  # (b, P'): as in training
         self.encoder_calls = self.decoder_calls = 0
 
     def logits(self, x_block):
         x = torch.cat([self.context, x_block], dim=1)  # (b, n + B)
         prompt_mask = torch.zeros_like(x, dtype=torch.bool)
-        prompt_mask[:, : self.n_prompt] = True  # (its padding is masked out as padding)
+        prompt_mask[:, : self.n_prompt] = self.prompt_mask
         self.decoder_calls += 1
         self.encoder_calls += self.reencodes
         return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]  # (b, B, V)
@@ -693,7 +770,7 @@ class Recompute:
         self.context = torch.cat([self.context, block], dim=1)
 
     def keep(self, rows):
-        self.context = self.context[rows]
+        self.context, self.prompt_mask = self.context[rows], self.prompt_mask[rows]
 
 
 # ---------------------------------------------------------------------------------------
@@ -738,9 +815,10 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
 
 
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
-                 confidence_threshold, generator, final: bool) -> torch.Tensor:
+                 confidence_threshold, generator, final: bool, n_positions=None) -> torch.Tensor:
     """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
-    Tokens that are already decoded never change (SUBS carry-over)."""
+    Tokens that are already decoded never change (SUBS carry-over). n_positions (b,): how
+    many positions of each row are to be generated (default all B; MDLM's canvases)."""
     is_mask = x == cfg.mask_id  # (b, B)
     probs = subs_log_probs(logits if temperature == 0 else logits / temperature, x, cfg.mask_id).exp()
     if temperature == 0:  # x_theta: the argmax, or a sample of probs
@@ -758,11 +836,12 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
         u = torch.rand(x.shape, generator=generator, device=x.device)
         reveal = is_mask & (u < p_reveal)
     else:
-        # predict and remask: after this step floor((1 - alpha_s) * B) tokens stay masked,
-        # but at least one [MASK] is revealed per step; the least confident stay masked.
-        B = x.shape[1]
-        n_stay = min(int(math.floor((1.0 - alpha_s) * B + 1e-6)), B)
-        n_stay = torch.clamp(is_mask.sum(1) - 1, min=0).clamp(max=n_stay)  # (b,)
+        # predict and remask: after this step floor((1 - alpha_s) * n) of a row's n
+        # positions stay masked, but at least one [MASK] is revealed per step; the least
+        # confident stay masked.
+        n = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_positions is None else n_positions
+        n_stay = torch.floor((1.0 - alpha_s) * n.double() + 1e-6).long()  # (b,)
+        n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
         conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
         rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
         reveal = is_mask & (rank >= n_stay[:, None])
@@ -779,8 +858,8 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
              stop_at_eos: bool = True) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
-    Block by block (the model's runner sets B: E2D2 block_len; MDLM the whole answer; AR
-    one token), each block starting all [MASK]; T = `steps` steps per block (default B),
+    Block by block (the model's runner sets B: E2D2 block_len; MDLM the whole answer, each
+    row its own canvas as in training; AR one token), each block starting all [MASK]; T = `steps` steps per block (default B),
     t from 1 down to 0, each asking the runner for the block's logits, then
       strategy="remask":    keep the most confident predictions, re-mask the rest so that
                             floor((1 - alpha_s) * B) stay masked ("predict and remask");
@@ -806,8 +885,7 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     if room < cfg.block_len:
         raise ValueError(f"prompt of {max(len(p) for p in prompts)} tokens ({prompt.shape[1]} after aligning "
                          f"to blocks of {cfg.block_len}) leaves no room to generate within seq_len={cfg.seq_len}")
-    max_new_tokens = room if max_new_tokens is None else max_new_tokens
-    if not 1 <= max_new_tokens <= room:
+    if max_new_tokens is not None and not 1 <= max_new_tokens <= room:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be between 1 and {room} (seq_len="
                          f"{cfg.seq_len} minus the {prompt.shape[1]} aligned prompt positions)")
     if steps is not None and steps < 1:
@@ -818,7 +896,10 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     B = runner.block_len
     T = runner.steps or steps or B  # default: T = B steps per block, as in the paper
     b = prompt.shape[0]
-    n_blocks = math.ceil(max_new_tokens / B)
+    # how many positions each row generates: max_new_tokens (default: all the room left),
+    # or the row's own canvas if the runner has one (MDLM)
+    canvas = torch.full((b,), max_new_tokens or room, device=device) if runner.canvas is None else runner.canvas
+    n_blocks = math.ceil(int(canvas.max()) / B)
     out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=device)
     rows = torch.arange(b, device=device)  # the sequences still generating
     network_calls = 0
@@ -826,6 +907,10 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()
     for k in range(n_blocks):
         x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=device)  # all [MASK]
+        n_positions = None  # every row fills all B positions ...
+        if runner.canvas is not None:  # ... except rows with their own canvas: PAD after it
+            n_positions = canvas[rows]
+            x = torch.where(torch.arange(B, device=device) < n_positions[:, None], x, cfg.pad_id)
         last_x, last_logits = None, None
         for i in range(T):
             if not (x == cfg.mask_id).any():
@@ -835,7 +920,7 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
                 last_x = x
                 network_calls += 1
             x = denoise_step(last_logits, x, grid[i], grid[i + 1], cfg, strategy, temperature,
-                             confidence_threshold, generator, final=(i == T - 1))
+                             confidence_threshold, generator, final=(i == T - 1), n_positions=n_positions)
             if on_step is not None:
                 on_step(k, i, rows, x)
         out[rows, k * B:(k + 1) * B] = x
@@ -851,7 +936,8 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
 
     # cut every row at its first [EOS] (the rest of that block is [EOS] or noise)
     tokens, finished, new = [], [], 0
-    for row in out[:, :max_new_tokens].tolist():
+    for row, n in zip(out.tolist(), canvas.tolist()):
+        row = row[:n]
         cut = row.index(cfg.eos_id) if stop_at_eos and cfg.eos_id in row else None
         finished.append(cut is not None)
         tokens.append(row[:cut] if cut is not None else row)

@@ -1,20 +1,25 @@
 """
-Every model by name, and checkpoints.
+What the scripts (train.py, sample.py, bench.py) do with any model: build it by name,
+reload it from a checkpoint, estimate its NELBO on held-out data, and pick the device.
 
-This small file exists so that e2d2.py can tell E2D2 alone: the registry has to see all
-four models, and e2d2.py must not import baselines.py (which imports e2d2.py). The
-scripts (train.py, sample.py, bench.py) build and reload models only through here.
+This file exists so that e2d2.py can tell E2D2 alone: the registry has to see all four
+models, and e2d2.py must not import baselines.py (which imports e2d2.py).
 
 A checkpoint is a dict saved by train.py: the model config as a dict (asdict), the
 weights, and for training the optimizer state and the step. The model is rebuilt from
 the saved config, so a checkpoint needs no flags to be read back.
 """
 
+import math
 import os
-from dataclasses import fields
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
+from tqdm import tqdm
 
+import data
 from baselines import AR, BD3LM, MDLM
 from e2d2 import E2D2, ModelConfig, TokenModel
 
@@ -29,13 +34,15 @@ def build_model(cfg: ModelConfig) -> TokenModel:
     return MODELS[cfg.model](cfg)
 
 
-def config_from_dict(d: dict) -> ModelConfig:
+def config_from_dict(d: dict, prompt_attention: str = "bidirectional") -> ModelConfig:
     """The ModelConfig saved in a checkpoint; keys this code does not know are an error
-    (they mean the checkpoint was written by other code)."""
+    (they mean the checkpoint was written by other code). prompt_attention: the value for
+    a checkpoint saved before that field existed (the caller knows from the saved training
+    config whether the data was plain text, see data.prompt_attention_of)."""
     unknown = sorted(set(d) - {f.name for f in fields(ModelConfig)})
     if unknown:
         raise ValueError(f"checkpoint config has unknown keys {unknown}")
-    return ModelConfig(**d)
+    return ModelConfig(**{"prompt_attention": prompt_attention, **d})
 
 
 def load_checkpoint(path: str, device, need=("config", "model")) -> dict:
@@ -61,8 +68,122 @@ def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenMode
     if model_type and saved != model_type:
         raise ValueError(f"the checkpoint holds a {saved!r} model, not {model_type!r}")
     try:
-        model = build_model(config_from_dict(ckpt["config"])).to(device)
+        cfg = config_from_dict(ckpt["config"], data.prompt_attention_of(ckpt.get("train_config") or {}))
+        model = build_model(cfg).to(device)
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # weights of another shape or name
         raise ValueError(f"the checkpoint does not match this code's models: {e}") from None
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: the NELBO estimate, with its standard error. One function for every model
+# (AR's NLL is exact; the diffusion models' bound is estimated from draws of t and x_t).
+# ---------------------------------------------------------------------------------------
+
+
+def ratio_estimate(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
+    """R = sum(num) / sum(den) over n sequences and its standard error (the delta method
+    for a ratio of means): SE^2 = sum_i (num_i - R den_i)^2 / (n (n - 1) mean(den)^2).
+    It treats the sequences as independent draws; the stratified t makes the draws of one
+    batch negatively correlated, so this SE errs on the large side."""
+    num, den = num.double(), den.double()
+    r = (num.sum() / den.sum()).item()
+    n = num.numel()
+    if n < 2:
+        return r, math.nan
+    resid = num - r * den
+    return r, math.sqrt((resid.pow(2).sum() / (n * (n - 1))).item()) / den.mean().item()
+
+
+@dataclass
+class NelboEstimate:
+    """Per held-out sequence: the NELBO numerator (nats, averaged over the draws), the
+    number of target tokens, and (if given a tokenizer's bytes per token) their bytes."""
+
+    seq_nats: torch.Tensor  # (n,) float64
+    seq_tokens: torch.Tensor  # (n,)
+    seq_bytes: Optional[torch.Tensor] = None  # (n,)
+
+    def per_token(self) -> tuple[float, float]:
+        return ratio_estimate(self.seq_nats, self.seq_tokens)
+
+    def per_byte(self) -> tuple[float, float]:
+        """Total nats / total bytes (a tokenizer-independent figure), with its SE."""
+        return ratio_estimate(self.seq_nats, self.seq_bytes)
+
+    def figures(self) -> dict:
+        """NELBO per token and the perplexity bound exp(NELBO per token); with bytes also
+        the NELBO per byte and bits per byte. Each value has its standard error (the
+        perplexity's by the delta method: SE(exp x) = exp(x) SE(x))."""
+        nelbo, se = self.per_token()
+        out = {"nelbo_per_token": nelbo, "nelbo_per_token_se": se,
+               "ppl_bound": math.exp(nelbo), "ppl_bound_se": math.exp(nelbo) * se}
+        if self.seq_bytes is not None:
+            per_byte, se_b = self.per_byte()
+            out.update(nelbo_per_byte=per_byte, nelbo_per_byte_se=se_b,
+                       bits_per_byte=per_byte / math.log(2), bits_per_byte_se=se_b / math.log(2))
+        return out
+
+
+@torch.no_grad()
+def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
+               bytes_per_token: Optional[torch.Tensor] = None, progress: bool = False) -> NelboEstimate:
+    """Estimate the NELBO (AR: the exact NLL) of held-out data. batches: (x0, prompt_mask)
+    pairs as the training forward takes them. Every sequence gets `draws` independent
+    draws of (t, x_t) (t stratified over [0, 1] across the batch, x_t ~ q(x_t | x_0) with no
+    re-masking: see e2d2.diffusion_forward); its contribution is their mean. bytes_per_token
+    (V,): how many bytes each token id stands for, to report the figure per byte."""
+    if draws < 1:
+        raise ValueError(f"eval draws must be >= 1, got {draws}")
+    draws = 1 if model.exact_likelihood else draws  # exact: nothing to average
+    was_training = model.training
+    model.eval()
+    nats, tokens, n_bytes = [], [], []
+    for x0, prompt_mask in tqdm(batches, desc="nelbo", leave=False, disable=not progress):
+        seq = 0.0
+        for _ in range(draws):
+            out = model(x0, prompt_mask, generator=generator, evaluate=True)
+            seq = seq + out.seq_nats.double() / draws  # (b,)
+        scored = out.scored_ids != model.cfg.pad_id  # the same targets in every draw
+        nats.append(seq.cpu())
+        tokens.append(scored.sum(1).cpu())
+        if bytes_per_token is not None:
+            per = bytes_per_token.to(x0.device)[out.scored_ids]  # (b, L') bytes of each position
+            n_bytes.append(torch.where(scored, per, 0).sum(1).cpu())
+    if was_training:
+        model.train()
+    return NelboEstimate(torch.cat(nats), torch.cat(tokens),
+                         torch.cat(n_bytes) if bytes_per_token is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
+# Devices: one parser of the --device flag and one autocast rule for every script.
+# ---------------------------------------------------------------------------------------
+
+
+def pick_device(flag: str = "auto", local_rank: Optional[int] = None) -> str:
+    """--device -> a torch device string. "auto" is "cuda" when a GPU is visible, else
+    "cpu"; "cuda", "cuda:N" and "cpu" are taken as given. Under torchrun (local_rank set)
+    every process uses the GPU of its local rank: "cuda" or "cuda:N" becomes
+    "cuda:<local_rank>". Anything else is a ValueError naming the flag."""
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(flag)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+    if dev.type == "cuda" and local_rank is not None:
+        return f"cuda:{local_rank}"
+    return str(dev)
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def autocast_for(device):
+    """bf16 autocast on any CUDA device ("cuda", "cuda:0", ...); plain float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda(device) else nullcontext()

@@ -5,7 +5,8 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
-    python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L (or NELBO for text)
+    python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L
+    python sample.py --eval test.txt            # NELBO per byte, bits per byte, perplexity bound
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
 network calls (denoising steps that ran the decoder) and encoder calls. The speed of
@@ -13,7 +14,6 @@ every model side by side is measured by bench.py.
 """
 
 import argparse
-import math
 import sys
 import time
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 from e2d2 import generate
-from models import load_checkpoint, model_from_checkpoint
+from models import autocast_for, eval_nelbo, is_cuda, load_checkpoint, model_from_checkpoint, pick_device
 
 
 def heldout_examples(ckpt: dict, n: int, seed: int) -> list:
@@ -67,6 +67,8 @@ def main(argv=None):
     p.add_argument("--eval", default="", help="evaluate on a data file: .jsonl/.tsv pairs (exact "
                    "match, BLEU, ROUGE-L) or plain text (NELBO and perplexity bound)")
     p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences per batch")
+    p.add_argument("--eval_draws", type=int, default=4,
+                   help="--eval on text: draws of (t, x_t) per window for the NELBO estimate")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default block_len)")
     p.add_argument("--strategy", choices=["remask", "ancestral"], default="remask")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -79,9 +81,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
-        run(args, device)
+        run(args, pick_device(args.device))
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -110,7 +111,7 @@ def run(args, device: str):
                    steps=args.steps, strategy=args.strategy, temperature=args.temperature,
                    confidence_threshold=args.threshold, use_cache=not args.no_cache,
                    generator=generator, on_step=show)
-    if device.startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
     seconds = time.perf_counter() - t0
 
@@ -137,10 +138,12 @@ def run(args, device: str):
 def evaluate_file(model, path: str, args, device: str) -> dict:
     """Seq2seq pairs (.jsonl / .tsv): sample an answer for every source and report exact
     match, corpus BLEU and ROUGE-L against the targets. Anything else is plain text:
-    the NELBO per byte over consecutive windows of seq_len bytes (for AR: the exact NLL)
-    and the perplexity bound exp(NELBO)."""
+    the NELBO over consecutive windows of seq_len bytes (for AR: the exact NLL), per byte
+    (total nats / total bytes), in bits per byte, and the perplexity bound
+    exp(NELBO per token), each with its standard error (models.eval_nelbo: t over all of
+    [0, 1], x_t ~ q(x_t | x_0) exactly, --eval_draws draws per window)."""
     cfg, tok = model.cfg, data.ByteTokenizer()
-    if data.data_kind(path) == "pairs":
+    if data.data_kind(path) == "seq2seq":
         # a source too long to leave room for one answer block is skipped (and counted)
         pairs, skipped = [], 0
         for src, tgt in data.read_pairs(path):
@@ -170,16 +173,19 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
     if not windows:
         raise ValueError(f"{path}: shorter than one window of seq_len={cfg.seq_len} bytes")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    total, count = 0.0, 0
-    for i in range(0, len(windows), args.batch_size):
-        batch = data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
-        out = model(batch.x0, batch.prompt_mask, generator=g)
-        total, count = total + out.nelbo.item() * out.n_targets.item(), count + out.n_targets.item()
-    nelbo = total / count
-    kind = "NLL" if cfg.model == "ar" else "NELBO"
-    print(f"{path}: {count} bytes in {len(windows)} windows of {cfg.seq_len}; {kind} {nelbo:.4f} nats/byte, "
-          f"perplexity <= {math.exp(nelbo):.3f}")
-    return {"windows": len(windows), "nelbo": nelbo, "perplexity_bound": math.exp(nelbo)}
+    batches = [data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
+               for i in range(0, len(windows), args.batch_size)]
+    with autocast_for(device):
+        est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], args.eval_draws, g,
+                         tok.bytes_per_token(), progress=True)
+    f = est.figures()
+    kind = "NLL" if model.exact_likelihood else "NELBO"
+    draws = "exact" if model.exact_likelihood else f"{args.eval_draws} draws per window"
+    print(f"{path}: {int(est.seq_bytes.sum())} bytes scored in {len(windows)} windows of {cfg.seq_len} "
+          f"({draws}); {kind} {f['nelbo_per_byte']:.4f} ± {f['nelbo_per_byte_se']:.4f} nats/byte, "
+          f"{f['bits_per_byte']:.4f} ± {f['bits_per_byte_se']:.4f} bits/byte, perplexity <= "
+          f"{f['ppl_bound']:.3f} ± {f['ppl_bound_se']:.3f} (per token; ± = standard error)")
+    return {"windows": len(windows), **f}
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Train E2D2 (or a baseline) on a built-in task or on your own data.
 
 Every field of e2d2.ModelConfig and of TrainConfig below is a flag (--name=value).
 The last line printed is machine-readable:
-    final step=<n> val_nelbo=<x> exact_match=<y>
-(for plain text there is no exact match: exact_match=nan).
+    final step=<n> val_nelbo=<x> val_nelbo_se=<s> exact_match=<y>
+val_nelbo is the held-out NELBO per target token (AR: the exact NLL) and val_nelbo_se its
+standard error; for plain text there is no exact match: exact_match=nan.
 Speed and side-by-side comparisons of the models are in bench.py.
 """
 
@@ -33,7 +34,8 @@ from tqdm import tqdm
 
 import data
 from e2d2 import ModelConfig, generate
-from models import MODEL_TYPES, build_model, config_from_dict, load_checkpoint
+from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, is_cuda,
+                    load_checkpoint, pick_device)
 
 # -----------------------------------------------------------------------------
 # Training settings. The model's settings are e2d2.ModelConfig; both are flags.
@@ -66,6 +68,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_examples: int = 256  # held-out prompts sampled for exact match
     eval_batches: int = 4  # held-out batches for the validation NELBO
+    eval_draws: int = 4  # draws of (t, x_t) per held-out sequence for the NELBO estimate
     sample_steps: int = 0  # denoising steps per block when evaluating (0 = block_len)
     # system
     device: str = "auto"  # "auto" = cuda if available, else cpu
@@ -117,7 +120,7 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
         # the checkpoint's config is the model; flags may only repeat it
         ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device,
                                need=("config", "model", "optimizer", "step"))
-        cfg = config_from_dict(ckpt["config"])
+        cfg = config_from_dict(ckpt["config"], data.prompt_attention_of(ckpt.get("train_config", {})))
         if "model" in model_over and model_over["model"] != cfg.model:
             raise ValueError(f"the checkpoint in {tc.out_dir} holds a {cfg.model!r} model, not "
                              f"{model_over['model']!r}")
@@ -128,13 +131,18 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
         dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len)
     else:
         ckpt = None
-        # a new model: the defaults, then the tokenizer's special ids and a seq_len that fits
-        # the data (the dataset decides it unless --seq_len does), then the flags
+        # a new model: the defaults, then the tokenizer's special ids, a seq_len that fits
+        # the data (the dataset decides it unless --seq_len does) and how its prompts are
+        # read (seq2seq: bidirectionally; text: block-causally), then the flags
         block_len = model_over.get("block_len", ModelConfig.block_len)
         dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"))
+        prompt_attention = data.PROMPT_ATTENTION[dataset.kind]
+        if model_over.get("prompt_attention", prompt_attention) != prompt_attention:
+            raise ValueError(f"prompt_attention is set by the data: {dataset.kind} data trains prompts "
+                             f"{prompt_attention!r}, not {model_over['prompt_attention']!r}; drop the flag")
         tok = data.ByteTokenizer()
         base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                    mask_id=tok.mask_id, seq_len=seq_len)
+                    mask_id=tok.mask_id, seq_len=seq_len, prompt_attention=prompt_attention)
         cfg = ModelConfig(**{**base, **model_over})
     if cfg.model not in MODEL_TYPES:
         raise ValueError(f"model must be one of {MODEL_TYPES}, got {cfg.model!r}")
@@ -180,6 +188,16 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics):
     os.replace(tmp, path)
 
 
+def format_metrics(m: dict) -> str:
+    """One evaluation line: every NELBO figure with its standard error."""
+    s = f"val_nelbo={m['val_nelbo']:.4f} ± {m['val_nelbo_se']:.4f} nats/token"
+    if "val_nelbo_per_byte" in m:
+        s += (f", {m['val_nelbo_per_byte']:.4f} ± {m['val_nelbo_per_byte_se']:.4f} nats/byte, "
+              f"{m['val_bits_per_byte']:.4f} ± {m['val_bits_per_byte_se']:.4f} bits/byte, "
+              f"perplexity <= {m['val_ppl_bound']:.3f} ± {m['val_ppl_bound_se']:.3f}")
+    return s + f" exact_match={m['exact_match']:.3f}"
+
+
 def keep_log_until(path: str, step: int) -> None:
     """Drop the log lines of steps after `step` (left by a run that was killed)."""
     if not os.path.exists(path):
@@ -192,23 +210,28 @@ def keep_log_until(path: str, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, dataset, tc, device, autocast):
-    """Validation NELBO (fixed held-out batches, fixed noise) and, for seq2seq data, the
-    exact-match accuracy of answers sampled for held-out prompts (and how fast they were
-    sampled: generated tokens/s, timed around generate)."""
+    """Validation NELBO per token with its standard error (fixed held-out batches, fixed
+    noise; the exact estimate of models.eval_nelbo, over all of t in [0, 1] whatever
+    [t_min, t_max] training used); for plain text also per byte, bits per byte and the
+    perplexity bound. For seq2seq data, the exact-match accuracy of answers sampled for
+    held-out prompts (and how fast they were sampled: tokens/s, timed around generate)."""
     cfg = model.cfg
     model.eval()  # no dropout
     # 1. the NELBO of held-out examples: the same examples and the same noise at every
     #    evaluation, so two evaluations differ only by the weights
     g = torch.Generator(device=device).manual_seed(tc.seed)
-    total, count = 0.0, 0
     val = dataset.val_examples(tc.eval_batches * tc.batch_size, tc.seed)
-    for i in range(0, len(val), tc.batch_size):
-        batch = dataset.collate(val[i:i + tc.batch_size], cfg.block_len, cfg.seq_len).to(device)
-        with autocast:
-            out = model(batch.x0, batch.prompt_mask, generator=g)
-        total += out.nelbo.item() * out.n_targets.item()  # a sum over target tokens ...
-        count += out.n_targets.item()
-    metrics = {"val_nelbo": total / max(count, 1), "exact_match": float("nan")}  # ... then per token
+    batches = [dataset.collate(val[i:i + tc.batch_size], cfg.block_len, cfg.seq_len).to(device)
+               for i in range(0, len(val), tc.batch_size)]
+    text = dataset.kind == "text"
+    with autocast:
+        est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], tc.eval_draws, g,
+                         data.ByteTokenizer().bytes_per_token() if text else None)
+    fig = est.figures()
+    metrics = {"val_nelbo": fig["nelbo_per_token"], "val_nelbo_se": fig["nelbo_per_token_se"],
+               "exact_match": float("nan")}
+    if text:  # per byte, bits per byte, the perplexity bound
+        metrics.update({"val_" + k: v for k, v in fig.items() if not k.startswith("nelbo_per_token")})
     # 2. seq2seq: sample answers for held-out prompts with the cached sampler; an answer is
     #    right only if it is exactly the target (what the user of the model sees)
     if dataset.kind == "seq2seq":
@@ -219,7 +242,7 @@ def evaluate(model, dataset, tc, device, autocast):
             t0 = time.perf_counter()
             with autocast:
                 res = generate(model, [p for p, _ in chunk], steps=tc.sample_steps or None)
-            if device.startswith("cuda"):
+            if is_cuda(device):
                 torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
             seconds += time.perf_counter() - t0
             correct += sum(ids == a for ids, (_, a) in zip(res.tokens, chunk))
@@ -233,11 +256,14 @@ def evaluate(model, dataset, tc, device, autocast):
 class StopRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step,
     so the checkpoint is always taken between two whole steps; a second one stops at once.
-    Under torchrun the processes agree on stopping (one asked = all stop)."""
+    Under torchrun the processes agree on stopping (one asked = all stop). Only main()
+    installs the handlers (install=True): a process that imports train() keeps its own."""
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {}
+        if install:
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
         """Give the signals back to whoever handled them before (tests call train() often)."""
@@ -264,9 +290,13 @@ class StopRequest:
 # The training loop.
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None) -> dict:
+def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=None,
+          stop: "StopRequest | None" = None) -> dict:
     """Train; return the final step, the last evaluation, the loss curve and the model.
     Under torchrun every process runs this; rank 0 alone evaluates, logs and saves.
+    stop: main() passes the StopRequest that its signal handlers set (a first Ctrl-C or
+    SIGTERM ends the run after the current step, saved); a caller that imports train()
+    (tests, notebooks, bench.py's runs of train.py) keeps its own signal handling.
 
     Every step is a pure function of (seed, step): its examples, its noise and its dropout.
     So a run resumed from a checkpoint, or split over processes / micro-batches, follows
@@ -296,13 +326,13 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
         keep_log_until(log_path, step)  # a resumed run rewrites what came after its checkpoint
     # mixed precision: bf16 autocast on a GPU (the weights stay float32; norms, softmax and the
     # loss are computed in float32 inside the model); plain float32 on the CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    autocast = autocast_for(device)
     # `fwd` is what the loop calls: the model, maybe compiled, maybe wrapped in DDP; `model`
     # stays the plain module that is evaluated and saved
     fwd = torch.compile(model) if tc.compile else model
     if world > 1:  # gradients are averaged over the processes during backward
         # (shared_kv leaves the top encoder layer's MLP without a gradient: tell DDP)
-        fwd = DDP(fwd, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+        fwd = DDP(fwd, device_ids=[torch.device(device).index] if is_cuda(device) else None,
                   find_unused_parameters=cfg.model == "e2d2" and cfg.decoder == "shared_kv")
     if main_process:  # one line that says what is being trained
         layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
@@ -313,7 +343,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     # the loop's state: the noise generator (seeded per micro-batch below, so that runs with
     # other numbers of processes draw the same x_t), the stop flag, and what is reported
     noise = torch.Generator(device=device)
-    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
+    stop = stop or StopRequest(install=False)  # never requested unless main() installed it
     losses, train_tokens, train_seconds = [], 0, 0.0
     micro = tc.batch_size // (world * tc.grad_accum)  # examples per micro-batch
     model.train()
@@ -373,8 +403,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 metrics = evaluate(model, dataset, tc, device, autocast)
                 metrics["train_tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)  # so far
-                bar.write(f"step {step}: val_nelbo={metrics['val_nelbo']:.4f} "
-                          f"exact_match={metrics['exact_match']:.3f}")
+                bar.write(f"step {step}: {format_metrics(metrics)}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
@@ -384,11 +413,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             if main_process:
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
                 print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
-            stop.restore()
             return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": True}
     # max_steps reached: hand back what the caller (main, bench.py, tests, notebooks) reads
     bar.close()
-    stop.restore()
     if main_process and not metrics:  # nothing trained in this run, no metrics in the checkpoint
         metrics = evaluate(model, dataset, tc, device, autocast)
     return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": False,
@@ -399,39 +426,45 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
 # main: flags, torchrun, clear errors, the final machine-readable line.
 
 
-def start_distributed(device: str) -> str:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: NCCL and one GPU per process, or gloo
-    on the CPU. Returns this process's device."""
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
+def start_distributed(device: str) -> None:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: NCCL on this process's GPU (device
+    is already cuda:<LOCAL_RANK>, see models.pick_device), or gloo on the CPU."""
+    if is_cuda(device):
+        torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl")
-        return f"cuda:{local}"
-    dist.init_process_group("gloo")
-    return device
+    else:
+        dist.init_process_group("gloo")
 
 
 def main(argv=None):
     """python train.py [--flags]: setup, train, print the final line. A ValueError is the
     user's mistake (a flag, a file, a checkpoint): one line "error: ...", exit code 1."""
     model_over, tc = parse_args(argv)
-    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        # torchrun sets LOCAL_RANK: each process then uses the GPU of its local rank
+        local_rank = int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else None
+        device = pick_device(tc.device, local_rank)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if "RANK" in os.environ:  # started by torchrun: one process per device
-        device = start_distributed(device)
+        start_distributed(device)
     main_process = not dist.is_initialized() or dist.get_rank() == 0
+    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
     try:
         cfg, ckpt, dataset = setup(tc, model_over, device)
-        result = train(cfg, tc, device, ckpt, dataset)
+        result = train(cfg, tc, device, ckpt, dataset, stop)
     except (ValueError, FloatingPointError) as e:  # the user's mistake: a message, no stack trace
         sys.exit(f"error: {e}")
     finally:
+        stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
     if result["stopped"]:
         sys.exit(130)  # the shell's code for "interrupted"
     if main_process:
         m = result["metrics"]
-        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} exact_match={m['exact_match']:.4f}")
+        print(f"final step={result['step']} val_nelbo={m['val_nelbo']:.4f} "
+              f"val_nelbo_se={m['val_nelbo_se']:.4f} exact_match={m['exact_match']:.4f}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import e2d2  # noqa: E402  (after the path is set)
-from e2d2 import ModelConfig  # noqa: E402
+from e2d2 import Layer, ModelConfig  # noqa: E402
 from models import build_model  # noqa: E402
 
 # the scripts run single-threaded and unbuffered (their output is read as it comes)
@@ -83,3 +83,19 @@ def log_losses(out_dir):
 
 def weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+
+
+class LayerCounter:
+    """Counts Layer calls and the tokens (per sequence) they process."""
+
+    def __init__(self, model):
+        self.calls = self.tokens = 0
+        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if isinstance(m, Layer)]
+
+    def hook(self, module, args, out):
+        self.calls += 1
+        self.tokens += args[0].shape[1]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()

@@ -3,9 +3,10 @@ each one's loss falling in a tiny run."""
 import pytest
 import torch
 
+import data
 import train
 from baselines import CachedBD3LM, causal_mask, full_mask
-from conftest import random_layout, rows, tiny
+from conftest import LayerCounter, random_layout, rows, tiny
 from e2d2 import bd3lm_mask, generate
 
 
@@ -36,10 +37,14 @@ def test_causal_and_full_masks():
     assert torch.equal(full_mask(valid)[0], rows("1000", "0111", "0111", "0111"))
 
 
-def test_bd3lm_train_and_inference_logits_agree():
-    model = tiny("bd3lm")
+@pytest.mark.parametrize("prompt_attention", ["bidirectional", "block_causal"])
+def test_bd3lm_train_and_inference_logits_agree(prompt_attention):
+    # seq2seq: the prompt is read bidirectionally; text: block-causally (a 3-block prompt)
+    model = tiny("bd3lm", prompt_attention=prompt_attention)
     B = model.cfg.block_len
-    _, x0, x_t, prompt_mask, P = random_layout(model)
+    _, x0, x_t, prompt_mask, P = random_layout(model, prompt_lens=(12, 9, 6))
+    if prompt_attention == "block_causal":
+        prompt_mask = torch.zeros_like(prompt_mask)  # text training has no prompt
     with torch.no_grad():
         train_logits = model.logits(x0, x_t, prompt_mask)
         cached = CachedBD3LM(model, x0[:, :P])
@@ -76,15 +81,35 @@ def test_mdlm_samples_the_whole_answer_as_one_block():
                  on_step=lambda k, i, rows, x: seen.append((k, x.shape[1])), stop_at_eos=False)
     assert seen == [(0, 16)] * 4  # one block of 16, 4 steps
     assert r.network_calls == 4 and all(len(t) == 16 for t in r.tokens)
-    # no cache is possible: use_cache makes no difference
-    r2 = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=16, steps=4,
-                  use_cache=False, stop_at_eos=False)
-    assert r.tokens == r2.tokens
+    # no cache is possible: with use_cache too, every step runs all N layers over the
+    # whole [prompt ; canvas] (8 + 16 positions), one call per step
+    for use_cache in (True, False):
+        counter = LayerCounter(model)
+        generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=16, steps=4,
+                 use_cache=use_cache, stop_at_eos=False)
+        counter.remove()
+        assert (counter.calls, counter.tokens) == (4 * 3, 4 * 3 * 24)
 
 
-def test_mdlm_and_ar_reject_what_they_cannot_do():
+def test_mdlm_batched_equals_one_by_one_each_with_its_training_canvas():
+    # training lays each row out alone: prompt padded to ITS block boundary, the canvas to
+    # seq_len; a batch must give every prompt that canvas, whatever the others' lengths
+    model = tiny("mdlm", seq_len=24)
+    prompts = [[1, 2, 3], [5] * 6, [7, 8, 9, 10, 11, 12, 13, 14, 15], []]
+    canvas = [24 - data.ceil_to(len(p), 4) for p in prompts]  # 20, 16, 12, 24
+    kw = dict(steps=6, stop_at_eos=False)
+    batched = generate(model, prompts, **kw)
+    assert [len(t) for t in batched.tokens] == canvas
+    for i, p in enumerate(prompts):
+        assert generate(model, [p], **kw).tokens[0] == batched.tokens[i], f"prompt {i}"
+
+
+def test_ar_needs_a_prompt_and_mdlm_does_not():
     with pytest.raises(ValueError, match="non-empty prompt"):
         generate(tiny("ar"), [[]], max_new_tokens=4)
+    # MDLM generates unconditionally: an empty prompt gets the whole seq_len canvas
+    r = generate(tiny("mdlm", seq_len=16), [[]], steps=4, stop_at_eos=False)
+    assert len(r.tokens[0]) == 16 and r.network_calls == 4
 
 
 @pytest.mark.parametrize("name", ["ar", "mdlm", "bd3lm"])

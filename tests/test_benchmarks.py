@@ -7,24 +7,9 @@ import pytest
 import torch
 
 import bench
-from e2d2 import Layer, ModelConfig, generate
+from conftest import LayerCounter
+from e2d2 import ModelConfig, generate
 from models import build_model
-
-
-class LayerCounter:
-    """Counts Layer calls and the tokens (per sequence) they process."""
-
-    def __init__(self, model):
-        self.calls = self.tokens = 0
-        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if isinstance(m, Layer)]
-
-    def hook(self, module, args, out):
-        self.calls += 1
-        self.tokens += args[0].shape[1]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 @pytest.mark.parametrize("name,use_cache", [v[1:] for v in bench.BENCH_VARIANTS])
@@ -73,5 +58,17 @@ def test_sampling_benchmark_runs(tmp_path, monkeypatch):
     assert len(rows) == 2 * len(bench.BENCH_VARIANTS)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     e2d2 = next(r for r in rows if r["variant"] == "e2d2 cached" and r["batch"] == 2)
-    assert e2d2["network_calls"] == 2 * 2 and e2d2["speedup_measured"] == 1.0
+    assert e2d2["network_calls"] == 2 * 2  # K = 2 blocks, T = 2 steps
+    # every other variant's speed-up is E2D2 cached's tokens/s over its own, and its
+    # analytic ratios are the sampling_cost counts of the two variants
+    for r in rows:
+        ref = next(q for q in rows if q["variant"] == "e2d2 cached" and q["batch"] == r["batch"])
+        assert r["speedup_measured"] == pytest.approx(ref["tokens_per_s"] / r["tokens_per_s"])
+        name, cache = next((m, c) for v, m, c in bench.BENCH_VARIANTS if v == r["variant"])
+        ops, calls = bench.sampling_cost(name, cache, 4, 8, 4, 2, 2, 1)
+        ref_ops, ref_calls = bench.sampling_cost("e2d2", True, 4, 8, 4, 2, 2, 1)
+        assert r["speedup_analytic_tokens"] == pytest.approx(ops / ref_ops)
+        assert r["speedup_analytic_calls"] == pytest.approx(calls / ref_calls)
+    no_cache = next(r for r in rows if r["variant"] == "e2d2 no cache" and r["batch"] == 2)
+    assert no_cache["encoder_calls"] == no_cache["network_calls"] > e2d2["encoder_calls"]
     assert len(json.loads(out.read_text())["rows"]) == len(rows)

@@ -113,7 +113,7 @@ def test_loss_counts_only_masked_targets_with_nelbo_weights():
     alpha_prime = -torch.ones(b, L)
     nz = Noised(x_t, masked, alpha, alpha_prime)
     logits = torch.randn(b, L, V)
-    nelbo, ce, n = diffusion_loss(logits, x0, nz, target, MASK)
+    nelbo, ce, n, _ = diffusion_loss(logits, x0, nz, target, MASK)
 
     logp = subs_log_probs(logits, x_t, MASK)
     nll = lambda i, j: -logp[i, j, x0[i, j]].item()  # noqa: E731
@@ -125,7 +125,7 @@ def test_loss_counts_only_masked_targets_with_nelbo_weights():
     # the logits at unmasked positions do not matter at all (carry-over)
     logits2 = logits.clone()
     logits2[~masked] = torch.randn_like(logits2[~masked]) * 10
-    nelbo2, ce2, _ = diffusion_loss(logits2, x0, nz, target, MASK)
+    nelbo2, ce2, _, _ = diffusion_loss(logits2, x0, nz, target, MASK)
     assert nelbo2.item() == nelbo.item() and ce2.item() == ce.item()
     # ... while those at masked positions do
     logits3 = logits.clone()

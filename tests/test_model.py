@@ -28,6 +28,32 @@ def test_train_and_inference_logits_agree_block_by_block(decoder):
     assert cached.decoder_calls == (x0.shape[1] - P) // B
 
 
+@pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
+def test_text_model_reads_a_prompt_block_causally_as_trained(decoder):
+    # plain-text training has no prompt: the clean stream is block-causal everywhere. A
+    # prompt of several blocks must reach the sampler's logits exactly as it reached the
+    # training forward's (prompt_mask all False), in both runners
+    model = tiny(decoder=decoder, prompt_attention="block_causal")
+    B = model.cfg.block_len
+    _, x0, x_t, _, P = random_layout(model, prompt_lens=(12, 9, 6))  # 3 prompt blocks
+    text_layout = torch.zeros_like(x0, dtype=torch.bool)  # training on text: no prompt
+    with torch.no_grad():
+        train_logits = model.logits(x0, x_t, text_layout)
+        cached = CachedE2D2(model, x0[:, :P])
+        recompute = model.make_runner(x0[:, :P], use_cache=False, max_new_tokens=x0.shape[1] - P)
+        for start in range(P, x0.shape[1], B):
+            blk = slice(start, start + B)
+            assert torch.allclose(cached.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
+            assert torch.allclose(recompute.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
+            cached.commit(x0[:, blk])
+            recompute.commit(x0[:, blk])
+        # (the seq2seq reading of the same prompt gives other logits: the check has teeth)
+        prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
+        prompt_mask[:, :P] = True
+        bidir = model.logits(x0, x_t, prompt_mask)
+    assert not torch.allclose(bidir[:, P:P + B], train_logits[:, P:P + B], atol=1e-6)
+
+
 def test_logits_of_block_k_ignore_every_later_block():
     model = tiny()
     B = model.cfg.block_len
@@ -71,11 +97,20 @@ def test_batched_sampling_equals_one_by_one():
 def test_skip_network_call_when_block_did_not_change():
     model = tiny()
     prompts = [[1, 2, 3, 4], [5, 6]]
+    after = {}  # block -> its state after each step
     # 32 ancestral steps for 4 tokens: most steps reveal nothing, so most calls are skipped
-    r = generate(model, prompts, max_new_tokens=8, steps=32, strategy="ancestral",
-                 temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert r.network_calls < 2 * 32
-    assert r.network_calls >= 2  # at least one call per block
+    r = generate(model, prompts, max_new_tokens=8, steps=32, strategy="ancestral", temperature=1.0,
+                 generator=torch.Generator().manual_seed(0),
+                 on_step=lambda k, i, rows, x: after.setdefault(k, []).append(x.clone()))
+    # step i starts from the all-[MASK] block (i = 0) or from what step i - 1 left; the
+    # network runs at step 0 and at every step whose start differs from the step before
+    expected = 0
+    for xs in after.values():
+        starts = [torch.full_like(xs[0], model.cfg.mask_id)] + xs[:-1]
+        expected += 1 + sum(not torch.equal(a, b) for a, b in zip(starts[:-1], starts[1:]))
+    assert r.network_calls == expected
+    # at most one call per reveal (2 blocks x 2 rows x 4 tokens), far fewer than steps run
+    assert r.network_calls <= 2 * 2 * 4 < sum(len(xs) for xs in after.values())
 
 
 def test_remask_reveals_on_schedule():
@@ -95,7 +130,7 @@ class ScriptedRunner:
     answer block s (its logits are made by hand), so the test knows where each stops."""
 
     calls = []
-    steps = None
+    steps = canvas = None  # the caller's steps; every row fills whole blocks
 
     def __init__(self, model, prompt):
         self.cfg, self.last = model.cfg, prompt[:, -1].clone()

@@ -1,5 +1,6 @@
 """Training end to end: the loss falls and sampled answers become correct; the scripts
 run as a user runs them (flags, checkpoint, resume, sample.py, clear errors)."""
+import math
 import os
 import re
 
@@ -10,6 +11,7 @@ import data
 import train
 from conftest import run
 from e2d2 import generate
+from models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_train_script_sample_script_and_resume(tmp_path):
     r = run("train.py", "--max_steps=20", "--eval_every=10", *small)
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"final step=20 val_nelbo=\d+\.\d+ exact_match=\d\.\d+", last), last
+    assert re.fullmatch(r"final step=20 val_nelbo=\d+\.\d+ val_nelbo_se=\d+\.\d+ exact_match=\d\.\d+", last), last
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["step"] == 20 and ckpt["config"]["n_enc"] == 2 and ckpt["config"]["d_model"] == 32
     assert set(ckpt) >= {"config", "model", "optimizer", "step"}
@@ -93,3 +95,38 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     resumed = run_steps(tmp_path / "b", 10, resume=True)
     for (n, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_lr_at_warms_up_linearly_then_decays_by_cosine():
+    tc = train.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert train.lr_at(0, tc) == pytest.approx(1e-4)  # lr * 1/10
+    assert train.lr_at(4, tc) == pytest.approx(5e-4)
+    assert train.lr_at(9, tc) == pytest.approx(1e-3)  # end of warm-up: the peak
+    assert train.lr_at(10, tc) == pytest.approx(1e-3)  # cosine starts at the peak ...
+    assert train.lr_at(60, tc) == pytest.approx((1e-3 + 1e-4) / 2)  # ... is halfway at half ...
+    assert train.lr_at(35, tc) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    assert train.lr_at(110, tc) == pytest.approx(1e-4) and train.lr_at(500, tc) == pytest.approx(1e-4)
+    after = [train.lr_at(s, tc) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+def test_train_loss_nelbo_is_what_training_minimises(tmp_path):
+    # the first logged loss of a --train_loss=nelbo run is the NELBO of the first batch
+    # under the first step's noise (rebuilt here the way train() seeds them)
+    model_over, tc = train.parse_args(["--train_loss=nelbo", "--digits=2", "--max_steps=1",
+                                       "--batch_size=8", "--eval_examples=4", "--eval_batches=1",
+                                       f"--out_dir={tmp_path}", "--d_model=32", "--n_enc=2", "--n_dec=1"])
+    assert tc.train_loss == "nelbo"
+    cfg, _, dataset = train.setup(tc, model_over, "cpu")
+    logged = train.train(cfg, tc, "cpu", None, dataset)["losses"][0]
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg).train()
+    batch = dataset.collate(dataset.train_examples(tc.batch_size, tc.seed, 0), cfg.block_len, cfg.seq_len)
+    noise = lambda: torch.Generator().manual_seed(tc.seed * 7919)  # noqa: E731 (step 0, micro-batch 0)
+    nelbo = model(batch.x0, batch.prompt_mask, generator=noise(), train_loss="nelbo")
+    ce = model(batch.x0, batch.prompt_mask, generator=noise())
+    assert nelbo.loss.item() == nelbo.nelbo.item() and ce.loss.item() == ce.masked_ce.item()
+    assert logged == pytest.approx(nelbo.nelbo.item(), rel=1e-6)
+    assert logged != pytest.approx(ce.masked_ce.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="train_loss must be 'masked_ce' or 'nelbo'"):
+        model(batch.x0, batch.prompt_mask, train_loss="ce")
