@@ -122,7 +122,7 @@ class AR(OneStack):
         loss = seq_nats.sum() / n
         return Loss(loss, loss, loss, n, seq_nats, torch.where(tgt, x0[:, 1:], self.cfg.pad_id))
 
-    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         return ARRunner(self, prompt, use_cache)
 
 
@@ -221,7 +221,7 @@ class BD3LM(OneStack):
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
 
-    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         if use_cache:
             return CachedBD3LM(self, prompt)
         return Recompute(self, prompt, self.cfg.block_len, reencodes=False)

@@ -778,7 +778,7 @@ class Recompute:
 # ---------------------------------------------------------------------------------------
 
 class E2D2(E2D2Network):
-    def make_runner(self, prompt, use_cache: bool, max_new_tokens: int):
+    def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         """The runner generate() drives: both caches, or the recomputing reference."""
         if use_cache:
             return CachedE2D2(self, prompt)
