@@ -47,6 +47,20 @@ def test_sample_t_range():
     assert not torch.equal(t[:, 0], t[:, 1])
 
 
+def test_training_weights_are_exact_at_small_t():
+    # exp schedule: alpha = 1 - t^2, so -alpha'/(1 - alpha) = 2t / t^2 = 2/t exactly. At
+    # t_min = 1e-3, 1 - alpha = 1e-6, which float32 stores with a ~6% error in the weight.
+    t = sample_t(16, 4, 1e-3, 2e-3, torch.Generator().manual_seed(0))
+    alpha, alpha_prime = noise_schedule("exp", t)
+    assert torch.allclose(loss_weight(alpha, alpha_prime), 2.0 / t.double(), rtol=1e-9)
+
+
+def test_t_min_zero_is_refused():
+    from e2d2 import ModelConfig
+    with pytest.raises(ValueError, match="0 < t_min"):  # weight 1/(1 - alpha(0)) = inf
+        ModelConfig(t_min=0.0)
+
+
 def make_x0(b=32, L=16, n_prompt=5):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 8, (b, L), generator=g)
