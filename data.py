@@ -560,14 +560,21 @@ def load_dataset(settings: dict, block_len: int, seq_len=None, tok=None):
 # --- an English text that ships with Python, for the real-text walk-through --------------
 
 
-def write_pydoc_topics(path: str) -> int:
+def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 0.1) -> int:
     """Write the Python documentation topics (pydoc_data.topics, the help() texts that ship
     with every Python: about 460 KB of English prose and code) to `path` as one text file,
-    topics in name order, separated by blank lines. No download. Returns the bytes written."""
+    topics in name order, separated by blank lines. No download. heldout_path: also write
+    the part that training on `path` holds out (its last val_fraction, see split_text), to
+    evaluate on with sample.py --eval. Returns the bytes written to `path`.
+        python -c "import data; data.write_pydoc_topics('topics.txt', 'topics_heldout.txt')"
+    """
     from pydoc_data.topics import topics  # a dict: topic name -> its documentation text
     raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
     with open(path, "wb") as f:
         f.write(raw)
+    if heldout_path:
+        with open(heldout_path, "wb") as f:
+            f.write(split_text(raw, val_fraction)[1])
     return len(raw)
 
 
