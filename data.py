@@ -61,6 +61,11 @@ class ByteTokenizer:
         """Any byte string (UTF-8 or not) -> token ids: the bytes themselves."""
         return list(raw)
 
+    def to_bytes(self, ids) -> bytes:
+        """The exact bytes that token ids stand for (special tokens stand for none): the
+        inverse of encode_bytes."""
+        return bytes(int(t) for t in ids if 0 <= int(t) < 256)
+
     def bytes_per_token(self) -> torch.Tensor:
         """(vocab_size,) how many bytes of text each token id stands for: 1 for a byte,
         0 for a special token. Figures per byte divide total nats by total bytes, so they
@@ -134,6 +139,11 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list:
         return self.encode_bytes(text.encode("utf-8"))
+
+    def to_bytes(self, ids) -> bytes:
+        """The exact bytes that token ids stand for (special tokens stand for none): the
+        inverse of encode_bytes."""
+        return b"".join(self.token_bytes[int(t)] for t in ids if 0 <= int(t) < len(self.token_bytes))
 
     def decode(self, ids, mask_char: str = "_", eos_char: str = "") -> str:
         """Token ids -> text, as ByteTokenizer.decode (never raises)."""
