@@ -306,25 +306,48 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a prefix (--repeat) is not taken for a flag; for compare it is
+    # passed on to train.py, which refuses it by name
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("what", choices=["train", "sample", "compare"], help="which benchmark")
-    p.add_argument("--device", default="auto", help="train / sample: cuda if available, else cpu")
-    p.add_argument("--out", default="", help="also write the figures to this JSON file")
-    p.add_argument("--batch", type=int, default=8, help="train: sequences per step")
-    p.add_argument("--batches", default="1,8", help="sample: batch sizes, comma-separated")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (median); train 5, sample 3")
-    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file (default: none)")
+    p.add_argument("--batch", type=int, default=8, help="train: sequences per step, >= 1 (default 8)")
+    p.add_argument("--batches", default="1,8", help="sample: batch sizes >= 1, comma-separated (default 1,8)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs (median), >= 1 (default: train 5, sample 3)")
+    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes (default out-compare)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, >= 0; 0 = torch's default (default 0). Figures are only "
+                        "comparable at the same thread count; 1 on a busy or shared machine")
     args, rest = p.parse_known_args(argv)
     if rest and args.what != "compare":  # only compare passes flags on (to train.py)
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.what == "compare" and args.device != "auto":
         rest.append(f"--device={args.device}")  # train.py picks the device of each run
+    if args.what == "compare" and args.threads:
+        rest.append(f"--threads={args.threads}")  # and sets the threads of each run
     try:
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:  # "1,x" or "1,,8": reported below with the rule
+            batches = []
+        bad = [f"--{name}={value} must be {rule}" for name, value, ok, rule in [
+            ("batch", args.batch, args.batch >= 1, ">= 1"),
+            ("batches", args.batches, batches and min(batches) >= 1, "batch sizes >= 1, comma-separated"),
+            ("repeats", args.repeats, args.repeats is None or args.repeats >= 1, ">= 1"),
+            ("threads", args.threads, args.threads >= 0, ">= 0 (0 = torch's default)")] if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         if args.what == "train":
             return bench_training(args.batch, args.repeats or 5, device, out=args.out)
         if args.what == "sample":
-            return bench_sampling([int(b) for b in args.batches.split(",")], args.repeats or 3, device, args.out)
+            return bench_sampling(batches, args.repeats or 3, device, args.out)
         return compare(rest, args.out_dir, args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")
