@@ -305,7 +305,7 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix (--repeat) is not taken for a flag; for compare it is
     # passed on to train.py, which refuses it by name
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -322,6 +322,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default (default 0). Figures are only "
                         "comparable at the same thread count; 1 on a busy or shared machine")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args, rest = p.parse_known_args(argv)
     if rest and args.what != "compare":  # only compare passes flags on (to train.py)
         p.error(f"unrecognized arguments: {' '.join(rest)}")

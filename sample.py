@@ -61,7 +61,7 @@ class ShowSteps:
             print(f"  [{row}] block {block} step {step + 1}: {self.prompts[row]}{text}|{now}|")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     """The flags, each with what it does and its allowed values; prefixes of flags are
     not accepted (--num_example is an error, not --num_examples)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default, 1 on a busy or shared machine (default 0)")
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args) -> None:
@@ -109,7 +109,7 @@ def check_args(args) -> None:
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
         check_args(args)
         if args.threads:  # torch's default (every core) crawls when other processes are busy

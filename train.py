@@ -18,6 +18,7 @@ Speed and side-by-side comparisons of the models are in bench.py.
 """
 
 import argparse
+import gc
 import inspect
 import json
 import math
@@ -108,11 +109,10 @@ def field_help(cls) -> dict:
     return out
 
 
-def parse_args(argv=None):
-    """Build an argparse parser from the two dataclasses, so every field is a flag, with
-    its comment, allowed values and default in --help. Returns the model fields given
-    (model_over: only they override the defaults, or with --resume are checked against the
-    checkpoint's config) and the training fields given (train_over), both as dicts."""
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser built from the two dataclasses, so every field is a flag, with
+    its comment, allowed values and default in --help. Every flag defaults to None, so
+    that parse_args can tell the flags given from those left out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --max_step is an error, not --max_steps
 
@@ -139,7 +139,14 @@ def parse_args(argv=None):
                 g.add_argument(f"--{f.name}", type=as_bool, nargs="?", const=True, default=None, help=text)
             else:
                 g.add_argument(f"--{f.name}", type=kind, default=None, help=text, choices=CHOICES.get(f.name))
-    args = vars(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv=None):
+    """The model fields given (model_over: only they override the defaults, or with
+    --resume are checked against the checkpoint's config) and the training fields given
+    (train_over), both as dicts."""
+    args = vars(build_parser().parse_args(argv))
     # split the flags given (not None) into model overrides and training flags
     model_names = {f.name for f in fields(ModelConfig)}
     model_over = {k: v for k, v in args.items() if k in model_names and v is not None}
@@ -560,6 +567,24 @@ def start_distributed(device: str) -> None:
         dist.init_process_group("gloo")
 
 
+def end_distributed(finished: bool) -> None:
+    """Leave the process group so that no process aborts at exit. Two hazards at teardown:
+    (1) a process that closes its connections while another is still working or still
+    inside its last collective (rank 0 evaluates and saves alone after the last step;
+    on a stop request rank 0 saves while the others have nothing left to do): the
+    barrier makes every process wait until all have finished; (2) destroy_process_group
+    only drops the registry's reference to the group: anything else still holding it (a
+    DDP wrapper kept alive by a reference cycle or a traceback) keeps gloo's worker
+    threads alive until the interpreter is being torn down, and freeing their tensors
+    then aborts the process (SIGABRT). gc.collect() frees those holders first, while
+    Python is fully alive, so the group is really destroyed here. After an error the
+    other processes may be gone or stuck, so no barrier then."""
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     """python train.py [--flags]: setup, train, print the final line. A ValueError is the
     user's mistake (a flag, a file, a checkpoint): one line "error: ...", exit code 1,
@@ -581,9 +606,11 @@ def main(argv=None):
         start_distributed(device)
     main_process = not dist.is_initialized() or dist.get_rank() == 0
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
+    finished = False
     try:
         cfg, ckpt, dataset = setup(tc, model_over, device)
         result = train(cfg, tc, device, ckpt, dataset, stop)
+        finished = True
     except (ValueError, FloatingPointError) as e:  # the user's mistake: a message, no stack trace
         if main_process:
             print(f"error: {e}", file=sys.stderr)
@@ -591,7 +618,7 @@ def main(argv=None):
     finally:
         stop.restore()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            end_distributed(finished)
     if result["stopped"]:
         sys.exit(130)  # the shell's code for "interrupted"
     if main_process:
