@@ -211,6 +211,10 @@ def test_shared_kv_decoder_reads_the_top_encoder_layers():
     model(x0, prompt_mask, generator=torch.Generator().manual_seed(0)).loss.backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()}
     top = "encoder.2."
-    assert no_grad == {"enc_norm.weight", top + "attn.q.weight", top + "attn.out.weight",
+    assert no_grad == {"enc_norm.weight", top + "attn.out.weight",
                        top + "norm2.weight", top + "mlp.gate.weight", top + "mlp.up.weight",
                        top + "mlp.down.weight"}
+    # the fused projection of the top layer: its query rows get no gradient, its K/V rows do
+    d = model.cfg.d_model
+    qkv_grad = model.encoder[2].attn.qkv.weight.grad  # rows: W_q, W_k, W_v
+    assert not qkv_grad[:d].abs().sum() and qkv_grad[d:2 * d].abs().sum() and qkv_grad[2 * d:].abs().sum()
