@@ -402,8 +402,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x_f = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32 for the mean
-        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x_f.type_as(x) * self.weight
+        # x_f * rsqrt(mean(x_f^2) + eps) in one call (torch's own; five separate ops cost
+        # more than the arithmetic on a few tokens)
+        return F.rms_norm(x_f, (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype):
@@ -415,13 +416,21 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_angles' (n, hd/2) tables laid out for apply_rope: (n, hd) each, cos repeated
+    over every pair (c, c) and sin with the sign of each slot of the pair (-s, s)."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) of the head dimension by the position's angle.
-    x: (..., n, hd), e.g. (b, H, n, hd), or queries and keys stacked (2, b, H, n, hd);
-    cos, sin: (n, hd/2)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., n, hd/2, 2)
-    return out.flatten(-2)  # (..., n, hd)
+    """Rotate every pair (x1, x2) of the head dimension by its position's angle:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    x: (b, n, ..., hd), position on dim 1 (e.g. (b, n, H, hd)); cos, sin: (n, hd) from
+    rope_table. Written as x * (c, c) + (x2, x1) * (-s, s): three arithmetic ops on the
+    whole tensor, and the very same products and sums as the formula above."""
+    shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # (n, 1, ..., hd): broadcast
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) in every pair
+    return x * cos.view(shape) + swapped * sin.view(shape)
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), RoPE applied
@@ -526,15 +535,17 @@ class Attention(nn.Module):
         """Keys and values of x (b, n, d) -> two (b, H, n, hd), keys rotated by RoPE: only
         the K/V rows of the fused matrix (the E2D2 decoder's clean stream needs no queries)."""
         kv = F.linear(x, self.qkv.weight[self.d:])  # (b, n, 2d)
-        k, v = rearrange(kv, "b n (two H hd) -> two b H n hd", two=2, H=self.n_heads)
-        return apply_rope(k, cos, sin), v
+        k, v = rearrange(kv, "b n (two H hd) -> two b n H hd", two=2, H=self.n_heads)
+        return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)  # (b, H, n, hd) each
 
     def forward(self, x, cos, sin, mask, prefix=None):
         """x: (b, n, d) queries (and keys/values); mask: (b, n, n_prefix + n), or
         (b, 1, n_prefix + n) for a mask that is the same for every query, or None.
         Returns the output (b, n, d) and this input's own (keys, values)."""
-        q, k, v = rearrange(self.qkv(x), "b n (three H hd) -> three b H n hd", three=3, H=self.n_heads)
-        q, k = apply_rope(torch.stack([q, k]), cos, sin)  # one rotation for both: (2, b, H, n, hd)
+        qkv = rearrange(self.qkv(x), "b n (three H hd) -> b n three H hd", three=3, H=self.n_heads)  # a view
+        qk = apply_rope(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one go: (b, n, 2, H, hd)
+        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]  # (b, n, H, hd) each, views
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, H, n, hd), views
         keys, values = k, v
         if isinstance(prefix, CacheSlot):  # sampling: written in place, read as one view
             keys, values = prefix.write(k, v)  # (b, H, n_cached + n, hd)
@@ -616,9 +627,9 @@ class TokenModel(nn.Module):
         # the model is moved to. 2 * seq_len positions: MDLM's batched sampler lays rows
         # with different prompt lengths side by side, past seq_len. Not saved in checkpoints
         # (persistent=False): it follows from the config.
-        cos, sin = rope_angles(torch.arange(2 * cfg.seq_len), cfg.d_model // cfg.n_heads, cfg.rope_base,
-                               torch.float64)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (2 seq_len, hd/2)
+        cos, sin = rope_table(*rope_angles(torch.arange(2 * cfg.seq_len), cfg.d_model // cfg.n_heads,
+                                           cfg.rope_base, torch.float64))
+        self.register_buffer("rope_cos", cos, persistent=False)  # (2 seq_len, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self):
@@ -633,7 +644,7 @@ class TokenModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def rope(self, positions):
-        """cos, sin (n, hd/2) of positions: a slice (consecutive positions, a free view of
+        """cos, sin (n, hd) (see rope_table) of positions: a slice (consecutive positions, a free view of
         the table) or an index tensor (n,) of positions < 2 seq_len."""
         dtype = self.embed.weight.dtype
         return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
