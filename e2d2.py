@@ -468,8 +468,9 @@ class KVCache:
         `layer` and return the keys/values attention reads: [0, n + n_new), a view."""
         if self.k[layer] is None:
             b, H, _, hd = k.shape
-            self.k[layer] = k.new_zeros(b, H, self.max_len, hd)
-            self.v[layer] = v.new_zeros(b, H, self.max_len, hd)
+            # empty, not zeros: a position is always written before it is read
+            self.k[layer] = k.new_empty(b, H, self.max_len, hd)
+            self.v[layer] = v.new_empty(b, H, self.max_len, hd)
         end = self.n + k.shape[2]
         self.k[layer][:, :, self.n:end] = k
         self.v[layer][:, :, self.n:end] = v
