@@ -57,43 +57,43 @@ class ModelConfig:
     # Which model class models.build_model makes: "e2d2" (this file), or a baseline of
     # baselines.py built from the same pieces with N = n_enc layers ("ar", "mdlm",
     # "bd3lm"; n_dec and decoder only apply to e2d2).
-    model: str = "e2d2"
+    model: str = "e2d2"  # which model: e2d2, or a baseline ar, mdlm, bd3lm
     # Vocabulary. The defaults are those of the byte tokenizer in data.py
     # (256 bytes, then PAD, BOS, EOS, MASK); train.py always fills them from the tokenizer.
-    vocab_size: int = 260
-    pad_id: int = 256
-    eos_id: int = 258
-    mask_id: int = 259
+    vocab_size: int = 260  # V, the special tokens included (set from the tokenizer)
+    pad_id: int = 256  # padding: never attended to, never a target (set from the tokenizer)
+    eos_id: int = 258  # end of an answer (set from the tokenizer)
+    mask_id: int = 259  # the absorbing [MASK] state (set from the tokenizer)
     # Lengths: the longest sequence the model handles (prompt + answer), and the
     # diffusion block length B. seq_len must be a multiple of block_len.
-    seq_len: int = 32
-    block_len: int = 4
+    seq_len: int = 32  # L, the longest sequence (prompt + answer); a multiple of block_len
+    block_len: int = 4  # B, tokens per diffusion block (>= 1)
     # Transformer width and depth: N_enc encoder layers, N_dec decoder layers.
-    d_model: int = 128
-    n_heads: int = 4
-    n_enc: int = 4
-    n_dec: int = 2
+    d_model: int = 128  # width d; d / n_heads must be even (RoPE)
+    n_heads: int = 4  # attention heads H
+    n_enc: int = 4  # N_enc encoder layers (baselines: N layers)
+    n_dec: int = 2  # N_dec decoder layers (e2d2 only)
     # Where each decoder layer gets the clean tokens' keys/values from:
     #   "hidden":    project the encoder's final hidden state h with the decoder layer's
     #                own norm + K/V weights (the paper's default),
     #   "shared_kv": decoder layer i reuses the keys/values of encoder layer
     #                N_enc - N_dec + i (the top N_dec encoder layers, so every encoder
     #                layer matters; with N_dec = N_enc, decoder layer i reads layer i).
-    decoder: str = "hidden"
+    decoder: str = "hidden"  # clean keys/values of the decoder: from h, or shared_kv
     # Noise schedule alpha(t) and the range [t_min, t_max] that training draws t from
     # (t_min > 0 keeps the loss weight -alpha'/(1-alpha) finite).
-    schedule: str = "linear"
-    t_min: float = 1e-3
-    t_max: float = 1.0
-    dropout: float = 0.0
-    rope_base: float = 10000.0
+    schedule: str = "linear"  # noise schedule alpha(t)
+    t_min: float = 1e-3  # training draws t ~ U[t_min, t_max]; 0 < t_min < t_max
+    t_max: float = 1.0  # upper end of the training range of t, <= 1
+    dropout: float = 0.0  # dropout probability, in [0, 1)
+    rope_base: float = 10000.0  # RoPE frequency base
     # How the clean stream read a prompt in training, so that the sampler reads it the same
     # way: "bidirectional" (seq2seq data: every query sees the whole prompt) or
     # "block_causal" (plain text: there is no prompt in training, only block-causal clean
     # context, so a prompt is read block by block like any earlier text). train.py sets it
     # from the data; a checkpoint saved before this field existed gets it from
     # models.config_from_dict.
-    prompt_attention: str = "bidirectional"
+    prompt_attention: str = "bidirectional"  # set from the data (seq2seq / text)
 
     def __post_init__(self):
         validate_config(self)

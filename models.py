@@ -10,6 +10,7 @@ weights, and for training the optimizer state and the step. The model is rebuilt
 the saved config, so a checkpoint needs no flags to be read back.
 """
 
+import hashlib
 import math
 import os
 from contextlib import nullcontext
@@ -58,7 +59,22 @@ def load_checkpoint(path: str, device, need=("config", "model")) -> dict:
     missing = sorted(set(need) - set(ckpt if isinstance(ckpt, dict) else ()))
     if missing:
         raise ValueError(f"{path} is not a checkpoint of this project (missing {missing})")
+    # checkpoints written before checksums existed have none; every newer one must match
+    if "checksum" in ckpt and weights_checksum(ckpt["model"]) != ckpt["checksum"]:
+        raise ValueError(f"{path}: the weights do not match the checksum saved with them; the file "
+                         f"was damaged after it was written (use an earlier or best.pt checkpoint)")
     return ckpt
+
+
+def weights_checksum(state_dict: dict) -> str:
+    """SHA-256 of every tensor's name and raw bytes, in name order: saved beside the
+    weights, recomputed on load, so a flipped byte in a stored tensor is caught."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenModel:
@@ -175,6 +191,9 @@ def pick_device(flag: str = "auto", local_rank: Optional[int] = None) -> str:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():  # a CPU build, or no GPU visible
+        raise ValueError(f"--device={flag}: this torch build sees no CUDA GPU "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device=cpu")
     if dev.type == "cuda" and local_rank is not None:
         return f"cuda:{local_rank}"
     return str(dev)

@@ -18,9 +18,11 @@ Speed and side-by-side comparisons of the models are in bench.py.
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -33,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import ModelConfig, generate
+from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
 from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, is_cuda,
-                    load_checkpoint, pick_device)
+                    load_checkpoint, pick_device, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # Training settings. The model's settings are e2d2.ModelConfig; both are flags.
@@ -51,39 +53,68 @@ class TrainConfig:
     val_fraction: float = 0.1  # the end of the data file held out for evaluation
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
     # where checkpoints and the log go
-    out_dir: str = "out"  # ckpt.pt and log.jsonl
-    resume: bool = False  # continue from out_dir/ckpt.pt
-    seed: int = 1337
+    out_dir: str = "out"  # ckpt.pt (last), best.pt (lowest val NELBO), log.jsonl, config.json
+    resume: bool = False  # continue from out_dir/ckpt.pt with the training config saved there
+    overwrite: bool = False  # a new run may replace the checkpoint and log already in out_dir
+    save_every: int = 0  # steps between checkpoints besides those at evaluations (0 = none)
+    seed: int = 1337  # every step is a pure function of (seed, step): data, noise, dropout
     # optimisation: AdamW, linear warmup then cosine decay, gradient clipping
     batch_size: int = 128  # the global batch: split over processes and accumulation steps
     grad_accum: int = 1  # micro-batches per process and step
-    max_steps: int = 2000
+    max_steps: int = 2000  # optimizer steps in all (>= 1)
     lr: float = 2e-3  # peak learning rate
     min_lr: float = 1e-4  # cosine decays to this
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    warmup_steps: int = 100  # linear warmup to lr (>= 0)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this (> 0)
     train_loss: str = "masked_ce"  # "masked_ce" (as the authors train) or "nelbo"
     # evaluation (every eval_every steps, then a checkpoint)
-    eval_every: int = 500
+    eval_every: int = 500  # steps between evaluations, each followed by a checkpoint (>= 1)
     eval_examples: int = 256  # held-out prompts sampled for exact match
     eval_batches: int = 4  # held-out batches for the validation NELBO
     eval_draws: int = 4  # draws of (t, x_t) per held-out sequence for the NELBO estimate
     sample_steps: int = 0  # denoising steps per block when evaluating (0 = block_len)
     # system
-    device: str = "auto"  # "auto" = cuda if available, else cpu
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
     compile: bool = False  # torch.compile the model (GPU)
+    threads: int = 0  # CPU threads for torch (0 = torch's default; 1 on a busy or shared machine)
+
+
+# Flags that may differ from the checkpoint's training config on --resume: how long to go on,
+# how often to evaluate and save, and where/how to run. Everything else (the data, the seed,
+# the optimiser, the batch) is restored, so a resumed run keeps training the same thing.
+MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_every", "eval_examples",
+                        "eval_batches", "eval_draws", "sample_steps", "device", "compile", "threads")
+
+# Allowed values of the string flags (argparse lists them in --help and refuses others).
+CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": SCHEDULES,
+           "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS),
+           "data_format": ("auto", "pairs", "text"), "too_long": ("skip", "error"),
+           "train_loss": ("masked_ce", "nelbo")}
 
 
 # -----------------------------------------------------------------------------
 # Command line: one flag per field of both dataclasses.
 
 
+def field_help(cls) -> dict:
+    """One line of --help per dataclass field, from the comment on that field's line in the
+    source (the comments above are the documentation; --help shows the same words)."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
 def parse_args(argv=None):
-    """Build an argparse parser from the two dataclasses, so every field is a flag.
-    Model fields default to None: only the ones given override the defaults (or, with
-    --resume, are checked against the checkpoint's config)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Build an argparse parser from the two dataclasses, so every field is a flag, with
+    its comment, allowed values and default in --help. Returns the model fields given
+    (model_over: only they override the defaults, or with --resume are checked against the
+    checkpoint's config) and the training fields given (train_over), both as dicts."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --max_step is an error, not --max_steps
 
     def as_bool(s):
         if s.lower() in ("1", "true", "yes", "y", "on"):
@@ -94,19 +125,79 @@ def parse_args(argv=None):
 
     for cls, group in ((ModelConfig, "model"), (TrainConfig, "training")):
         g = p.add_argument_group(group)
+        helps = field_help(cls)
         for f in fields(cls):
+            default = f"default {f.default}"
+            if f.name == "seq_len":  # derived from the data unless given
+                default = "default: the longest example of the data (16 for the default task, 128 for text)"
+            text = f"{helps.get(f.name, '')} ({default})".replace("%", "%%")
             kind = {int: int, float: float, str: str, bool: as_bool}[f.type]
             if kind is as_bool:  # --resume alone means --resume=true
-                g.add_argument(f"--{f.name}", type=as_bool, nargs="?", const=True, default=None,
-                               help=f"(default {f.default})")
+                g.add_argument(f"--{f.name}", type=as_bool, nargs="?", const=True, default=None, help=text)
             else:
-                g.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
+                g.add_argument(f"--{f.name}", type=kind, default=None, help=text, choices=CHOICES.get(f.name))
     args = vars(p.parse_args(argv))
-    # split the flags given (not None) into model overrides and the training config
+    # split the flags given (not None) into model overrides and training flags
     model_names = {f.name for f in fields(ModelConfig)}
     model_over = {k: v for k, v in args.items() if k in model_names and v is not None}
     train_over = {k: v for k, v in args.items() if k not in model_names and v is not None}
-    return model_over, TrainConfig(**train_over)
+    return model_over, train_over
+
+
+def training_config(train_over: dict) -> TrainConfig:
+    """The TrainConfig of this run: the defaults and the flags given; with --resume, the
+    training config saved in the checkpoint instead of the defaults (so --resume alone
+    continues on the same data, seed and batch). A flag given again with another value is
+    an error naming both, unless it is one of MAY_CHANGE_ON_RESUME."""
+    if not train_over.get("resume"):
+        return TrainConfig(**train_over)
+    out_dir = train_over.get("out_dir", TrainConfig.out_dir)
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "cpu")
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in (ckpt.get("train_config") or {}).items() if k in known}
+    clash = [f"--{k}={v!r} (the checkpoint has {saved[k]!r})" for k, v in train_over.items()
+             if k in saved and saved[k] != v and k not in MAY_CHANGE_ON_RESUME]
+    if clash:
+        raise ValueError("--resume continues the checkpoint's training config; these flags differ "
+                         "from it: " + ", ".join(clash) + ". Only these may change on resume: "
+                         + ", ".join(MAY_CHANGE_ON_RESUME))
+    return TrainConfig(**{**saved, **train_over})
+
+
+def validate_train_config(tc: TrainConfig) -> None:
+    """Refuse, before the first step, settings that would crash later or train wrongly in
+    silence (a negative clip ascends the gradient, max_steps=0 trains nothing, ...)."""
+    rules = [("batch_size", tc.batch_size >= 1, ">= 1"), ("grad_accum", tc.grad_accum >= 1, ">= 1"),
+             ("max_steps", tc.max_steps >= 1, ">= 1"), ("eval_every", tc.eval_every >= 1, ">= 1"),
+             ("save_every", tc.save_every >= 0, ">= 0 (0 = only at evaluations)"),
+             ("grad_clip", tc.grad_clip > 0, "> 0 (a gradient-norm bound)"),
+             ("lr", tc.lr > 0, "> 0"), ("min_lr", 0 <= tc.min_lr <= tc.lr, "in [0, lr]"),
+             ("warmup_steps", tc.warmup_steps >= 0, ">= 0"),
+             ("val_fraction", 0 < tc.val_fraction < 1, "in (0, 1): the share of the data file held out"),
+             ("eval_examples", tc.eval_examples >= 1, ">= 1"), ("eval_batches", tc.eval_batches >= 1, ">= 1"),
+             ("eval_draws", tc.eval_draws >= 1, ">= 1"), ("sample_steps", tc.sample_steps >= 0, ">= 0"),
+             ("threads", tc.threads >= 0, ">= 0 (0 = torch's default)")]
+    bad = [f"--{name}={getattr(tc, name)} must be {rule}" for name, ok, rule in rules if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+def check_out_dir(tc: TrainConfig) -> None:
+    """A new run never silently replaces an earlier run's checkpoint and log, and a folder
+    that cannot be written to is a clear error before any training is spent."""
+    if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
+        raise ValueError(f"--out_dir={tc.out_dir} is a file, not a folder")
+    if not tc.resume and os.path.exists(os.path.join(tc.out_dir, "ckpt.pt")) and not tc.overwrite:
+        raise ValueError(f"{tc.out_dir} already holds a checkpoint (ckpt.pt) of an earlier run: continue "
+                         f"it with --resume, or start over and replace it with --overwrite")
+    try:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        probe = os.path.join(tc.out_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out_dir={tc.out_dir}: {e.strerror}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -116,6 +207,9 @@ def parse_args(argv=None):
 def setup(tc: TrainConfig, model_over: dict, device: str):
     """The model config, the checkpoint (with --resume) and the dataset. Raises
     ValueError with a clear message for anything the user can fix."""
+    validate_train_config(tc)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        check_out_dir(tc)
     if tc.resume:
         # the checkpoint's config is the model; flags may only repeat it
         ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device,
@@ -169,23 +263,34 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
-def save_checkpoint(path, model, optimizer, step, tc, metrics):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.
-    The config is saved as a dict, so models.model_from_checkpoint can rebuild the model."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def save_checkpoint(path, model, optimizer, step, tc, metrics, best_val_nelbo=math.inf):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt, and
+    a failed write (a full disk, a folder that went away) leaves the previous checkpoint as
+    it was and no .tmp behind. The config is saved as a dict, so
+    models.model_from_checkpoint can rebuild the model; the checksum of the weights lets
+    models.load_checkpoint refuse a file whose bytes changed after it was written."""
     # everything a resumed run needs to continue exactly: weights, AdamW moments, the step
+    weights = model.state_dict()
     state = {
         "model_type": model.cfg.model,
         "config": asdict(model.cfg),
         "train_config": asdict(tc),
-        "model": model.state_dict(),
+        "model": weights,
+        "checksum": weights_checksum(weights),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "metrics": metrics,
+        "best_val_nelbo": best_val_nelbo,
     }
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise ValueError(f"cannot write the checkpoint {path}: {e.strerror or e} ({kept})") from None
 
 
 def format_metrics(m: dict) -> str:
@@ -196,6 +301,11 @@ def format_metrics(m: dict) -> str:
               f"{m['val_bits_per_byte']:.4f} ± {m['val_bits_per_byte_se']:.4f} bits/byte, "
               f"perplexity <= {m['val_ppl_bound']:.3f} ± {m['val_ppl_bound_se']:.3f}")
     return s + f" exact_match={m['exact_match']:.3f}"
+
+
+def now_utc() -> str:
+    """The time of a log row, e.g. 2026-11-23T21:40:05Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def keep_log_until(path: str, step: int) -> None:
@@ -307,6 +417,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
         dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     log_path = os.path.join(tc.out_dir, "log.jsonl")
+    best_path = os.path.join(tc.out_dir, "best.pt")
 
     # the model and the optimizer (AdamW, betas of GPT training), from scratch or from the
     # checkpoint; the same seed gives every process the same initial weights
@@ -314,16 +425,19 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
                                   weight_decay=tc.weight_decay)
-    step, metrics = 0, {}
+    step, metrics, best = 0, {}, math.inf  # best: the lowest validation NELBO so far
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, metrics = ckpt["step"], ckpt.get("metrics", {})
+        best = ckpt.get("best_val_nelbo", math.inf)
         if main_process:
             print(f"resumed from {ckpt_path} at step {step}")
     if main_process:
         os.makedirs(tc.out_dir, exist_ok=True)
         keep_log_until(log_path, step)  # a resumed run rewrites what came after its checkpoint
+        with open(os.path.join(tc.out_dir, "config.json"), "w") as f:  # what this run is, readable
+            json.dump({"model": asdict(cfg), "train": asdict(tc)}, f, indent=2)
     # mixed precision: bf16 autocast on a GPU (the weights stay float32; norms, softmax and the
     # loss are computed in float32 inside the model); plain float32 on the CPU
     autocast = autocast_for(device)
@@ -395,7 +509,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             bar.update(1)
             tokens_since += step_tokens * world
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr_at(step - 1, tc)}) + "\n")
+                f.write(json.dumps({"step": step, "time": now_utc(), "loss": losses[-1],
+                                    "lr": lr_at(step - 1, tc)}) + "\n")
             if step % 10 == 0:  # the bar shows the loss and training tokens/s of the last 10 steps
                 now = time.perf_counter()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
@@ -405,13 +520,20 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 metrics["train_tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)  # so far
                 bar.write(f"step {step}: {format_metrics(metrics)}")
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+                    f.write(json.dumps({"step": step, "time": now_utc(), **metrics}) + "\n")
+                # the evaluation's noise is fixed, so val_nelbo compares across evaluations
+                improved = metrics["val_nelbo"] < best
+                best = min(best, metrics["val_nelbo"])
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best)
+                if improved:  # best.pt: the weights with the lowest validation NELBO so far
+                    save_checkpoint(best_path, model, optimizer, step, tc, metrics, best)
+            elif tc.save_every and step % tc.save_every == 0:  # a checkpoint between evaluations
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best)
         # 5. Ctrl-C / SIGTERM: the step is whole, so save it and leave (exit code 130)
         if stop.agreed(device):
             bar.close()
             if main_process:
-                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics)
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best)
                 print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
             return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": True}
     # max_steps reached: hand back what the caller (main, bench.py, tests, notebooks) reads
@@ -438,9 +560,14 @@ def start_distributed(device: str) -> None:
 
 def main(argv=None):
     """python train.py [--flags]: setup, train, print the final line. A ValueError is the
-    user's mistake (a flag, a file, a checkpoint): one line "error: ...", exit code 1."""
-    model_over, tc = parse_args(argv)
+    user's mistake (a flag, a file, a checkpoint): one line "error: ...", exit code 1,
+    printed once (under torchrun by rank 0 only; the other processes exit quietly)."""
+    model_over, train_over = parse_args(argv)
     try:
+        tc = training_config(train_over)  # with --resume: the checkpoint's, plus the flags
+        validate_train_config(tc)
+        if tc.threads:  # on a busy machine torch's default (all cores) thrashes: see README
+            torch.set_num_threads(tc.threads)
         # torchrun sets LOCAL_RANK: each process then uses the GPU of its local rank
         local_rank = int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else None
         device = pick_device(tc.device, local_rank)
@@ -454,7 +581,9 @@ def main(argv=None):
         cfg, ckpt, dataset = setup(tc, model_over, device)
         result = train(cfg, tc, device, ckpt, dataset, stop)
     except (ValueError, FloatingPointError) as e:  # the user's mistake: a message, no stack trace
-        sys.exit(f"error: {e}")
+        if main_process:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         stop.restore()
         if dist.is_initialized():

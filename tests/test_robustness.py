@@ -231,8 +231,8 @@ def test_sample_script_bad_input_is_a_clear_error(ar_checkpoint, tmp_path, capsy
     (["--d_model=100", "--n_heads=3"], "d_model=100 is not divisible by n_heads=3"),
     (["--d_model=30"], "not divisible by n_heads"),
     (["--decoder=shared_kv", "--n_enc=2", "--n_dec=3"], "needs n_dec <= n_enc"),
-    (["--model=gpt"], "model must be one of"),
-    (["--task=sorting"], "unknown task"),
+    (["--model=gpt"], "invalid choice: 'gpt' (choose from 'e2d2', 'ar', 'mdlm', 'bd3lm')"),
+    (["--task=sorting"], "invalid choice: 'sorting'"),
     (["--batch_size=10", "--grad_accum=4"], "must split evenly into 4 micro-batches"),
     (["--data=/nonexistent.txt"], "/nonexistent.txt: no such file"),
     (["--resume", "--out_dir=/nonexistent/x"], "no checkpoint at"),
@@ -258,14 +258,17 @@ def test_config_from_a_checkpoint_is_validated():
 
 
 def test_device_flag_parsing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert pick_device("cpu") == "cpu" and pick_device("cuda:0") == "cuda:0"
     assert pick_device("cuda", local_rank=1) == "cuda:1"  # torchrun: the local rank's GPU
     assert pick_device("cuda:0", local_rank=3) == "cuda:3"
     assert pick_device("cpu", local_rank=1) == "cpu"  # gloo processes stay on the CPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device("auto") == "cuda" and pick_device("auto", local_rank=2) == "cuda:2"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build
     assert pick_device("auto", local_rank=2) == "cpu"
+    for asked in ("cuda", "cuda:0"):  # a clear error now, not a traceback at the first tensor
+        with pytest.raises(ValueError, match="sees no CUDA GPU.*use --device=cpu"):
+            pick_device(asked)
     for bad in ("gpu", "cuda:x", "mps"):
         with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
             pick_device(bad)

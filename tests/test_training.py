@@ -113,9 +113,10 @@ def test_lr_at_warms_up_linearly_then_decays_by_cosine():
 def test_train_loss_nelbo_is_what_training_minimises(tmp_path):
     # the first logged loss of a --train_loss=nelbo run is the NELBO of the first batch
     # under the first step's noise (rebuilt here the way train() seeds them)
-    model_over, tc = train.parse_args(["--train_loss=nelbo", "--digits=2", "--max_steps=1",
-                                       "--batch_size=8", "--eval_examples=4", "--eval_batches=1",
-                                       f"--out_dir={tmp_path}", "--d_model=32", "--n_enc=2", "--n_dec=1"])
+    model_over, train_over = train.parse_args(["--train_loss=nelbo", "--digits=2", "--max_steps=1",
+                                               "--batch_size=8", "--eval_examples=4", "--eval_batches=1",
+                                               f"--out_dir={tmp_path}", "--d_model=32", "--n_enc=2", "--n_dec=1"])
+    tc = train.training_config(train_over)
     assert tc.train_loss == "nelbo"
     cfg, _, dataset = train.setup(tc, model_over, "cpu")
     logged = train.train(cfg, tc, "cpu", None, dataset)["losses"][0]
