@@ -66,17 +66,16 @@ class ARRunner:
         if prompt.shape[1] == 0:
             raise ValueError("the AR model needs a non-empty prompt to predict the first token from")
         self.model, self.use_cache = model, use_cache
-        self.cache = KVCache(model.cfg.n_enc, prompt.shape[0], prompt.device)
+        self.cache = KVCache(model.cfg.n_enc, prompt.shape[0], model.cfg.seq_len, prompt.device)
         self.seq, self.new = prompt, prompt  # seq: everything so far; new: tokens not yet cached
         self.encoder_calls = self.decoder_calls = 0
 
     def logits(self, x_block):
         """(b, 1, V): the logits of the token after everything so far (x_block, one
         [MASK], only says where that token goes)."""
-        if self.use_cache:
-            logits, kv = self.model.logits(self.new, self.cache.prefix(), self.cache.valid,
-                                           start=len(self.cache))
-            self.cache.add(kv, self.new, self.model.cfg.pad_id)
+        if self.use_cache:  # the new tokens' keys/values are written into the cache in place
+            logits, _ = self.model.logits(self.new, self.cache)
+            self.cache.add(self.new, self.model.cfg.pad_id)
         else:
             logits, _ = self.model.logits(self.seq)
         self.decoder_calls += 1
@@ -91,17 +90,25 @@ class ARRunner:
 
 
 class AR(OneStack):
-    def logits(self, x, prefix=None, prefix_valid=None, start: int = 0):
-        """Causal logits (b, n, V) of tokens x at positions start.. ; logits[:, i] predicts
-        the token after x[:, i]. With a KV prefix (cache) of `start` earlier tokens.
-        Returns the logits and the per-layer (k, v) of x."""
+    def logits(self, x, cache: KVCache = None):
+        """Causal logits (b, n, V) of tokens x; logits[:, i] predicts the token after
+        x[:, i]. With a KVCache of `start` earlier tokens, x sits at positions start.. and
+        its keys/values are written into the cache. Returns the logits and the per-layer
+        (k, v) of x."""
         b, n = x.shape
+        start = 0 if cache is None else len(cache)
         valid = x != self.cfg.pad_id
-        if prefix_valid is None:
-            prefix_valid = valid[:, :0]
-        mask = causal_mask(torch.cat([prefix_valid, valid], 1))[:, start:]  # (b, n, start + n)
-        positions = torch.arange(start, start + n, device=x.device)
-        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), positions, mask, prefix)
+        if n == 1 and start > 0:  # one new token (sampling): it sees every real cached key and
+            # itself: one row read off the cache's key padding, where causal_mask would build
+            # (b, start + 1, start + 1) at every token. A [PAD] query sees only itself, as in
+            # causal_mask (and the uncached reference): its row still predicts the next token.
+            sees = cache.visible[:, None, :start + 1]  # (b, 1, start + 1); position start: itself
+            itself = F.one_hot(torch.full((b, 1), start, device=x.device), start + 1).bool()
+            mask = torch.where(valid[:, :, None], sees, itself)
+        else:
+            prefix_valid = valid[:, :0] if cache is None else cache.visible[:, :start]
+            mask = causal_mask(torch.cat([prefix_valid, valid], 1))[:, start:]  # (b, n, start + n)
+        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask, cache)
         return self.head(h), new_kv
 
     exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
@@ -135,8 +142,7 @@ class MDLM(OneStack):
     def logits(self, x0, x_t, prompt_mask):
         """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
         valid = x_t != self.cfg.pad_id
-        positions = torch.arange(x_t.shape[1], device=x_t.device)
-        h, _ = self.run(self.layers, self.drop(self.embed(x_t)), positions, full_mask(valid))
+        h, _ = self.run(self.layers, self.drop(self.embed(x_t)), slice(0, x_t.shape[1]), full_mask(valid))
         return self.head(h)
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
@@ -178,20 +184,20 @@ class CachedBD3LM:
     def __init__(self, model: OneStack, prompt: torch.Tensor):
         self.model, cfg = model, model.cfg
         self.block_len = cfg.block_len
-        self.cache = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
+        self.cache = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
         self.encoder_calls = self.decoder_calls = 0
         if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
             mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
             self._run(prompt, mask, keep=True)
 
     def _run(self, tokens, mask, keep: bool):
-        """All N layers over tokens (b, n) against the cache; keep=True caches them."""
+        """All N layers over tokens (b, n) against the cache (their keys/values are written
+        into its scratch positions); keep=True makes them part of the cache."""
         n0 = len(self.cache)
-        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)
-        h, new_kv = self.model.run(self.model.layers, self.model.embed(tokens), positions, mask,
-                                   self.cache.prefix())
+        h, _ = self.model.run(self.model.layers, self.model.embed(tokens), slice(n0, n0 + tokens.shape[1]),
+                              mask, self.cache)
         if keep:  # a clean block: its keys/values join the cache
-            self.cache.add(new_kv, tokens, self.model.cfg.pad_id)
+            self.cache.add(tokens, self.model.cfg.pad_id)
             self.encoder_calls += 1
         return h
 

@@ -5,6 +5,7 @@ measured figures.
     python bench.py train     # training step speed and activation memory of every model
     python bench.py sample    # sampling tokens/s: E2D2 cached and uncached, BD3-LM, MDLM, AR
     python bench.py compare   # train every model with train.py's settings, held-out results
+    python bench.py speedup --against=COMMIT  # cached samplers of a git commit vs this code
     python bench.py train --out=bench/training_cpu.json     # also write the figures as JSON
     python bench.py compare --max_steps=500                 # other flags go to train.py
 
@@ -15,18 +16,20 @@ layer-token passes); tests check those counts against hooks on the real layers.
 """
 
 import argparse
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
-from e2d2 import ModelConfig, generate
+from e2d2 import Layer, ModelConfig, generate
 from models import (MODEL_TYPES, autocast_for, build_model, is_cuda, load_checkpoint, model_from_checkpoint,
                     pick_device)
 
@@ -41,6 +44,17 @@ def timed(fn, device: str):
     if is_cuda(device):
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
+
+
+def code_version() -> dict:
+    """The git commit this code is at, and whether the working tree differs from it (the
+    figures of a dirty tree belong to no commit)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
 
 
 def write_json(path: str, obj) -> None:
@@ -142,7 +156,8 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
     print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
           "model / of E2D2 (linear layers only)")
     if out:
-        write_json(out, {"device": device, "batch": batch, "config": asdict(cfg0), "rows": rows})
+        write_json(out, {"device": device, "threads": torch.get_num_threads(), **code_version(), "batch": batch,
+                         "config": asdict(cfg0), "rows": rows})
     return rows
 
 
@@ -262,7 +277,143 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
           "layer calls (what a latency-bound one pays), and both weighted by the timed cost of one "
           "layer call and of one token")
     if out:
-        write_json(out, {"device": device, "sizes": BENCH, "layer_time": fits, "rows": rows})
+        write_json(out, {"device": device, "threads": torch.get_num_threads(), **code_version(), "sizes": BENCH,
+                         "layer_time": fits, "rows": rows})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler speed-up against an earlier commit, and the distance to the machine's limit.
+# ---------------------------------------------------------------------------------------
+
+CODE_FILES = ("e2d2.py", "baselines.py", "models.py", "data.py")  # what a model and its sampler need
+CACHED = [("e2d2", "e2d2"), ("bd3lm", "bd3lm"), ("ar", "ar")]  # (label, model type): the cached samplers
+
+
+def load_code_at(commit: str):
+    """The models and e2d2 modules of `commit` (with its own baselines and data), imported from
+    `git show COMMIT:file` copies in a temporary directory, next to this code's modules in
+    the same process. The module names are the same, so this code's entries in sys.modules
+    are put aside while the old ones import each other, then put back."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    tmp = tempfile.mkdtemp(prefix="bench-old-")
+    for name in CODE_FILES:
+        r = subprocess.run(["git", "-C", root, "show", f"{commit}:{name}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ValueError(f"--against={commit}: cannot read {name} at that commit ({r.stderr.strip()})")
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(r.stdout)
+    names = [n[:-3] for n in CODE_FILES]
+    mine = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, tmp)
+    try:
+        old = importlib.import_module("models"), sys.modules["e2d2"]
+    finally:
+        sys.path.remove(tmp)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(mine)
+    return old
+
+
+def machine_rates(threads: int) -> dict:
+    """What the limit is made of, measured here with `threads` threads: the float32
+    matrix-multiply rate (FLOP/s, a large square matmul) and the memory bandwidth (bytes/s
+    read, a sum over a 256 MiB tensor, far larger than any cache)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    big = torch.ones(64 * 2**20)  # 256 MiB of float32
+    a @ b, big.sum()  # warm-up
+    mm_s = statistics.median(timed(lambda: a @ b, "cpu")[1] for _ in range(10))
+    read_s = statistics.median(timed(lambda: big.sum(), "cpu")[1] for _ in range(5))
+    return {"flops_per_s": 2 * 1024**3 / mm_s, "bytes_per_s": big.numel() * 4 / read_s}
+
+
+def layer_limits(cfg, name: str, batch: int, rates: dict) -> dict:
+    """What one layer call of a cached sampler needs at the limit, on average over its
+    calls (sampling_cost's counts; the head and attention's keys * d left out): the
+    arithmetic of its linear layers (2 FLOPs per weight per token) at the measured matmul
+    rate, and reading the layer's weights once (float32) at the measured bandwidth."""
+    P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
+    tokens, calls = sampling_cost(name, True, P, A, B, T, cfg.n_enc, cfg.n_dec)  # per token of one row
+    weights = sum(p.numel() for p in Layer(cfg).parameters())  # every layer of these models has this size
+    tokens_per_call = batch * tokens / calls  # rows the average layer call multiplies
+    return {"layer_calls": calls * A, "tokens_per_call": tokens_per_call,
+            "compute_s": 2 * weights * tokens_per_call / rates["flops_per_s"],
+            "weights_s": 4 * weights / rates["bytes_per_s"]}
+
+
+def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
+    """Cached sampling tokens/s of E2D2, BD3-LM and AR: the code of commit `against` and
+    this code, side by side in one process, on the same weights and prompts, at 1 thread
+    and at the default number of threads. Rounds alternate (old, new, new, old, ...) so
+    that a slow spell of the machine hits both; each figure is the median of `repeats`.
+    Both must generate the same tokens. Prints the speed-ups and, per sampler, the time of
+    one layer call next to what its arithmetic and its weight reads need at this machine's
+    measured rates (the limit)."""
+    old_models, old_e2d2 = load_code_at(against)
+    P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
+    default_threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    pairs = {}
+    for label, name in CACHED:
+        kw = dict(model=name, seq_len=P + A, d_model=BENCH["d_model"], n_heads=BENCH["n_heads"],
+                  n_enc=BENCH["n_enc"], n_dec=BENCH["n_dec"], block_len=B)
+        torch.manual_seed(0)
+        old = old_models.build_model(old_models.ModelConfig(**kw)).eval()
+        new = build_model(ModelConfig(**kw)).eval()
+        new.load_state_dict(old.state_dict())  # the same weights (an old checkpoint loads)
+        pairs[label] = (ModelConfig(**kw), old, new)
+    rows, limits = [], []
+    for threads in sorted({1, default_threads}):
+        rates = machine_rates(threads)
+        print(f"{threads} thread(s): matmul {rates['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              f"memory read {rates['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+        for batch in batches:
+            prompts = torch.randint(0, 256, (batch, P), generator=g).tolist()
+            kw = dict(max_new_tokens=A, steps=T, use_cache=True, stop_at_eos=False)
+            for label, (cfg, old, new) in pairs.items():
+                runs = {"old": lambda: old_e2d2.generate(old, prompts, **kw), "new": lambda: generate(new, prompts, **kw)}
+                same = runs["old"]().tokens == runs["new"]().tokens  # also the warm-up
+                times = {"old": [], "new": []}
+                for r in tqdm(range(repeats), desc=f"{label} b={batch} {threads}t", leave=False):
+                    for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                        times[side].append(timed(runs[side], "cpu")[1])
+                lim = layer_limits(cfg, label, batch, rates)
+                row = {"threads": threads, "batch": batch, "sampler": label, "same_tokens": same, **lim}
+                for side in ("old", "new"):
+                    s = statistics.median(times[side])
+                    row[f"{side}_tokens_per_s"] = batch * A / s
+                    row[f"{side}_layer_call_s"] = s / lim["layer_calls"]
+                row["speedup"] = row["new_tokens_per_s"] / row["old_tokens_per_s"]
+                rows.append(row)
+    print(f"\ncached sampling, {A} tokens after a {P}-token prompt, width {BENCH['d_model']}, N_enc={BENCH['n_enc']}, "
+          f"N_dec={BENCH['n_dec']} (baselines N={BENCH['n_enc']}), block {B}, {T} steps; float32 CPU; "
+          f"old = {against}, new = this code; median of {repeats} alternating rounds")
+    print(f"{'threads':>7} {'batch':>5} {'sampler':8} {'old tok/s':>10} {'new tok/s':>10} {'speed-up':>8} "
+          f"{'same tokens':>11}")
+    for r in rows:
+        print(f"{r['threads']:>7} {r['batch']:>5} {r['sampler']:8} {r['old_tokens_per_s']:>10.1f} "
+              f"{r['new_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {str(r['same_tokens']):>11}")
+    print(f"\ndistance to the limit: one layer call (generation time / layer calls), old and new, "
+          f"next to what it needs at the measured rates")
+    print(f"{'threads':>7} {'batch':>5} {'sampler':8} {'tokens/call':>11} {'old ms':>8} {'new ms':>8} "
+          f"{'arithmetic ms':>13} {'weight read ms':>14} {'new / limit':>11}")
+    for r in rows:
+        limit = max(r["compute_s"], r["weights_s"])
+        r["new_over_limit"] = r["new_layer_call_s"] / limit
+        r["old_over_limit"] = r["old_layer_call_s"] / limit
+        print(f"{r['threads']:>7} {r['batch']:>5} {r['sampler']:8} {r['tokens_per_call']:>11.1f} "
+              f"{r['old_layer_call_s'] * 1e3:>8.3f} {r['new_layer_call_s'] * 1e3:>8.3f} "
+              f"{r['compute_s'] * 1e3:>13.3f} {r['weights_s'] * 1e3:>14.3f} {r['new_over_limit']:>10.1f}x")
+    print("tokens/call: rows the average layer call multiplies (batch x tokens). arithmetic: 2 FLOPs per "
+          "weight per row at the measured matmul rate; weight read: the layer's float32 weights once at the "
+          "measured memory bandwidth (the head and attention scores left out). new / limit: how many times "
+          "the larger of the two one layer call takes")
+    torch.set_num_threads(default_threads)
+    if out:
+        write_json(out, {"device": "cpu", **code_version(), "against": against, "sizes": BENCH,
+                         "repeats": repeats, "rows": rows})
     return rows
 
 
@@ -305,26 +456,61 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
     return rows
 
 
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a prefix (--repeat) is not taken for a flag; for compare it is
+    # passed on to train.py, which refuses it by name
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("what", choices=["train", "sample", "speedup", "compare"], help="which benchmark")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file (default: none)")
+    p.add_argument("--batch", type=int, default=8, help="train: sequences per step, >= 1 (default 8)")
+    p.add_argument("--batches", default="1,8", help="sample: batch sizes >= 1, comma-separated (default 1,8)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs (median), >= 1 (default: train 5, sample 3)")
+    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes (default out-compare)")
+    p.add_argument("--against", default="", help="speedup: the git commit whose samplers this code is timed against")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, >= 0; 0 = torch's default (default 0). Figures are only "
+                        "comparable at the same thread count; 1 on a busy or shared machine")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "sample", "compare"], help="which benchmark")
-    p.add_argument("--device", default="auto", help="train / sample: cuda if available, else cpu")
-    p.add_argument("--out", default="", help="also write the figures to this JSON file")
-    p.add_argument("--batch", type=int, default=8, help="train: sequences per step")
-    p.add_argument("--batches", default="1,8", help="sample: batch sizes, comma-separated")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (median); train 5, sample 3")
-    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes")
+    p = build_parser()
     args, rest = p.parse_known_args(argv)
     if rest and args.what != "compare":  # only compare passes flags on (to train.py)
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.what == "compare" and args.device != "auto":
         rest.append(f"--device={args.device}")  # train.py picks the device of each run
+    if args.what == "compare" and args.threads:
+        rest.append(f"--threads={args.threads}")  # and sets the threads of each run
     try:
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:  # "1,x" or "1,,8": reported below with the rule
+            batches = []
+        bad = [f"--{name}={value} must be {rule}" for name, value, ok, rule in [
+            ("batch", args.batch, args.batch >= 1, ">= 1"),
+            ("batches", args.batches, batches and min(batches) >= 1, "batch sizes >= 1, comma-separated"),
+            ("repeats", args.repeats, args.repeats is None or args.repeats >= 1, ">= 1"),
+            ("threads", args.threads, args.threads >= 0, ">= 0 (0 = torch's default)")] if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         if args.what == "train":
             return bench_training(args.batch, args.repeats or 5, device, out=args.out)
+        if args.what == "speedup":
+            if not args.against:
+                raise ValueError("speedup needs --against=COMMIT (a git commit of this repository)")
+            if device != "cpu":
+                raise ValueError(f"speedup measures the CPU (threads, memory bandwidth); got --device={args.device}")
+            return bench_speedup(args.against, batches, args.repeats or 5, args.out)
         if args.what == "sample":
-            return bench_sampling([int(b) for b in args.batches.split(",")], args.repeats or 3, device, args.out)
+            return bench_sampling(batches, args.repeats or 3, device, args.out)
         return compare(rest, args.out_dir, args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -372,7 +372,9 @@ def read_pairs(path: str) -> list:
                          f"any other file is read as plain text with --data_format=text)")
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            # lines end at "\n" only (str.splitlines would also split at U+2028 and other
+            # separators that are valid characters inside a JSON string); "\r\n" loses its "\r"
+            lines = [line.rstrip("\r") for line in f.read().split("\n")]
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -591,11 +593,20 @@ def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 
 # --- metrics for seq2seq answers -------------------------------------------------------
 
 
+# What sample.py --eval prints beside the BLEU figure, so a reader knows which BLEU it is.
+BLEU_NAME = "BLEU (corpus, 4-gram, exp smoothing, whitespace words)"
+
+
 def corpus_bleu(hypotheses: list, references: list, max_n: int = 4) -> float:
     """Corpus BLEU (Papineni et al. 2002) in [0, 1], one reference per hypothesis, words
-    split on whitespace: the geometric mean of the clipped n-gram precisions (n = 1..4),
-    counts summed over the corpus, times the brevity penalty exp(1 - r/c) when the
-    hypotheses are shorter (c) than the references (r)."""
+    split on whitespace, with the "exp" smoothing that sacreBLEU applies by default:
+    the n-gram matches and counts are summed over the corpus; p_n = matches_n / total_n,
+    except that the k-th order with no match at all gets p_n = 1 / (2^k * total_n)
+    instead of 0 (so one missing 4-gram no longer zeroes the whole score); BLEU is the
+    geometric mean of p_1..p_4 times the brevity penalty exp(1 - r/c) when the
+    hypotheses (c words) are shorter than the references (r words). A corpus with no
+    n-gram of some order at all (every answer one word long: no 2-grams) has no BLEU
+    defined; it scores 0 as in sacreBLEU, and chrF (below) is the figure to read."""
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references):
@@ -604,13 +615,46 @@ def corpus_bleu(hypotheses: list, references: list, max_n: int = 4) -> float:
         for n in range(1, max_n + 1):
             h_grams = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
             r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            matches[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
+            matches[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())  # clipped
             totals[n - 1] += max(len(h) - n + 1, 0)
-    if hyp_len == 0 or min(matches) == 0:
+    if hyp_len == 0 or min(totals) == 0 or not any(matches):  # no word right at all: 0
         return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    log_precision, zero_orders = 0.0, 0
+    for m, t in zip(matches, totals):
+        if m == 0:  # exp smoothing: 1/2, 1/4, ... of one match, for each order with none
+            zero_orders += 1
+            log_precision += math.log(1 / (2 ** zero_orders * t))
+        else:
+            log_precision += math.log(m / t)
     brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return brevity * math.exp(log_precision)
+    return brevity * math.exp(log_precision / max_n)
+
+
+def chrf(hypotheses: list, references: list, max_n: int = 6, beta: float = 2.0) -> float:
+    """Corpus chrF (Popovic 2015) in [0, 1], as sacreBLEU computes it by default: character
+    n-grams (n = 1..6) of each string with its whitespace removed; per order n, the
+    clipped matches, hypothesis and reference counts are summed over the corpus;
+    precision P_n and recall R_n are averaged over the orders that occur in both
+    (P, R), and chrF = (1 + beta^2) P R / (beta^2 P + R), recall weighted beta = 2 times
+    as much as precision. Unlike BLEU it gives partial credit to one-word answers."""
+    hyp_n, ref_n, match_n = [0] * max_n, [0] * max_n, [0] * max_n
+    for hyp, ref in zip(hypotheses, references):
+        h, r = "".join(hyp.split()), "".join(ref.split())
+        for n in range(1, max_n + 1):
+            h_grams = Counter(h[i:i + n] for i in range(len(h) - n + 1))
+            r_grams = Counter(r[i:i + n] for i in range(len(r) - n + 1))
+            if r_grams:  # a reference too short for this order counts nothing against it
+                hyp_n[n - 1] += sum(h_grams.values())
+            ref_n[n - 1] += sum(r_grams.values())
+            match_n[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
+    orders = [n for n in range(max_n) if hyp_n[n] > 0 and ref_n[n] > 0]
+    if not orders:
+        return 0.0
+    p = sum(match_n[n] / hyp_n[n] for n in orders) / len(orders)
+    r = sum(match_n[n] / ref_n[n] for n in orders) / len(orders)
+    if p + r == 0:
+        return 0.0
+    return (1 + beta ** 2) * p * r / (beta ** 2 * p + r)
 
 
 def rouge_l(hypotheses: list, references: list) -> float:

@@ -33,6 +33,7 @@ Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
 H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -329,15 +330,21 @@ def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block
 # SUBS parameterization and the loss (the NELBO of MDLM / BD3-LM).
 # ---------------------------------------------------------------------------------------
 
+def masked_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """What SUBS predicts at a [MASK] position: log p_theta(x_0 | x_t) (b, L, V), a softmax
+    over the vocabulary with zero mass on [MASK] (the clean data never contains it)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
+    return F.log_softmax(logits, dim=-1)
+
+
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
     """log p_theta(x_0 | x_t) with the SUBS parameterization of MDLM (b, L, V):
       - zero mass on [MASK] (the clean data never contains it): logit -inf;
       - carry-over: where x_t is not [MASK] the prediction is x_t itself (log p = 0 on
         that token, -inf elsewhere), so unmasked tokens add exactly 0 to the loss.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
-    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
-    log_p = F.log_softmax(logits, dim=-1)
+    log_p = masked_log_probs(logits, mask_id)
     V = logits.shape[-1]
     # (b, L, V): the one-hot of x_t, in log space
     carry = torch.where(torch.arange(V, device=x_t.device) == x_t[..., None], 0.0, -math.inf)
@@ -380,9 +387,9 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
 
 
 # ---------------------------------------------------------------------------------------
-# Transformer pieces: RMSNorm, RoPE, attention (with optional prefix keys/values),
-# SwiGLU MLP, a pre-norm Layer, and a KV cache. The encoder and the decoder are stacks
-# of the same Layer.
+# Transformer pieces: RMSNorm, RoPE, the sampling KV cache, attention (with optional prefix
+# keys/values or a cache), SwiGLU MLP and a pre-norm Layer. The encoder and the decoder
+# are stacks of the same Layer.
 # ---------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -395,59 +402,168 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x_f = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32 for the mean
-        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x_f.type_as(x) * self.weight
+        # x_f * rsqrt(mean(x_f^2) + eps) in one call (torch's own; five separate ops cost
+        # more than the arithmetic on a few tokens)
+        return F.rms_norm(x_f, (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype):
-    """cos, sin of the rotary angles for integer positions (n,) -> (n, hd/2) each."""
+    """cos, sin of the rotary angles for integer positions (n,) -> (n, hd/2) each.
+    Computed in float64 (large position x small frequency), then cast. A model calls this
+    once, for all its seq_len positions, and keeps the table (TokenModel.rope)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).double() / head_dim)
     angles = positions.double()[:, None] * inv_freq[None, :]  # (n, hd/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_angles' (n, hd/2) tables laid out for apply_rope: (n, hd) each, cos repeated
+    over every pair (c, c) and sin with the sign of each slot of the pair (-s, s)."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) of the head dimension by the position's angle.
-    x: (b, H, n, hd); cos, sin: (n, hd/2)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (b, H, n, hd/2, 2)
-    return out.flatten(-2)  # (b, H, n, hd)
+    """Rotate every pair (x1, x2) of the head dimension by its position's angle:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    x: (b, n, ..., hd), position on dim 1 (e.g. (b, n, H, hd)); cos, sin: (n, hd) from
+    rope_table. Written as x * (c, c) + (x2, x1) * (-s, s): three arithmetic ops on the
+    whole tensor, and the very same products and sums as the formula above."""
+    shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # (n, 1, ..., hd): broadcast
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) in every pair
+    return x * cos.view(shape) + swapped * sin.view(shape)
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), RoPE applied
 
 
+class KVCache:
+    """Keys/values of every clean token seen so far, per layer, for sampling. A static
+    cache: each layer's buffers are allocated once at the longest length the sampler can
+    reach (seq_len) and written in place, so a finished block costs one copy of its own
+    B positions, where growing the cache by torch.cat copied the whole cache again at every
+    block (and, inside attention, at every call).
+      k[l], v[l]: (b, H, max_len, hd); positions [0, n) hold the n clean tokens so far.
+      visible:    (b, max_len) bool, False at padding (left padding of short prompts).
+    Positions [n, max_len) are scratch: a call on new tokens writes their keys/values
+    there (attention then reads [0, n + n_new) as one view, no concatenation); `add` makes
+    them part of the cache. A noisy block's keys/values are written there too and simply
+    overwritten by the next call: they are never kept."""
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, device):
+        self.k: list = [None] * n_layers  # allocated at the first write (dtype, shape of k)
+        self.v: list = [None] * n_layers
+        self.max_len, self.n = max_len, 0
+        self.visible = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.padded = False  # does any cached key have to be hidden? (checked once per add)
+
+    def __len__(self):
+        return self.n  # clean tokens cached so far
+
+    def slot(self, layer: int) -> "CacheSlot":
+        """What Layer.forward takes as `prefix` to read and extend this cache in place."""
+        return CacheSlot(self, layer)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Put the keys/values (b, H, n_new, hd) of new tokens at [n, n + n_new) of layer
+        `layer` and return the keys/values attention reads: [0, n + n_new), a view."""
+        if self.k[layer] is None:
+            b, H, _, hd = k.shape
+            # empty, not zeros: a position is always written before it is read
+            self.k[layer] = k.new_empty(b, H, self.max_len, hd)
+            self.v[layer] = v.new_empty(b, H, self.max_len, hd)
+        end = self.n + k.shape[2]
+        self.k[layer][:, :, self.n:end] = k
+        self.v[layer][:, :, self.n:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def add(self, tokens: torch.Tensor, pad_id: int, new_kv: Optional[list] = None):
+        """The new clean tokens (b, n_new) join the cache. Their keys/values are already in
+        place if the call that computed them wrote them (encoder, BD3-LM, AR); new_kv (a
+        per-layer list of KVs) writes them here instead (E2D2's decoder cache)."""
+        if new_kv is not None:
+            for layer, (k, v) in enumerate(new_kv):
+                self.write(layer, k, v)
+        real = tokens != pad_id  # (b, n_new)
+        self.visible[:, self.n:self.n + tokens.shape[1]] = real
+        self.padded = self.padded or not bool(real.all())  # one host sync per block, not per step
+        self.n += tokens.shape[1]
+
+    def block_mask(self, n_new: int) -> Optional[torch.Tensor]:
+        """The mask of n_new queries of one block: they see every real cached token (all
+        from earlier blocks) and the whole block (block-causal / block-diagonal). That is a
+        key-padding mask, the same for every query: (b, 1, n + n_new), which attention
+        broadcasts over the queries (no (b, n_new, n + n_new) mask built per call). None
+        when nothing is padding: attention then runs unmasked."""
+        if not self.padded:
+            return None
+        return self.visible[:, None, :self.n + n_new]  # scratch positions are always visible
+
+    def keep(self, rows):
+        """Drop the sequences that finished: rows is a bool (b,) or index tensor."""
+        self.k = [None if k is None else k[rows] for k in self.k]
+        self.v = [None if v is None else v[rows] for v in self.v]
+        self.visible = self.visible[rows]
+
+
+@dataclass
+class CacheSlot:
+    """Layer `layer` of a KVCache, as handed to Attention in place of prefix keys."""
+    cache: KVCache
+    layer: int
+
+    def write(self, k, v) -> KV:
+        return self.cache.write(self.layer, k, v)
+
+
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention with an explicit
-    boolean mask. Optional `prefix` keys/values are put IN FRONT of this input's own
-    keys/values: that one mechanism serves as the KV cache of clean tokens at sampling
-    time, and as the clean keys [h ; .] of the E2D2 decoder in training."""
+    """Multi-head attention through F.scaled_dot_product_attention with a boolean mask
+    (True = may attend; None = every key). Keys/values from before this input come in
+    `prefix`, in one of two forms:
+      - (keys, values) put IN FRONT of this input's own: the clean keys [h ; .] of the
+        E2D2 decoder in training;
+      - a CacheSlot (sampling): this input's keys/values are written into the cache and
+        attention reads everything cached up to them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.n_heads, self.dropout, self.d = cfg.n_heads, cfg.dropout, cfg.d_model
+        # One fused projection for queries, keys and values (one matrix multiply instead of
+        # two per call): output rows [0, d) are W_q, [d, 3d) are W_k then W_v.
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def project_kv(self, x: torch.Tensor, cos, sin) -> KV:
-        """Keys and values of x (b, n, d) -> two (b, H, n, hd), keys rotated by RoPE."""
-        k, v = rearrange(self.kv(x), "b n (two H hd) -> two b H n hd", two=2, H=self.n_heads)
-        return apply_rope(k, cos, sin), v
+        """Keys and values of x (b, n, d) -> two (b, H, n, hd), keys rotated by RoPE: only
+        the K/V rows of the fused matrix (the E2D2 decoder's clean stream needs no queries)."""
+        kv = F.linear(x, self.qkv.weight[self.d:])  # (b, n, 2d)
+        k, v = rearrange(kv, "b n (two H hd) -> two b n H hd", two=2, H=self.n_heads)
+        return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)  # (b, H, n, hd) each
 
-    def forward(self, x, cos, sin, mask, prefix: Optional[KV] = None):
-        """x: (b, n, d) queries (and keys/values); mask: (b, n, n_prefix + n).
-        Returns the output (b, n, d) and this input's own (keys, values) for caching."""
-        q = rearrange(self.q(x), "b n (H hd) -> b H n hd", H=self.n_heads)
-        q = apply_rope(q, cos, sin)
-        k, v = self.project_kv(x, cos, sin)
+    def forward(self, x, cos, sin, mask, prefix=None):
+        """x: (b, n, d) queries (and keys/values); mask: (b, n, n_prefix + n), or
+        (b, 1, n_prefix + n) for a mask that is the same for every query, or None.
+        Returns the output (b, n, d) and this input's own (keys, values)."""
+        qkv = rearrange(self.qkv(x), "b n (three H hd) -> b n three H hd", three=3, H=self.n_heads)  # a view
+        qk = apply_rope(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one go: (b, n, 2, H, hd)
+        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]  # (b, n, H, hd) each, views
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, H, n, hd), views
         keys, values = k, v
-        if prefix is not None:
+        if isinstance(prefix, CacheSlot):  # sampling: written in place, read as one view
+            keys, values = prefix.write(k, v)  # (b, H, n_cached + n, hd)
+        elif prefix is not None:  # training: the clean keys/values in front
             keys = torch.cat([prefix[0], k], dim=2)  # (b, H, n_prefix + n, hd)
             values = torch.cat([prefix[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],  # mask: all heads
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)  # (b, H, n, hd)
         return self.out(rearrange(y, "b H n hd -> b n (H hd)")), (k, v)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the projections were fused hold a query matrix `q`
+        and a key/value matrix `kv`: stack them into `qkv` (rows q, then kv), the same map."""
+        if prefix + "q.weight" in state_dict and prefix + "qkv.weight" not in state_dict:
+            state_dict[prefix + "qkv.weight"] = torch.cat([state_dict.pop(prefix + "q.weight"),
+                                                           state_dict.pop(prefix + "kv.weight")])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SwiGLU(nn.Module):
@@ -473,7 +589,7 @@ class Layer(nn.Module):
         self.norm2, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, prefix: Optional[KV] = None):
+    def forward(self, x, cos, sin, mask, prefix=None):
         a, kv = self.attn(self.norm1(x), cos, sin, mask, prefix)
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.norm2(x)))
@@ -484,40 +600,6 @@ class Layer(nn.Module):
         norm and K/V projection (the decoder's "hidden" variant). In BD3-LM each layer's
         clean keys come from its own clean hidden state instead."""
         return self.attn.project_kv(self.norm1(h), cos, sin)
-
-
-class KVCache:
-    """Keys/values of every clean token seen so far, per layer: (b, H, n, hd) each, with
-    `valid` (b, n) telling real tokens from left padding. Sampling keeps one per stack."""
-
-    def __init__(self, n_layers: int, batch: int, device):
-        self.kv: list = [None] * n_layers
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-
-    def __len__(self):
-        return self.valid.shape[1]  # n: clean tokens cached so far
-
-    def prefix(self):
-        """What Layer.forward takes as `prefix`: None while the cache is empty."""
-        return None if len(self) == 0 else self.kv
-
-    def add(self, new_kv: list, tokens: torch.Tensor, pad_id: int):
-        """Append the per-layer (k, v) of new clean tokens (b, n_new) along the length."""
-        cat = lambda a, b: b if a is None else torch.cat([a, b], dim=2)  # noqa: E731
-        self.kv = [(cat(old and old[0], k), cat(old and old[1], v)) for old, (k, v) in zip(self.kv, new_kv)]
-        self.valid = torch.cat([self.valid, tokens != pad_id], 1)
-
-    def block_mask(self, n_new: int) -> torch.Tensor:
-        """(b, n_new, len + n_new): n_new queries of one block see every real cached token
-        (all from earlier blocks) and the whole block (block-causal / block-diagonal)."""
-        b = self.valid.shape[0]
-        own = torch.ones(b, n_new, n_new, dtype=torch.bool, device=self.valid.device)
-        return torch.cat([self.valid[:, None, :].expand(b, n_new, len(self)), own], -1)
-
-    def keep(self, rows):
-        """Drop the sequences that finished: rows is a bool (b,) or index tensor."""
-        self.kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.kv]
-        self.valid = self.valid[rows]
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,6 +622,16 @@ class TokenModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.norm = RMSNorm(cfg.d_model)  # final norm before the head
         self.drop = nn.Dropout(cfg.dropout)
+        # RoPE's cos/sin for every position, computed once here and sliced at every call
+        # (recomputing the angles in float64 cost a handful of ops per call). Kept in
+        # float64 and cast at the call, so the values are those of rope_angles in any dtype
+        # the model is moved to. 2 * seq_len positions: MDLM's batched sampler lays rows
+        # with different prompt lengths side by side, past seq_len. Not saved in checkpoints
+        # (persistent=False): it follows from the config.
+        cos, sin = rope_table(*rope_angles(torch.arange(2 * cfg.seq_len), cfg.d_model // cfg.n_heads,
+                                           cfg.rope_base, torch.float64))
+        self.register_buffer("rope_cos", cos, persistent=False)  # (2 seq_len, hd)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self):
         # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * depth)
@@ -552,22 +644,27 @@ class TokenModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def rope(self, positions: torch.Tensor):
-        hd = self.cfg.d_model // self.cfg.n_heads
-        return rope_angles(positions, hd, self.cfg.rope_base, self.embed.weight.dtype)
+    def rope(self, positions):
+        """cos, sin (n, hd) (see rope_table) of positions: a slice (consecutive positions, a free view of
+        the table) or an index tensor (n,) of positions < 2 seq_len."""
+        dtype = self.embed.weight.dtype
+        return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """Final norm and output head tied to the token embedding: (b, n, d) -> (b, n, V)."""
         return F.linear(self.norm(z), self.embed.weight)
 
-    def run(self, layers, x, positions, mask, prefix: Optional[list] = None):
-        """x (b, n, d) through `layers`; layer i also attends to prefix[i] (keys/values put
-        in front of its own), mask (b, n, n_prefix + n). Returns x and each layer's own
-        (keys, values) of this input, which a caller may cache."""
+    def run(self, layers, x, positions, mask, prefix=None):
+        """x (b, n, d) through `layers`, mask (b, n, n_prefix + n) or (b, 1, n_prefix + n)
+        or None. prefix: None; a list whose item i layer i attends to in front of its own
+        keys/values (training: the E2D2 decoder's clean keys); or a KVCache (sampling):
+        layer i reads and extends that cache's layer i in place. Returns x and each layer's
+        own (keys, values) of this input."""
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(layers):
-            x, kv = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
+            before = prefix.slot(i) if isinstance(prefix, KVCache) else None if prefix is None else prefix[i]
+            x, kv = layer(x, cos, sin, mask, before)
             new_kv.append(kv)
         return x, new_kv
 
@@ -626,10 +723,11 @@ class E2D2Network(TokenModel):
         self.enc_norm = RMSNorm(cfg.d_model)  # [E2D2] h = enc_norm(last encoder hidden state)
         self.init_weights()
 
-    def encode(self, x0, positions, mask, cache: Optional[list] = None):
+    def encode(self, x0, positions, mask, cache: Optional[KVCache] = None):
         """Run the N_enc encoder layers over clean tokens x0 (b, n).
-        mask: (b, n, n_cache + n). cache: per-layer (k, v) of earlier clean tokens, or None.
-        Returns h = enc_norm(hidden) (b, n, d) and this call's per-layer (k, v)."""
+        mask: (b, n, n_cache + n) or a key-padding (b, 1, n_cache + n) or None. cache: the
+        sampler's encoder KVCache of earlier clean tokens (the new ones are written into
+        it), or None. Returns h = enc_norm(hidden) (b, n, d) and this call's per-layer (k, v)."""
         x, new_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, cache)
         return self.enc_norm(x), new_kv
 
@@ -643,10 +741,12 @@ class E2D2Network(TokenModel):
         cos, sin = self.rope(positions)
         return [layer.clean_kv(h, cos, sin) for layer in self.decoder]
 
-    def decode(self, x_t, positions, mask, clean: list) -> torch.Tensor:
+    def decode(self, x_t, positions, mask, clean) -> torch.Tensor:
         """Run the N_dec decoder layers over noisy tokens x_t (b, n). In every layer the
         queries come from the noisy stream only and the keys/values are
-        [clean[l] ; the noisy stream's own], mask (b, n, n_clean + n). The layer output
+        [clean[l] ; the noisy stream's own], mask (b, n, n_clean + n) (or a key-padding
+        mask, or None). clean: a list of N_dec KVs (training), or the sampler's decoder
+        KVCache (the noisy keys go to its scratch positions, never kept). The layer output
         replaces only the noisy stream: the clean keys stay the same in every layer pass.
         Returns raw logits (b, n, V) (SUBS is applied by the loss and the sampler)."""
         z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean)  # [E2D2]
@@ -657,7 +757,7 @@ class E2D2Network(TokenModel):
         Where BD3-LM runs N layers over [x_0 ; x_t] (2L tokens), the encoder reads x_0
         (L tokens) and the decoder x_t (L queries against 2L keys)."""
         valid = x0 != self.cfg.pad_id
-        positions = torch.arange(x0.shape[1], device=x0.device)  # x_0,j and x_t,j share j
+        positions = slice(0, x0.shape[1])  # x_0,j and x_t,j share position j
         enc_mask = encoder_mask(prompt_mask, valid, self.cfg.block_len)  # (b, L, L)
         h, enc_kv = self.encode(x0, positions, enc_mask)  # [E2D2] N_enc layers over L clean tokens
         clean = self.clean_kv(h, positions, enc_kv)  # [E2D2] per decoder layer, L keys each
@@ -710,8 +810,8 @@ class CachedE2D2:
     def __init__(self, model: E2D2Network, prompt: torch.Tensor):
         self.model, cfg = model, model.cfg
         self.block_len = cfg.block_len
-        self.enc = KVCache(cfg.n_enc, prompt.shape[0], prompt.device)
-        self.dec = KVCache(cfg.n_dec, prompt.shape[0], prompt.device)  # [E2D2]
+        self.enc = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
+        self.dec = KVCache(cfg.n_dec, prompt.shape[0], cfg.seq_len, prompt.device)  # [E2D2]
         self.encoder_calls = self.decoder_calls = 0
         if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
             mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
@@ -720,20 +820,19 @@ class CachedE2D2:
     def _encode(self, tokens, mask):
         """Encode new clean tokens (b, n) against the encoder cache; extend both caches."""
         n0 = len(self.enc)
-        positions = torch.arange(n0, n0 + tokens.shape[1], device=tokens.device)  # RoPE continues
-        h, new_kv = self.model.encode(tokens, positions, mask, self.enc.prefix())  # h: (b, n, d)
-        self.enc.add(new_kv, tokens, self.model.cfg.pad_id)
+        positions = slice(n0, n0 + tokens.shape[1])  # RoPE continues after the cache
+        h, new_kv = self.model.encode(tokens, positions, mask, self.enc)  # h: (b, n, d); K/V written in place
+        self.enc.add(tokens, self.model.cfg.pad_id)
         clean = self.model.clean_kv(h, positions, new_kv)  # [E2D2] projected ONCE per block
-        self.dec.add(clean, tokens, self.model.cfg.pad_id)  # [E2D2]
+        self.dec.add(tokens, self.model.cfg.pad_id, clean)  # [E2D2]
         self.encoder_calls += 1
 
     def logits(self, x_block):
         """Only the decoder runs: B noisy queries against [cached clean keys ; own keys]."""
         n0 = len(self.dec)
-        positions = torch.arange(n0, n0 + x_block.shape[1], device=x_block.device)
         self.decoder_calls += 1
-        return self.model.decode(x_block, positions, self.dec.block_mask(x_block.shape[1]),  # [E2D2]
-                                 self.dec.prefix())  # (b, B, V)
+        return self.model.decode(x_block, slice(n0, n0 + x_block.shape[1]),  # [E2D2]
+                                 self.dec.block_mask(x_block.shape[1]), self.dec)  # (b, B, V)
 
     def commit(self, block):
         """A finished block (b, B): through the encoder once (BD3-LM: all N layers)."""
@@ -831,6 +930,14 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+@functools.lru_cache(maxsize=None)
+def alpha_at(schedule: str, t: float) -> float:
+    """alpha(t) as a Python float. Memoised: the sampler asks for the same T + 1 grid times
+    at every block, so after the first block a step runs no tensor op (and no .item(), a
+    host synchronisation on a GPU) to get them."""
+    return noise_schedule(schedule, torch.tensor(t, dtype=torch.float64))[0].item()
+
+
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
                  confidence_threshold, generator, final: bool, n_positions=None,
                  top_p: float = 1.0) -> torch.Tensor:
@@ -839,15 +946,18 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
     many positions of each row are to be generated (default all B; MDLM's canvases).
     top_p < 1 restricts x_theta to the nucleus (see nucleus) before it is drawn."""
     is_mask = x == cfg.mask_id  # (b, B)
-    probs = subs_log_probs(logits if temperature == 0 else logits / temperature, x, cfg.mask_id).exp()
+    # SUBS at sampling: only [MASK] positions need probabilities. A decoded token is kept by
+    # the final torch.where (reveal is False there) whatever pred and confidence say, so
+    # the carry-over one-hot (b, B, V) of subs_log_probs is never built here. (Sampling
+    # with a temperature draws the same random numbers: multinomial draws one per entry.)
+    probs = masked_log_probs(logits if temperature == 0 else logits / temperature, cfg.mask_id).exp()
     probs = nucleus(probs, top_p)  # (b, B, V); unchanged for top_p = 1
     if temperature == 0:  # x_theta: the argmax, or a sample of probs
         pred = probs.argmax(-1)  # (b, B)
     else:
         pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape)
     confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
-    alpha_t = noise_schedule(cfg.schedule, torch.tensor(t, dtype=torch.float64))[0].item()
-    alpha_s = noise_schedule(cfg.schedule, torch.tensor(s, dtype=torch.float64))[0].item()
+    alpha_t, alpha_s = alpha_at(cfg.schedule, t), alpha_at(cfg.schedule, s)
     if final:  # the last step reveals every remaining [MASK]
         reveal = is_mask
     elif strategy == "ancestral":
@@ -929,6 +1039,12 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     network_calls = 0
     # time grid t_0 = 1 > t_1 > ... > t_T = 0, shared by every block
     grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()
+    # "remask" without a threshold reveals exactly (masks left - n_stay) per step in every
+    # row that fills all B positions (see denoise_step), so the host knows how many [MASK]
+    # are left without reading x back: a finished block and an unchanged x (no [MASK] to
+    # reveal) are known with no host synchronisation in the step loop. Otherwise (ancestral
+    # reveals at random, a threshold or a canvas depends on x) x is read at every step.
+    counted = strategy == "remask" and confidence_threshold is None and runner.canvas is None
     for k in range(n_blocks):
         x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=device)  # all [MASK]
         n_positions = None  # every row fills all B positions ...
@@ -936,16 +1052,26 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
             n_positions = canvas[rows]
             x = torch.where(torch.arange(B, device=device) < n_positions[:, None], x, cfg.pad_id)
         last_x, last_logits = None, None
+        masks_left = B  # counted: [MASK] left in every row
         for i in range(T):
-            if not (x == cfg.mask_id).any():
-                break
-            if last_x is None or not torch.equal(x, last_x):  # no change -> no call
+            if counted:
+                if masks_left == 0:
+                    break
+                changed = True  # the last step revealed at least one token (or none has run)
+            else:
+                if not (x == cfg.mask_id).any():
+                    break
+                changed = last_x is None or not torch.equal(x, last_x)
+            if changed:  # no change -> no call: the model output would be the same
                 last_logits = runner.logits(x)  # (b, B, V)
                 last_x = x
                 network_calls += 1
             x = denoise_step(last_logits, x, grid[i], grid[i + 1], cfg, strategy, temperature,
                              confidence_threshold, generator, final=(i == T - 1), n_positions=n_positions,
                              top_p=top_p)
+            if counted:  # denoise_step's n_stay: floor((1 - alpha_s) B), at most masks - 1, 0 at the end
+                n_stay = math.floor((1.0 - alpha_at(cfg.schedule, grid[i + 1])) * B + 1e-6)
+                masks_left = 0 if i == T - 1 else min(max(masks_left - 1, 0), n_stay)
             if on_step is not None:
                 on_step(k, i, rows, x)
         out[rows, k * B:(k + 1) * B] = x

@@ -5,7 +5,7 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
-    python sample.py --eval test.jsonl          # exact match, BLEU, ROUGE-L
+    python sample.py --eval test.jsonl          # exact match, BLEU, chrF, ROUGE-L
     python sample.py --eval test.txt            # NELBO per byte, bits per byte, perplexity bound
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
@@ -14,6 +14,7 @@ every model side by side is measured by bench.py.
 """
 
 import argparse
+import select
 import sys
 import time
 
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 import data
 from e2d2 import generate
-from models import autocast_for, eval_nelbo, is_cuda, load_checkpoint, model_from_checkpoint, pick_device
+from models import (MODEL_TYPES, autocast_for, eval_nelbo, is_cuda, load_checkpoint, model_from_checkpoint,
+                    pick_device)
 
 
 def heldout_examples(ckpt: dict, n: int, seed: int) -> list:
@@ -59,35 +61,87 @@ class ShowSteps:
             print(f"  [{row}] block {block} step {step + 1}: {self.prompts[row]}{text}|{now}|")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompts", nargs="*", help="prompts (default: stdin, else held-out examples)")
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, each with what it does and its allowed values; prefixes of flags are
+    not accepted (--num_example is an error, not --num_examples)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("prompts", nargs="*", help="prompts (default: stdin if it holds any, else held-out examples)")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default out/ckpt.pt)")
-    p.add_argument("--model", default="", help="fail unless the checkpoint holds this model type")
+    p.add_argument("--model", default="", choices=["", *MODEL_TYPES],
+                   help="fail unless the checkpoint holds this model type (default: any)")
     p.add_argument("--eval", default="", help="evaluate on a data file: .jsonl/.tsv pairs (exact "
-                   "match, BLEU, ROUGE-L) or plain text (NELBO and perplexity bound)")
-    p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences per batch")
+                   "match, BLEU, chrF, ROUGE-L) or plain text (NELBO and perplexity bound)")
+    p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences per batch, >= 1 (default 64)")
     p.add_argument("--eval_draws", type=int, default=4,
-                   help="--eval on text: draws of (t, x_t) per window for the NELBO estimate")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default block_len)")
-    p.add_argument("--strategy", choices=["remask", "ancestral"], default="remask")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+                   help="--eval on text: draws of (t, x_t) per window for the NELBO estimate, >= 1 (default 4)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps per block, >= 1 (default block_len)")
+    p.add_argument("--strategy", choices=["remask", "ancestral"], default="remask",
+                   help="predict and remask the least confident, or ancestral posterior sampling (default remask)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, >= 0; 0 = greedy (default 0)")
     p.add_argument("--top_p", type=float, default=1.0,
                    help="nucleus sampling (with --temperature > 0): draw only from the most likely tokens "
-                   "whose probabilities add up to top_p (1 = all tokens)")
+                   "whose probabilities add up to top_p, in (0, 1] (default 1: all tokens)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="also reveal every [MASK] whose confidence exceeds this")
-    p.add_argument("--max_new_tokens", type=int, default=None)
+                   help="also reveal every [MASK] whose confidence exceeds this, in (0, 1] (default off)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=">= 1, at most what seq_len leaves after the prompt (default: all of it)")
     p.add_argument("--no_cache", action="store_true", help="re-run encoder+decoder over everything each step")
     p.add_argument("--show", action="store_true", help="print every denoising step")
-    p.add_argument("--num_examples", type=int, default=8, help="held-out examples when no prompt is given")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
+    p.add_argument("--num_examples", type=int, default=8,
+                   help="held-out examples when no prompt is given, >= 1 (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the held-out examples (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, >= 0; 0 = torch's default, 1 on a busy or shared machine (default 0)")
+    return p
+
+
+def check_args(args) -> None:
+    """Refuse, before the checkpoint is even read, values that would crash later or
+    quietly do nothing (--num_examples=0 answered no prompt at all)."""
+    rules = [("batch_size", args.batch_size >= 1, ">= 1"), ("eval_draws", args.eval_draws >= 1, ">= 1"),
+             ("num_examples", args.num_examples >= 1, ">= 1"), ("threads", args.threads >= 0, ">= 0"),
+             ("steps", args.steps is None or args.steps >= 1, ">= 1"),
+             ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+             ("top_p", 0 < args.top_p <= 1, "in (0, 1] (1 = every token)"),
+             ("threshold", args.threshold is None or 0 < args.threshold <= 1, "in (0, 1]")]
+    bad = [f"--{name}={getattr(args, name)} must be {rule}" for name, ok, rule in rules if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
+        check_args(args)
+        if args.threads:  # torch's default (every core) crawls when other processes are busy
+            torch.set_num_threads(args.threads)
         run(args, pick_device(args.device))
     except ValueError as e:
         sys.exit(f"error: {e}")
+
+
+def stdin_prompts(stream=None, wait: float = 1.0) -> list:
+    """The prompts piped in on stdin, one per line: Windows line ends (\\r\\n) lose their
+    \\r (it would be a prompt character), blank lines are dropped. A terminal is never
+    read (the user meant held-out examples), and neither is a stdin that stays empty: a
+    pipe that nothing writes to (a job started from a script, a CI step) would otherwise
+    block forever. So wait up to `wait` seconds for the first byte; if none comes, there
+    are no prompts. Once something arrives, everything up to the end of input is read."""
+    stream = stream or sys.stdin
+    if stream is None or stream.isatty():
+        return []
+    try:
+        ready, _, _ = select.select([stream], [], [], wait)
+    except (OSError, ValueError):  # no file descriptor (an io.StringIO): read it as it is
+        ready = [stream]
+    try:
+        text = stream.read() if ready else ""
+    except OSError:  # a stand-in that refuses reads (a test runner's captured stdin)
+        text = ""
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
 def run(args, device: str):
@@ -101,8 +155,8 @@ def run(args, device: str):
     # prompts: command line, else stdin, else held-out examples of the task trained on
     expected = None
     prompts = args.prompts
-    if not prompts and not sys.stdin.isatty():
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        prompts = stdin_prompts()
     if not prompts:
         examples = heldout_examples(ckpt, args.num_examples, args.seed)
         prompts, expected = [p for p, _ in examples], [a for _, a in examples]
@@ -140,7 +194,8 @@ def run(args, device: str):
 @torch.no_grad()
 def evaluate_file(model, path: str, args, device: str, tok=None) -> dict:
     """Seq2seq pairs (.jsonl / .tsv): sample an answer for every source and report exact
-    match, corpus BLEU and ROUGE-L against the targets. Anything else is plain text:
+    match, corpus BLEU, chrF and ROUGE-L against the targets (data.py says which BLEU).
+    Anything else is plain text:
     the NELBO over consecutive windows of seq_len bytes (for AR: the exact NLL), per byte
     (total nats / total bytes), in bits per byte, and the perplexity bound
     exp(NELBO per token), each with its standard error (models.eval_nelbo: t over all of
@@ -168,9 +223,11 @@ def evaluate_file(model, path: str, args, device: str, tok=None) -> dict:
         refs = [t for _, t, _ in pairs]
         result = {"examples": len(pairs), "skipped": skipped,
                   "exact_match": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
-                  "bleu": 100 * data.corpus_bleu(hyps, refs), "rouge_l": 100 * data.rouge_l(hyps, refs)}
+                  "bleu": 100 * data.corpus_bleu(hyps, refs), "chrf": 100 * data.chrf(hyps, refs),
+                  "rouge_l": 100 * data.rouge_l(hyps, refs)}
         print(f"{path}: {len(pairs)} examples ({skipped} skipped: source too long); exact match "
-              f"{result['exact_match']:.4f}, BLEU {result['bleu']:.2f}, ROUGE-L {result['rouge_l']:.2f}")
+              f"{result['exact_match']:.4f}, {data.BLEU_NAME} {result['bleu']:.2f}, "
+              f"chrF (character 6-grams, beta 2) {result['chrf']:.2f}, ROUGE-L F1 {result['rouge_l']:.2f}")
         return result
     # plain text: consecutive windows of seq_len tokens, all targets, --eval_draws noise draws each
     windows = data.text_windows(data.read_text(path, tok), cfg.seq_len)

@@ -20,6 +20,7 @@ Speed and side-by-side comparisons of the models are in bench.py.
 """
 
 import argparse
+import gc
 import inspect
 import json
 import math
@@ -52,7 +53,7 @@ class TrainConfig:
     digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
     data: str = ""  # your data file instead of a task: .jsonl / .tsv pairs, else plain text
     data_format: str = "auto"  # "auto" (by extension), "pairs" or "text"
-    val_fraction: float = 0.1  # the end of the data file held out for evaluation
+    val_fraction: float = 0.1  # the share at the end of the data file held out, in (0, 1)
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
     tokenizer: str = "bytes"  # "bytes" (needs nothing) or "bpe" (trained on the data file; pip install tokenizers)
     bpe_vocab: int = 1024  # --tokenizer=bpe: vocabulary size, the 4 special tokens included
@@ -61,28 +62,28 @@ class TrainConfig:
     out_dir: str = "out"  # ckpt.pt (last), best.pt (lowest val NELBO), log.jsonl, config.json
     resume: bool = False  # continue from out_dir/ckpt.pt with the training config saved there
     overwrite: bool = False  # a new run may replace the checkpoint and log already in out_dir
-    save_every: int = 0  # steps between checkpoints besides those at evaluations (0 = none)
+    save_every: int = 0  # steps between checkpoints besides those at evaluations (>= 0; 0 = none)
     seed: int = 1337  # every step is a pure function of (seed, step): data, noise, dropout
     # optimisation: AdamW, linear warmup then cosine decay, gradient clipping
-    batch_size: int = 128  # the global batch: split over processes and accumulation steps
-    grad_accum: int = 1  # micro-batches per process and step
+    batch_size: int = 128  # the global batch (>= 1): split over processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per process and step (>= 1)
     max_steps: int = 2000  # optimizer steps in all (>= 1)
-    lr: float = 2e-3  # peak learning rate
-    min_lr: float = 1e-4  # cosine decays to this
+    lr: float = 2e-3  # peak learning rate (> 0)
+    min_lr: float = 1e-4  # cosine decays to this, in [0, lr]
     warmup_steps: int = 100  # linear warmup to lr (>= 0)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (>= 0)
     grad_clip: float = 1.0  # clip the gradient norm to this (> 0)
     train_loss: str = "masked_ce"  # "masked_ce" (as the authors train) or "nelbo"
     # evaluation (every eval_every steps, then a checkpoint)
     eval_every: int = 500  # steps between evaluations, each followed by a checkpoint (>= 1)
-    eval_examples: int = 256  # held-out prompts sampled for exact match
-    eval_batches: int = 4  # held-out batches for the validation NELBO
-    eval_draws: int = 4  # draws of (t, x_t) per held-out sequence for the NELBO estimate
-    sample_steps: int = 0  # denoising steps per block when evaluating (0 = block_len)
+    eval_examples: int = 256  # held-out prompts sampled for exact match (>= 1)
+    eval_batches: int = 4  # held-out batches for the validation NELBO (>= 1)
+    eval_draws: int = 4  # draws of (t, x_t) per held-out sequence for the NELBO estimate (>= 1)
+    sample_steps: int = 0  # denoising steps per block when evaluating (>= 0; 0 = block_len)
     # system
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
     compile: bool = False  # torch.compile the model (GPU)
-    threads: int = 0  # CPU threads for torch (0 = torch's default; 1 on a busy or shared machine)
+    threads: int = 0  # CPU threads for torch (>= 0; 0 = torch's default; 1 on a busy or shared machine)
 
 
 # Flags that may differ from the checkpoint's training config on --resume: how long to go on,
@@ -113,11 +114,10 @@ def field_help(cls) -> dict:
     return out
 
 
-def parse_args(argv=None):
-    """Build an argparse parser from the two dataclasses, so every field is a flag, with
-    its comment, allowed values and default in --help. Returns the model fields given
-    (model_over: only they override the defaults, or with --resume are checked against the
-    checkpoint's config) and the training fields given (train_over), both as dicts."""
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser built from the two dataclasses, so every field is a flag, with
+    its comment, allowed values and default in --help. Every flag defaults to None, so
+    that parse_args can tell the flags given from those left out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --max_step is an error, not --max_steps
 
@@ -137,11 +137,21 @@ def parse_args(argv=None):
                 default = "default: the longest example of the data (16 for the default task, 128 for text)"
             text = f"{helps.get(f.name, '')} ({default})".replace("%", "%%")
             kind = {int: int, float: float, str: str, bool: as_bool}[f.type]
+            if f.name == "resume":  # which flags --resume lets change (the rest is restored)
+                text += ". Only these may differ from the checkpoint: " + ", ".join(
+                    "--" + n for n in MAY_CHANGE_ON_RESUME if n != "resume")
             if kind is as_bool:  # --resume alone means --resume=true
                 g.add_argument(f"--{f.name}", type=as_bool, nargs="?", const=True, default=None, help=text)
             else:
                 g.add_argument(f"--{f.name}", type=kind, default=None, help=text, choices=CHOICES.get(f.name))
-    args = vars(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv=None):
+    """The model fields given (model_over: only they override the defaults, or with
+    --resume are checked against the checkpoint's config) and the training fields given
+    (train_over), both as dicts."""
+    args = vars(build_parser().parse_args(argv))
     # split the flags given (not None) into model overrides and training flags
     model_names = {f.name for f in fields(ModelConfig)}
     model_over = {k: v for k, v in args.items() if k in model_names and v is not None}
@@ -177,7 +187,7 @@ def validate_train_config(tc: TrainConfig) -> None:
              ("save_every", tc.save_every >= 0, ">= 0 (0 = only at evaluations)"),
              ("grad_clip", tc.grad_clip > 0, "> 0 (a gradient-norm bound)"),
              ("lr", tc.lr > 0, "> 0"), ("min_lr", 0 <= tc.min_lr <= tc.lr, "in [0, lr]"),
-             ("warmup_steps", tc.warmup_steps >= 0, ">= 0"),
+             ("warmup_steps", tc.warmup_steps >= 0, ">= 0"), ("weight_decay", tc.weight_decay >= 0, ">= 0"),
              ("val_fraction", 0 < tc.val_fraction < 1, "in (0, 1): the share of the data file held out"),
              ("eval_examples", tc.eval_examples >= 1, ">= 1"), ("eval_batches", tc.eval_batches >= 1, ">= 1"),
              ("eval_draws", tc.eval_draws >= 1, ">= 1"), ("sample_steps", tc.sample_steps >= 0, ">= 0"),
@@ -198,7 +208,7 @@ def check_out_dir(tc: TrainConfig) -> None:
                          f"it with --resume, or start over and replace it with --overwrite")
     try:
         os.makedirs(tc.out_dir, exist_ok=True)
-        probe = os.path.join(tc.out_dir, ".write_test")
+        probe = os.path.join(tc.out_dir, f".write_test.{os.getpid()}")  # one per process
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -214,8 +224,7 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
     """The model config, the checkpoint (with --resume) and the dataset. Raises
     ValueError with a clear message for anything the user can fix."""
     validate_train_config(tc)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        check_out_dir(tc)
+    check_out_dir(tc)  # every process: each must stop here if the folder is refused
     if tc.resume:
         # the checkpoint's config is the model; flags may only repeat it
         ckpt = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), device,
@@ -587,6 +596,24 @@ def start_distributed(device: str) -> None:
         dist.init_process_group("gloo")
 
 
+def end_distributed(finished: bool) -> None:
+    """Leave the process group so that no process aborts at exit. Two hazards at teardown:
+    (1) a process that closes its connections while another is still working or still
+    inside its last collective (rank 0 evaluates and saves alone after the last step;
+    on a stop request rank 0 saves while the others have nothing left to do): the
+    barrier makes every process wait until all have finished; (2) destroy_process_group
+    only drops the registry's reference to the group: anything else still holding it (a
+    DDP wrapper kept alive by a reference cycle or a traceback) keeps gloo's worker
+    threads alive until the interpreter is being torn down, and freeing their tensors
+    then aborts the process (SIGABRT). gc.collect() frees those holders first, while
+    Python is fully alive, so the group is really destroyed here. After an error the
+    other processes may be gone or stuck, so no barrier then."""
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     """python train.py [--flags]: setup, train, print the final line. A ValueError is the
     user's mistake (a flag, a file, a checkpoint): one line "error: ...", exit code 1,
@@ -600,15 +627,19 @@ def main(argv=None):
         # torchrun sets LOCAL_RANK: each process then uses the GPU of its local rank
         local_rank = int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else None
         device = pick_device(tc.device, local_rank)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # under torchrun every process finds the same mistake: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if "RANK" in os.environ:  # started by torchrun: one process per device
         start_distributed(device)
     main_process = not dist.is_initialized() or dist.get_rank() == 0
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
+    finished = False
     try:
         cfg, ckpt, dataset = setup(tc, model_over, device)
         result = train(cfg, tc, device, ckpt, dataset, stop)
+        finished = True
     except (ValueError, FloatingPointError) as e:  # the user's mistake: a message, no stack trace
         if main_process:
             print(f"error: {e}", file=sys.stderr)
@@ -616,7 +647,7 @@ def main(argv=None):
     finally:
         stop.restore()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            end_distributed(finished)
     if result["stopped"]:
         sys.exit(130)  # the shell's code for "interrupted"
     if main_process:

@@ -11,14 +11,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per process: the suite shares its machine (other jobs, the DDP test's two
+# processes, notebook kernels), and torch's default of one thread per core slows every
+# process down several times over when the cores are busy. Subprocesses (the scripts,
+# torchrun's workers, notebook kernels) inherit the variables.
+os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+torch.set_num_threads(1)
 
 import e2d2  # noqa: E402  (after the path is set)
 from e2d2 import Layer, ModelConfig  # noqa: E402
 from models import build_model  # noqa: E402
 
-# the scripts run single-threaded and unbuffered (their output is read as it comes)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+# the scripts run single-threaded (above) and unbuffered (their output is read as it comes)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
 # a small model for the scripts' end-to-end tests
 SMALL = ["--d_model=32", "--n_enc=2", "--n_dec=1", "--eval_examples=4", "--eval_batches=1"]
 

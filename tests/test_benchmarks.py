@@ -2,6 +2,7 @@
 benchmarks run end to end at tiny sizes (their speed is measured by running them, not
 asserted here)."""
 import json
+import subprocess
 
 import pytest
 import torch
@@ -72,3 +73,26 @@ def test_sampling_benchmark_runs(tmp_path, monkeypatch):
     no_cache = next(r for r in rows if r["variant"] == "e2d2 no cache" and r["batch"] == 2)
     assert no_cache["encoder_calls"] == no_cache["network_calls"] > e2d2["encoder_calls"]
     assert len(json.loads(out.read_text())["rows"]) == len(rows)
+
+
+def test_speedup_benchmark_against_a_commit(tmp_path, monkeypatch, root):
+    # the committed code (HEAD) against the working tree, at tiny sizes: both sides load,
+    # get the same weights and generate the same tokens; the limits follow the counts
+    if subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    monkeypatch.setattr(bench, "BENCH", dict(prompt=4, answer=8, d_model=32, n_heads=4, n_enc=2,
+                                              n_dec=1, block_len=4, steps=2))
+    out = tmp_path / "speedup.json"
+    rows = bench.bench_speedup("HEAD", [2], 1, str(out))
+    assert {r["sampler"] for r in rows} == {"e2d2", "bd3lm", "ar"}
+    assert all(r["same_tokens"] and r["old_tokens_per_s"] > 0 and r["new_tokens_per_s"] > 0 for r in rows)
+    e2d2 = next(r for r in rows if r["sampler"] == "e2d2")
+    # E2D2 cached, P=4, A=8, B=4, T=2: encoder on the prompt and 1 block (2 layers each),
+    # decoder 2 blocks x 2 steps (1 layer each): 8 layer calls; 4*2 + 4*2 + 2*2*4 = 32
+    # layer-tokens per row, so the average call multiplies batch 2 x 32 / 8 = 8 rows
+    assert e2d2["layer_calls"] == 8 and e2d2["tokens_per_call"] == pytest.approx(8)
+    assert e2d2["old_layer_call_s"] * 8 == pytest.approx(2 * 8 / e2d2["old_tokens_per_s"])
+    saved = json.loads(out.read_text())
+    assert saved["against"] == "HEAD" and len(saved["commit"]) == 40 and len(saved["rows"]) == len(rows)
+    with pytest.raises(ValueError, match="--against=no-such-commit"):
+        bench.load_code_at("no-such-commit")

@@ -211,6 +211,43 @@ def test_shared_kv_decoder_reads_the_top_encoder_layers():
     model(x0, prompt_mask, generator=torch.Generator().manual_seed(0)).loss.backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()}
     top = "encoder.2."
-    assert no_grad == {"enc_norm.weight", top + "attn.q.weight", top + "attn.out.weight",
+    assert no_grad == {"enc_norm.weight", top + "attn.out.weight",
                        top + "norm2.weight", top + "mlp.gate.weight", top + "mlp.up.weight",
                        top + "mlp.down.weight"}
+    # the fused projection of the top layer: its query rows get no gradient, its K/V rows do
+    d = model.cfg.d_model
+    qkv_grad = model.encoder[2].attn.qkv.weight.grad  # rows: W_q, W_k, W_v
+    assert not qkv_grad[:d].abs().sum() and qkv_grad[d:2 * d].abs().sum() and qkv_grad[2 * d:].abs().sum()
+
+
+@pytest.mark.parametrize("schedule,steps", [("linear", 4), ("cosine", 3), ("exp", 7), ("log", 9)])
+def test_counted_remask_loop_equals_the_loop_that_reads_x(schedule, steps):
+    # "remask" without a threshold counts the [MASK] left on the host instead of reading x
+    # back; a threshold no probability exceeds changes nothing but makes the loop read x
+    # at every step (the other path): tokens and calls must be the same
+    model = tiny(schedule=schedule)
+    prompts = [[1, 2, 3, 4, 5], [9] * 9, [4, 4]]
+    kw = dict(max_new_tokens=12, steps=steps)
+    counted = generate(model, prompts, **kw)
+    read = generate(model, prompts, confidence_threshold=2.0, **kw)
+    assert counted.tokens == read.tokens
+    assert counted.network_calls == read.network_calls
+
+
+def test_checkpoint_with_separate_q_and_kv_weights_loads():
+    # a state dict written before the projections were fused holds attn.q and attn.kv;
+    # it loads into attn.qkv (rows W_q, W_k, W_v) and gives the same logits
+    model = tiny().eval()
+    old = {}
+    for name, w in model.state_dict().items():
+        if name.endswith("attn.qkv.weight"):
+            d = w.shape[1]
+            old[name.replace("qkv.weight", "q.weight")] = w[:d].clone()
+            old[name.replace("qkv.weight", "kv.weight")] = w[d:].clone()
+        else:
+            old[name] = w
+    fresh = E2D2(model.cfg).double().eval()
+    fresh.load_state_dict(old)
+    _, x0, x_t, prompt_mask, _ = random_layout(model)
+    with torch.no_grad():
+        assert torch.equal(fresh.logits(x0, x_t, prompt_mask), model.logits(x0, x_t, prompt_mask))
