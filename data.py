@@ -57,11 +57,124 @@ class ByteTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def encode_bytes(self, raw: bytes) -> list:
+        """Any byte string (UTF-8 or not) -> token ids: the bytes themselves."""
+        return list(raw)
+
+    def to_bytes(self, ids) -> bytes:
+        """The exact bytes that token ids stand for (special tokens stand for none): the
+        inverse of encode_bytes."""
+        return bytes(int(t) for t in ids if 0 <= int(t) < 256)
+
     def bytes_per_token(self) -> torch.Tensor:
         """(vocab_size,) how many bytes of text each token id stands for: 1 for a byte,
         0 for a special token. Figures per byte divide total nats by total bytes, so they
         stay comparable when a tokenizer's tokens are longer than one byte."""
         return (torch.arange(self.vocab_size) < 256).long()
+
+    def to_dict(self) -> dict:
+        """What a checkpoint stores to rebuild this tokenizer (tokenizer_from_dict)."""
+        return {"kind": "bytes"}
+
+
+# A byte-level BPE tokenizer, trained on the training data (--tokenizer=bpe). Its tokens
+# are merges of bytes, so any byte string encodes and decodes back exactly, and each
+# token stands for a known number of bytes (what the per-byte NELBO divides by).
+#
+# How bytes become something the `tokenizers` library can merge: every byte b is read
+# as the character chr(b) (Latin-1 maps bytes 0..255 one-to-one to the first 256
+# characters), so a token's string IS its bytes, len(token) is its byte count, and
+# invalid UTF-8 is no special case. A pre-tokenizer first cuts the text into words (an
+# optional space + letters, digits, other symbols, or a run of whitespace) so merges
+# never cross a word boundary. The four special tokens are not known to the library at
+# all: they take the ids after the learned vocabulary (as with bytes: PAD, BOS, EOS,
+# MASK after 0..255), so no text can ever produce one.
+
+TOKENIZERS = ("bytes", "bpe")
+SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "MASK")
+_WS = r"[ \t\n\r\f\v]"  # ASCII whitespace only: bytes >= 128 are never whitespace here
+WORD_SPLIT = rf" ?[A-Za-z]+| ?[0-9]+| ?[^ \t\n\r\f\vA-Za-z0-9]+|{_WS}+"
+
+
+def _tokenizers_library():
+    """The optional `tokenizers` package, or a clear message how to get it."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError("--tokenizer=bpe needs the optional package `tokenizers`: pip install tokenizers "
+                         "(or pip install -r requirements-optional.txt); --tokenizer=bytes needs nothing") from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """Byte-level BPE: token ids 0..n-1 are the learned tokens (the 256 single bytes among
+    them), then PAD, BOS, EOS, MASK. Same interface as ByteTokenizer."""
+
+    def __init__(self, json_str: str):
+        tk = _tokenizers_library()
+        self.inner = tk.Tokenizer.from_str(json_str)  # the library's tokenizer (no specials)
+        n = self.inner.get_vocab_size()
+        self.pad_id, self.bos_id, self.eos_id, self.mask_id = n, n + 1, n + 2, n + 3
+        self.vocab_size = n + 4
+        # each token's bytes, by id (Latin-1: one character per byte)
+        self.token_bytes = [self.inner.id_to_token(i).encode("latin-1") for i in range(n)]
+
+    @staticmethod
+    def train(texts: list, vocab_size: int) -> "BPETokenizer":
+        """Learn merges from `texts` (byte strings) until the vocabulary, the four special
+        tokens included, has vocab_size entries (fewer if the data runs out of pairs to
+        merge). Offline, a second or so for a few MB."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"--bpe_vocab={vocab_size} must be at least 260 (256 bytes + 4 special tokens)")
+        tk = _tokenizers_library()
+        inner = tk.Tokenizer(tk.models.BPE())  # no normalizer: the bytes are kept as they are
+        inner.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(WORD_SPLIT), behavior="isolated")
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                         initial_alphabet=[chr(b) for b in range(256)])  # every byte is a token
+        inner.train_from_iterator([raw.decode("latin-1") for raw in texts], trainer)
+        return BPETokenizer(inner.to_str())
+
+    def encode_bytes(self, raw: bytes) -> list:
+        return self.inner.encode(raw.decode("latin-1")).ids
+
+    def encode(self, text: str) -> list:
+        return self.encode_bytes(text.encode("utf-8"))
+
+    def to_bytes(self, ids) -> bytes:
+        """The exact bytes that token ids stand for (special tokens stand for none): the
+        inverse of encode_bytes."""
+        return b"".join(self.token_bytes[int(t)] for t in ids if 0 <= int(t) < len(self.token_bytes))
+
+    def decode(self, ids, mask_char: str = "_", eos_char: str = "") -> str:
+        """Token ids -> text, as ByteTokenizer.decode (never raises)."""
+        out, run = [], bytearray()
+        for t in (int(i) for i in ids):
+            if 0 <= t < len(self.token_bytes):
+                run += self.token_bytes[t]
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            specials = {self.pad_id: "", self.bos_id: "", self.eos_id: eos_char, self.mask_id: mask_char}
+            out.append(specials.get(t, "\ufffd"))
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def bytes_per_token(self) -> torch.Tensor:
+        """(vocab_size,) bytes per token id; 0 for the special tokens."""
+        return torch.tensor([len(b) for b in self.token_bytes] + [0] * len(SPECIAL_TOKENS))
+
+    def to_dict(self) -> dict:
+        return {"kind": "bpe", "json": self.inner.to_str()}
+
+
+def tokenizer_from_dict(d) -> "ByteTokenizer | BPETokenizer":
+    """The tokenizer a checkpoint stored (ckpt["tokenizer"]); none stored: bytes (every
+    checkpoint written before tokenizers were stored used bytes)."""
+    if not d or d.get("kind") == "bytes":
+        return ByteTokenizer()
+    if d.get("kind") == "bpe":
+        return BPETokenizer(d["json"])
+    raise ValueError(f"the checkpoint's tokenizer is of an unknown kind {d.get('kind')!r}")
 
 
 # --- built-in tasks -------------------------------------------------------------------
@@ -194,9 +307,10 @@ def example_length(prompt_len: int, answer_len: int, block_len: int) -> int:
     return ceil_to(prompt_len, block_len) + ceil_to(answer_len + 1, block_len)
 
 
-def collate(pairs: list, block_len: int, seq_len: int) -> Batch:
+def collate(pairs: list, block_len: int, seq_len: int, pad_id: int = PAD, eos_id: int = EOS) -> Batch:
     """pairs: list of (prompt_ids, answer_ids). Returns the block-aligned Batch (rows
-    right-padded to the longest). Raises ValueError naming the example if one cannot fit."""
+    right-padded to the longest). Raises ValueError naming the example if one cannot fit.
+    pad_id, eos_id: the tokenizer's (default: the byte tokenizer's)."""
     if not pairs:
         raise ValueError("collate needs at least one example")
     lengths = [example_length(len(p), len(a), block_len) for p, a in pairs]
@@ -207,12 +321,12 @@ def collate(pairs: list, block_len: int, seq_len: int) -> Batch:
                 f"[EOS] and block alignment (block_len={block_len}) it needs {need} positions, "
                 f"more than the model's seq_len={seq_len}"
             )
-    x0 = torch.full((len(pairs), max(lengths)), PAD, dtype=torch.long)
+    x0 = torch.full((len(pairs), max(lengths)), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
     for i, (p, a) in enumerate(pairs):
         P = ceil_to(len(p), block_len)
         x0[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        x0[i, P:P + ceil_to(len(a) + 1, block_len)] = EOS  # answer, then EOS to its block's end
+        x0[i, P:P + ceil_to(len(a) + 1, block_len)] = eos_id  # answer, then EOS to its block's end
         x0[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
         prompt_mask[i, :P] = True
     return Batch(x0, prompt_mask)
@@ -234,7 +348,7 @@ class TaskData:
     kind = "seq2seq"
 
     def __init__(self, task, tok: ByteTokenizer):
-        self.task, self.tok = task, tok
+        self.task, self.tok = task, tok  # (built-in tasks are always bytes)
 
     def max_lengths(self):
         return self.task.max_lengths()
@@ -297,7 +411,8 @@ class PairsData:
     kind = "seq2seq"
 
     def __init__(self, pairs: list, block_len: int, seq_len: int, val_fraction: float = 0.1,
-                 too_long: str = "skip", path: str = ""):
+                 too_long: str = "skip", path: str = "", tok=None):
+        self.tok = tok or ByteTokenizer()  # what `pairs` were encoded with
         if too_long not in ("skip", "error"):
             raise ValueError(f"too_long must be 'skip' or 'error', got {too_long!r}")
         keep = []
@@ -325,7 +440,8 @@ class PairsData:
     def val_examples(self, n: int, seed: int = 0) -> list:
         return self.val[:n]
 
-    collate = staticmethod(collate)
+    def collate(self, examples: list, block_len: int, seq_len: int) -> Batch:
+        return collate(examples, block_len, seq_len, self.tok.pad_id, self.tok.eos_id)
 
 
 def data_kind(path: str, data_format: str = "auto") -> str:
@@ -352,16 +468,21 @@ def prompt_attention_of(train_config: dict) -> str:
     return PROMPT_ATTENTION[data_kind(train_config["data"], train_config.get("data_format", "auto"))]
 
 
-def read_text(path: str) -> list:
-    """The bytes of a file as token ids; clear errors for a missing or empty file."""
+def read_bytes(path: str) -> bytes:
+    """The bytes of a file; clear errors for a missing or empty file."""
     try:
         with open(path, "rb") as f:
-            ids = list(f.read())
+            raw = f.read()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    if not ids:
+    if not raw:
         raise ValueError(f"{path}: the file is empty")
-    return ids
+    return raw
+
+
+def read_text(path: str, tok=None) -> list:
+    """A file as token ids of `tok` (default: bytes, one token per byte)."""
+    return (tok or ByteTokenizer()).encode_bytes(read_bytes(path))
 
 
 def text_windows(ids: list, seq_len: int) -> list:
@@ -369,19 +490,27 @@ def text_windows(ids: list, seq_len: int) -> list:
     return [ids[s:s + seq_len] for s in range(0, len(ids) - seq_len + 1, seq_len)]
 
 
+def split_text(raw: bytes, val_fraction: float):
+    """(training bytes, held-out bytes): the last val_fraction of the file is held out. The
+    cut is made on bytes, before tokenizing, so every tokenizer holds out the same text."""
+    n_val = int(len(raw) * val_fraction)
+    return raw[:len(raw) - n_val], raw[len(raw) - n_val:]
+
+
 class TextData:
-    """A plain text file for unconditional language modelling: its UTF-8 bytes, the last
-    val_fraction held out, training on random windows of seq_len bytes (all targets)."""
+    """A plain text file for unconditional language modelling: its tokens (bytes by
+    default), the last val_fraction of the file held out, training on random windows of
+    seq_len tokens (all targets)."""
 
     kind = "text"
 
-    def __init__(self, path: str, seq_len: int, val_fraction: float = 0.1):
-        ids = read_text(path)
-        n_val = int(len(ids) * val_fraction)
-        self.train, self.val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    def __init__(self, path: str, seq_len: int, val_fraction: float = 0.1, tok=None):
+        self.tok = tok or ByteTokenizer()
+        train_raw, val_raw = split_text(read_bytes(path), val_fraction)
+        self.train, self.val = self.tok.encode_bytes(train_raw), self.tok.encode_bytes(val_raw)
         if len(self.train) < seq_len or len(self.val) < seq_len:
-            raise ValueError(f"{path}: {len(ids)} bytes are too few for windows of seq_len={seq_len} "
-                             f"in both the training part and the held-out last {val_fraction:.0%}")
+            raise ValueError(f"{path}: {len(self.train) + len(self.val)} tokens are too few for windows of "
+                             f"seq_len={seq_len} in both the training part and the held-out last {val_fraction:.0%}")
         self.seq_len, self.path = seq_len, path
 
     def train_examples(self, batch_size: int, seed: int, step: int) -> list:
@@ -403,25 +532,62 @@ class TextData:
 TEXT_SEQ_LEN = 128  # plain text trains on windows of this many bytes unless --seq_len says
 
 
-def load_dataset(settings: dict, block_len: int, seq_len=None):
+def load_dataset(settings: dict, block_len: int, seq_len=None, tok=None):
     """The dataset that the training settings name, and the seq_len to use.
 
     settings: the data fields of train.py's TrainConfig as a dict (train.py passes
     asdict(tc); sample.py the train_config saved in a checkpoint): task, digits, data,
-    data_format, val_fraction, too_long. seq_len: the model's, or None to pick one that
-    fits every example (a task's longest; a file's longest pair; 128-byte text windows).
-    Returns (dataset, seq_len)."""
+    data_format, val_fraction, too_long, tokenizer, bpe_vocab. seq_len: the model's, or
+    None to pick one that fits every example (a task's longest; a file's longest pair;
+    128-token text windows). tok: the tokenizer to use (a checkpoint's); None makes the
+    one the settings name: bytes, or a BPE tokenizer trained here on the training part of
+    the data file. Returns (dataset, seq_len); the tokenizer is dataset.tok."""
     s = settings
+    kind = s.get("tokenizer", "bytes")  # settings saved before the flag existed: bytes
+    if kind not in TOKENIZERS:
+        raise ValueError(f"--tokenizer must be one of {TOKENIZERS}, got {kind!r}")
     if not s["data"]:  # a built-in task: endless generated examples
+        if kind != "bytes" or not isinstance(tok or ByteTokenizer(), ByteTokenizer):
+            raise ValueError("the built-in tasks are spelled in bytes: --tokenizer=bpe needs a data file (--data)")
         task = get_task(s["task"], s["digits"])
         max_p, max_a = task.max_lengths()
         return TaskData(task, ByteTokenizer()), seq_len or example_length(max_p, max_a, block_len)
-    if data_kind(s["data"], s["data_format"]) == "text":
+    text = data_kind(s["data"], s["data_format"]) == "text"
+    if tok is None and kind == "bpe":  # learn the merges from the training part only
+        if text:
+            sample = [split_text(read_bytes(s["data"]), s["val_fraction"])[0]]
+        else:
+            pairs = read_pairs(s["data"])
+            sample = [(p + "\n" + a).encode("utf-8") for p, a in pairs[:len(pairs) - int(len(pairs) * s["val_fraction"])]]
+        tok = BPETokenizer.train(sample, s.get("bpe_vocab", 1024))
+    tok = tok or ByteTokenizer()
+    if text:
         seq_len = seq_len or ceil_to(TEXT_SEQ_LEN, block_len)
-        return TextData(s["data"], seq_len, s["val_fraction"]), seq_len
-    pairs = encode_pairs(ByteTokenizer(), read_pairs(s["data"]))  # the file, read once
+        return TextData(s["data"], seq_len, s["val_fraction"], tok), seq_len
+    pairs = encode_pairs(tok, read_pairs(s["data"]))  # the file, read once
     seq_len = seq_len or max(example_length(len(p), len(a), block_len) for p, a in pairs)
-    return PairsData(pairs, block_len, seq_len, s["val_fraction"], s["too_long"], s["data"]), seq_len
+    return PairsData(pairs, block_len, seq_len, s["val_fraction"], s["too_long"], s["data"], tok), seq_len
+
+
+# --- an English text that ships with Python, for the real-text walk-through --------------
+
+
+def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 0.1) -> int:
+    """Write the Python documentation topics (pydoc_data.topics, the help() texts that ship
+    with every Python: about 460 KB of English prose and code) to `path` as one text file,
+    topics in name order, separated by blank lines. No download. heldout_path: also write
+    the part that training on `path` holds out (its last val_fraction, see split_text), to
+    evaluate on with sample.py --eval. Returns the bytes written to `path`.
+        python -c "import data; data.write_pydoc_topics('topics.txt', 'topics_heldout.txt')"
+    """
+    from pydoc_data.topics import topics  # a dict: topic name -> its documentation text
+    raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
+    with open(path, "wb") as f:
+        f.write(raw)
+    if heldout_path:
+        with open(heldout_path, "wb") as f:
+            f.write(split_text(raw, val_fraction)[1])
+    return len(raw)
 
 
 # --- metrics for seq2seq answers -------------------------------------------------------

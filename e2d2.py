@@ -915,6 +915,21 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
     return out
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus (top-p) filtering of probs (..., V): keep the smallest set of most likely
+    tokens whose probabilities add up to at least top_p, zero the rest, renormalise.
+    A token is kept iff the probability mass of the tokens ranked above it is < top_p,
+    so the most likely token is always kept; top_p = 1 keeps every token."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (..., V) each
+    mass_before = sorted_p.cumsum(-1) - sorted_p  # probability of the tokens ranked above
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to token order
+    kept = probs.masked_fill(~keep, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
 @functools.lru_cache(maxsize=None)
 def alpha_at(schedule: str, t: float) -> float:
     """alpha(t) as a Python float. Memoised: the sampler asks for the same T + 1 grid times
@@ -924,16 +939,19 @@ def alpha_at(schedule: str, t: float) -> float:
 
 
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
-                 confidence_threshold, generator, final: bool, n_positions=None) -> torch.Tensor:
+                 confidence_threshold, generator, final: bool, n_positions=None,
+                 top_p: float = 1.0) -> torch.Tensor:
     """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
     Tokens that are already decoded never change (SUBS carry-over). n_positions (b,): how
-    many positions of each row are to be generated (default all B; MDLM's canvases)."""
+    many positions of each row are to be generated (default all B; MDLM's canvases).
+    top_p < 1 restricts x_theta to the nucleus (see nucleus) before it is drawn."""
     is_mask = x == cfg.mask_id  # (b, B)
     # SUBS at sampling: only [MASK] positions need probabilities. A decoded token is kept by
     # the final torch.where (reveal is False there) whatever pred and confidence say, so
     # the carry-over one-hot (b, B, V) of subs_log_probs is never built here. (Sampling
     # with a temperature draws the same random numbers: multinomial draws one per entry.)
     probs = masked_log_probs(logits if temperature == 0 else logits / temperature, cfg.mask_id).exp()
+    probs = nucleus(probs, top_p)  # (b, B, V); unchanged for top_p = 1
     if temperature == 0:  # x_theta: the argmax, or a sample of probs
         pred = probs.argmax(-1)  # (b, B)
     else:
@@ -965,7 +983,7 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
 @torch.no_grad()
 def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = None,
              steps: Optional[int] = None, strategy: str = "remask", temperature: float = 0.0,
-             confidence_threshold: Optional[float] = None, use_cache: bool = True,
+             top_p: float = 1.0, confidence_threshold: Optional[float] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None, on_step: Optional[Callable] = None,
              stop_at_eos: bool = True) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
@@ -978,7 +996,9 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
       strategy="ancestral": x_s ~ q(x_s | x_t, x_theta): a [MASK] is revealed with
                             probability (alpha_s - alpha_t) / (1 - alpha_t).
     confidence_threshold also reveals every [MASK] whose probability exceeds it;
-    temperature=0 takes the argmax of x_theta, > 0 samples softmax(logits / temperature).
+    temperature=0 takes the argmax of x_theta, > 0 samples softmax(logits / temperature);
+    top_p < 1 samples only from the nucleus, the most likely tokens that together hold
+    probability top_p (every model samples through here, so every model has it).
     An unchanged block reuses the last logits (no call). A finished block is committed
     (encoded, cached); a sequence stops after the block where it wrote [EOS] (stop_at_eos).
     on_step(block, step, rows, x_block) is called after every step (for --show).
@@ -989,6 +1009,8 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
         raise ValueError(f"strategy must be 'remask' or 'ancestral', got {strategy!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     device = model.embed.weight.device
@@ -1045,7 +1067,8 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
                 last_x = x
                 network_calls += 1
             x = denoise_step(last_logits, x, grid[i], grid[i + 1], cfg, strategy, temperature,
-                             confidence_threshold, generator, final=(i == T - 1), n_positions=n_positions)
+                             confidence_threshold, generator, final=(i == T - 1), n_positions=n_positions,
+                             top_p=top_p)
             if counted:  # denoise_step's n_stay: floor((1 - alpha_s) B), at most masks - 1, 0 at the end
                 n_stay = math.floor((1.0 - alpha_at(cfg.schedule, grid[i + 1])) * B + 1e-6)
                 masks_left = 0 if i == T - 1 else min(max(masks_left - 1, 0), n_stay)

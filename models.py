@@ -93,6 +93,71 @@ def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenMode
 
 
 # ---------------------------------------------------------------------------------------
+# Starting from an autoregressive model, as the paper does (it starts from a pretrained
+# Qwen3): the diffusion models reuse every weight an AR model of the same width has.
+# ---------------------------------------------------------------------------------------
+
+# config fields that must agree for the AR weights to fit (the vocabulary's ids included)
+INIT_SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "pad_id", "eos_id", "mask_id")
+
+
+def init_from_ar(model: TokenModel, ar_ckpt: dict, tokenizer: Optional[dict] = None) -> None:
+    """Copy the weights of an AR checkpoint into a freshly built E2D2, BD3-LM or MDLM.
+
+    - the token embedding (and so the tied output head) and the final norm: as they are;
+    - E2D2: encoder layer i = AR layer i (N_enc = the AR's N), the encoder's final norm
+      h = enc_norm(.) = the AR's final norm, and decoder layer j = a copy of AR layer
+      N - N_dec + j: the decoder starts as the AR's TOP N_dec layers, the paper's choice
+      (its decoder is initialised from the last layers of the pretrained model);
+    - BD3-LM and MDLM: layer i = AR layer i (same N).
+    Only the attention masks change: right after this, an E2D2 with block_len = 1 and no
+    prompt has a causal encoder, so h equals the AR model's final hidden state (a test
+    checks it). tokenizer: the new run's tokenizer (ckpt["tokenizer"] format), which must
+    be the AR's. Raises ValueError naming what does not match."""
+    cfg = model.cfg
+    if ar_ckpt["config"].get("model") != "ar":
+        raise ValueError(f"--init_from needs a checkpoint of an 'ar' model, this one holds a "
+                         f"{ar_ckpt['config'].get('model', 'e2d2')!r} model")
+    if cfg.model == "ar":
+        raise ValueError("--init_from initialises a diffusion model (e2d2, bd3lm, mdlm) from an AR one; "
+                         "to continue training an AR model use --resume")
+    ar_tok = data.tokenizer_from_dict(ar_ckpt.get("tokenizer")).to_dict()
+    if tokenizer is not None and tokenizer != ar_tok:
+        raise ValueError(f"--init_from: the AR checkpoint used another tokenizer ({ar_tok['kind']}, "
+                         f"{data.tokenizer_from_dict(ar_tok).vocab_size} tokens) than this run "
+                         f"({tokenizer['kind']}, {data.tokenizer_from_dict(tokenizer).vocab_size} tokens)")
+    ar_cfg = ar_ckpt["config"]
+    diff = [f"{k}: AR {ar_cfg.get(k)} vs new {getattr(cfg, k)}" for k in INIT_SHAPE_FIELDS
+            if ar_cfg.get(k) != getattr(cfg, k)]
+    n_ar = ar_cfg["n_enc"]  # the AR's N layers
+    if cfg.n_enc != n_ar:
+        diff.append(f"n_enc: the AR has {n_ar} layers, the new model's {'encoder' if cfg.model == 'e2d2' else 'stack'} "
+                    f"{cfg.n_enc}")
+    if cfg.model == "e2d2" and cfg.n_dec > n_ar:
+        diff.append(f"n_dec={cfg.n_dec}: the decoder copies the AR's top layers, it has only {n_ar}")
+    if diff:
+        raise ValueError("--init_from: the AR checkpoint does not fit this model (" + "; ".join(diff) + ")")
+    ar = ar_ckpt["model"]  # the AR's state dict: embed.*, norm.*, layers.<i>.*
+    new = {}
+    for name in model.state_dict():
+        if name.startswith(("embed.", "norm.")):
+            src = name
+        elif name.startswith("layers."):  # BD3-LM / MDLM: the same stack
+            src = name
+        elif name.startswith("encoder."):  # [E2D2] encoder layer i <- AR layer i
+            src = "layers." + name[len("encoder."):]
+        elif name.startswith("decoder."):  # [E2D2] decoder layer j <- AR layer N - N_dec + j
+            j, rest = name[len("decoder."):].split(".", 1)
+            src = f"layers.{n_ar - cfg.n_dec + int(j)}.{rest}"
+        elif name.startswith("enc_norm."):  # [E2D2] h = the AR's final norm of the encoder output
+            src = "norm." + name[len("enc_norm."):]
+        else:
+            raise ValueError(f"--init_from: no AR weight for {name}")
+        new[name] = ar[src]
+    model.load_state_dict(new)
+
+
+# ---------------------------------------------------------------------------------------
 # Evaluation: the NELBO estimate, with its standard error. One function for every model
 # (AR's NLL is exact; the diffusion models' bound is estimated from draws of t and x_t).
 # ---------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ def heldout_examples(ckpt: dict, n: int, seed: int) -> list:
     if "train_config" not in ckpt:
         raise ValueError("the checkpoint has no training settings: give a prompt")
     cfg = ckpt["config"]
-    dataset, _ = data.load_dataset(ckpt["train_config"], cfg["block_len"], cfg["seq_len"])
+    tok = data.tokenizer_from_dict(ckpt.get("tokenizer"))  # the one the model was trained with
+    dataset, _ = data.load_dataset(ckpt["train_config"], cfg["block_len"], cfg["seq_len"], tok)
     if dataset.kind == "text":
         raise ValueError(f"the model was trained on plain text ({ckpt['train_config']['data']}): give a prompt")
-    tok = data.ByteTokenizer()
     return [(tok.decode(p), tok.decode(a)) for p, a in dataset.val_examples(n, seed)]
 
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["remask", "ancestral"], default="remask",
                    help="predict and remask the least confident, or ancestral posterior sampling (default remask)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, >= 0; 0 = greedy (default 0)")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling (with --temperature > 0): draw only from the most likely tokens "
+                   "whose probabilities add up to top_p, in (0, 1] (default 1: all tokens)")
     p.add_argument("--threshold", type=float, default=None,
                    help="also reveal every [MASK] whose confidence exceeds this, in (0, 1] (default off)")
     p.add_argument("--max_new_tokens", type=int, default=None,
@@ -102,6 +105,7 @@ def check_args(args) -> None:
              ("num_examples", args.num_examples >= 1, ">= 1"), ("threads", args.threads >= 0, ">= 0"),
              ("steps", args.steps is None or args.steps >= 1, ">= 1"),
              ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+             ("top_p", 0 < args.top_p <= 1, "in (0, 1] (1 = every token)"),
              ("threshold", args.threshold is None or 0 < args.threshold <= 1, "in (0, 1]")]
     bad = [f"--{name}={getattr(args, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:
@@ -144,9 +148,9 @@ def run(args, device: str):
     """Load the checkpoint, then --eval a file, or answer prompts and print the speed."""
     ckpt = load_checkpoint(args.ckpt, device)
     model = model_from_checkpoint(ckpt, device, args.model)
-    tok = data.ByteTokenizer()
+    tok = data.tokenizer_from_dict(ckpt.get("tokenizer"))  # stored in the checkpoint: no side file
     if args.eval:
-        return evaluate_file(model, args.eval, args, device)
+        return evaluate_file(model, args.eval, args, device, tok)
 
     # prompts: command line, else stdin, else held-out examples of the task trained on
     expected = None
@@ -162,7 +166,7 @@ def run(args, device: str):
     t0 = time.perf_counter()  # generate() does no timing of its own: we time around it
     out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=args.max_new_tokens,
                    steps=args.steps, strategy=args.strategy, temperature=args.temperature,
-                   confidence_threshold=args.threshold, use_cache=not args.no_cache,
+                   top_p=args.top_p, confidence_threshold=args.threshold, use_cache=not args.no_cache,
                    generator=generator, on_step=show)
     if is_cuda(device):
         torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
@@ -188,15 +192,16 @@ def run(args, device: str):
 
 
 @torch.no_grad()
-def evaluate_file(model, path: str, args, device: str) -> dict:
+def evaluate_file(model, path: str, args, device: str, tok=None) -> dict:
     """Seq2seq pairs (.jsonl / .tsv): sample an answer for every source and report exact
     match, corpus BLEU, chrF and ROUGE-L against the targets (data.py says which BLEU).
     Anything else is plain text:
     the NELBO over consecutive windows of seq_len bytes (for AR: the exact NLL), per byte
     (total nats / total bytes), in bits per byte, and the perplexity bound
     exp(NELBO per token), each with its standard error (models.eval_nelbo: t over all of
-    [0, 1], x_t ~ q(x_t | x_0) exactly, --eval_draws draws per window)."""
-    cfg, tok = model.cfg, data.ByteTokenizer()
+    [0, 1], x_t ~ q(x_t | x_0) exactly, --eval_draws draws per window). tok: the
+    checkpoint's tokenizer (default bytes); windows are seq_len of its tokens."""
+    cfg, tok = model.cfg, tok or data.ByteTokenizer()
     if data.data_kind(path) == "seq2seq":
         # a source too long to leave room for one answer block is skipped (and counted)
         pairs, skipped = [], 0
@@ -212,7 +217,7 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
         for i in tqdm(range(0, len(pairs), args.batch_size), desc="eval", leave=False):
             chunk = pairs[i:i + args.batch_size]
             out = generate(model, [p for _, _, p in chunk], steps=args.steps, strategy=args.strategy,
-                           temperature=args.temperature, confidence_threshold=args.threshold,
+                           temperature=args.temperature, top_p=args.top_p, confidence_threshold=args.threshold,
                            use_cache=not args.no_cache)
             hyps += [tok.decode(ids) for ids in out.tokens]
         refs = [t for _, t, _ in pairs]
@@ -224,10 +229,10 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
               f"{result['exact_match']:.4f}, {data.BLEU_NAME} {result['bleu']:.2f}, "
               f"chrF (character 6-grams, beta 2) {result['chrf']:.2f}, ROUGE-L F1 {result['rouge_l']:.2f}")
         return result
-    # plain text: consecutive windows of seq_len bytes, all targets, one noise draw each
-    windows = data.text_windows(data.read_text(path), cfg.seq_len)
+    # plain text: consecutive windows of seq_len tokens, all targets, --eval_draws noise draws each
+    windows = data.text_windows(data.read_text(path, tok), cfg.seq_len)
     if not windows:
-        raise ValueError(f"{path}: shorter than one window of seq_len={cfg.seq_len} bytes")
+        raise ValueError(f"{path}: shorter than one window of seq_len={cfg.seq_len} tokens")
     g = torch.Generator(device=device).manual_seed(args.seed)
     batches = [data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
                for i in range(0, len(windows), args.batch_size)]
@@ -237,7 +242,7 @@ def evaluate_file(model, path: str, args, device: str) -> dict:
     f = est.figures()
     kind = "NLL" if model.exact_likelihood else "NELBO"
     draws = "exact" if model.exact_likelihood else f"{args.eval_draws} draws per window"
-    print(f"{path}: {int(est.seq_bytes.sum())} bytes scored in {len(windows)} windows of {cfg.seq_len} "
+    print(f"{path}: {int(est.seq_bytes.sum())} bytes scored in {len(windows)} windows of {cfg.seq_len} tokens "
           f"({draws}); {kind} {f['nelbo_per_byte']:.4f} ± {f['nelbo_per_byte_se']:.4f} nats/byte, "
           f"{f['bits_per_byte']:.4f} ± {f['bits_per_byte_se']:.4f} bits/byte, perplexity <= "
           f"{f['ppl_bound']:.3f} ± {f['ppl_bound_se']:.3f} (per token; ± = standard error)")

@@ -6,6 +6,8 @@ Train E2D2 (or a baseline) on a built-in task or on your own data.
     python train.py --data=pairs.jsonl       # your seq2seq file (.jsonl or .tsv)
     python train.py --data=book.txt          # a plain text file (unconditional LM)
     python train.py --model=bd3lm            # a baseline: ar, mdlm, bd3lm
+    python train.py --data=book.txt --tokenizer=bpe --bpe_vocab=1024   # a BPE tokenizer, learned here
+    python train.py --data=book.txt --init_from=out_ar/ckpt.pt         # E2D2 from an AR model (the paper's recipe)
     python train.py --resume                 # continue from out_dir/ckpt.pt
     torchrun --nproc_per_node=2 train.py     # several GPUs (or CPU processes): DDP
 
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 import data
 from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
-from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, is_cuda,
+from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
                     load_checkpoint, pick_device, weights_checksum)
 
 # -----------------------------------------------------------------------------
@@ -53,6 +55,9 @@ class TrainConfig:
     data_format: str = "auto"  # "auto" (by extension), "pairs" or "text"
     val_fraction: float = 0.1  # the share at the end of the data file held out, in (0, 1)
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
+    tokenizer: str = "bytes"  # "bytes" (needs nothing) or "bpe" (trained on the data file; pip install tokenizers)
+    bpe_vocab: int = 1024  # --tokenizer=bpe: vocabulary size, the 4 special tokens included
+    init_from: str = ""  # an AR checkpoint to start an e2d2/bd3lm/mdlm from (same width and tokenizer)
     # where checkpoints and the log go
     out_dir: str = "out"  # ckpt.pt (last), best.pt (lowest val NELBO), log.jsonl, config.json
     resume: bool = False  # continue from out_dir/ckpt.pt with the training config saved there
@@ -91,7 +96,7 @@ MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_ev
 CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": SCHEDULES,
            "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS),
            "data_format": ("auto", "pairs", "text"), "too_long": ("skip", "error"),
-           "train_loss": ("masked_ce", "nelbo")}
+           "train_loss": ("masked_ce", "nelbo"), "tokenizer": data.TOKENIZERS}
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +191,8 @@ def validate_train_config(tc: TrainConfig) -> None:
              ("val_fraction", 0 < tc.val_fraction < 1, "in (0, 1): the share of the data file held out"),
              ("eval_examples", tc.eval_examples >= 1, ">= 1"), ("eval_batches", tc.eval_batches >= 1, ">= 1"),
              ("eval_draws", tc.eval_draws >= 1, ">= 1"), ("sample_steps", tc.sample_steps >= 0, ">= 0"),
-             ("threads", tc.threads >= 0, ">= 0 (0 = torch's default)")]
+             ("threads", tc.threads >= 0, ">= 0 (0 = torch's default)"),
+             ("bpe_vocab", tc.bpe_vocab >= 260, ">= 260 (256 bytes + 4 special tokens)")]
     bad = [f"--{name}={getattr(tc, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:
         raise ValueError("; ".join(bad))
@@ -231,22 +237,39 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
         if clash:
             raise ValueError("--resume keeps the checkpoint's model config; these flags differ "
                              "from it (given, saved): " + str(clash))
-        dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len)
+        dataset, _ = data.load_dataset(asdict(tc), cfg.block_len, cfg.seq_len,
+                                       data.tokenizer_from_dict(ckpt.get("tokenizer")))  # the saved one
     else:
         ckpt = None
         # a new model: the defaults, then the tokenizer's special ids, a seq_len that fits
         # the data (the dataset decides it unless --seq_len does) and how its prompts are
         # read (seq2seq: bidirectionally; text: block-causally), then the flags
         block_len = model_over.get("block_len", ModelConfig.block_len)
-        dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"))
+        tok, arch = None, {}
+        if tc.init_from:  # start from an AR model: its tokenizer, and its width and depth by default
+            ar = load_checkpoint(tc.init_from, "cpu")
+            tok = data.tokenizer_from_dict(ar.get("tokenizer"))
+            if tok.to_dict()["kind"] != tc.tokenizer:
+                raise ValueError(f"--init_from={tc.init_from} was trained with --tokenizer="
+                                 f"{tok.to_dict()['kind']}, not --tokenizer={tc.tokenizer}")
+            arch = {k: ar["config"][k] for k in ("d_model", "n_heads", "n_enc", "rope_base")}
+        dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"), tok)
         prompt_attention = data.PROMPT_ATTENTION[dataset.kind]
         if model_over.get("prompt_attention", prompt_attention) != prompt_attention:
             raise ValueError(f"prompt_attention is set by the data: {dataset.kind} data trains prompts "
                              f"{prompt_attention!r}, not {model_over['prompt_attention']!r}; drop the flag")
-        tok = data.ByteTokenizer()
+        tok = dataset.tok  # bytes, a BPE tokenizer trained just now, or the AR checkpoint's
         base = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                    mask_id=tok.mask_id, seq_len=seq_len, prompt_attention=prompt_attention)
+                    mask_id=tok.mask_id, seq_len=seq_len, prompt_attention=prompt_attention, **arch)
+        fixed = [f"--{k}={model_over[k]} (the tokenizer has {base[k]})" for k in ("vocab_size", "pad_id", "eos_id",
+                 "mask_id") if k in model_over and model_over[k] != base[k]]
+        if fixed:
+            raise ValueError("the vocabulary is set by the tokenizer (--tokenizer, --bpe_vocab); drop "
+                             + ", ".join(fixed))
         cfg = ModelConfig(**{**base, **model_over})
+        if tc.tokenizer == "bpe" and (not dist.is_initialized() or dist.get_rank() == 0):
+            bpb = tok.bytes_per_token().float()
+            print(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens (mean {bpb[bpb > 0].mean():.2f} bytes per token)")
     if cfg.model not in MODEL_TYPES:
         raise ValueError(f"model must be one of {MODEL_TYPES}, got {cfg.model!r}")
     if getattr(dataset, "skipped", 0):
@@ -272,12 +295,13 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
-def save_checkpoint(path, model, optimizer, step, tc, metrics, best_val_nelbo=math.inf):
+def save_checkpoint(path, model, optimizer, step, tc, metrics, best_val_nelbo=math.inf, tok=None):
     """Write to a temporary file, then rename: a crash never leaves a half-written ckpt, and
     a failed write (a full disk, a folder that went away) leaves the previous checkpoint as
     it was and no .tmp behind. The config is saved as a dict, so
     models.model_from_checkpoint can rebuild the model; the checksum of the weights lets
-    models.load_checkpoint refuse a file whose bytes changed after it was written."""
+    models.load_checkpoint refuse a file whose bytes changed after it was written. The
+    tokenizer is saved too (a BPE tokenizer as its JSON string): no side file to lose."""
     # everything a resumed run needs to continue exactly: weights, AdamW moments, the step
     weights = model.state_dict()
     state = {
@@ -290,6 +314,7 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics, best_val_nelbo=ma
         "step": step,
         "metrics": metrics,
         "best_val_nelbo": best_val_nelbo,
+        "tokenizer": (tok or data.ByteTokenizer()).to_dict(),  # data.tokenizer_from_dict rebuilds it
     }
     tmp = path + ".tmp"
     try:
@@ -345,7 +370,7 @@ def evaluate(model, dataset, tc, device, autocast):
     text = dataset.kind == "text"
     with autocast:
         est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], tc.eval_draws, g,
-                         data.ByteTokenizer().bytes_per_token() if text else None)
+                         dataset.tok.bytes_per_token() if text else None)
     fig = est.figures()
     metrics = {"val_nelbo": fig["nelbo_per_token"], "val_nelbo_se": fig["nelbo_per_token_se"],
                "exact_match": float("nan")}
@@ -435,6 +460,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
                                   weight_decay=tc.weight_decay)
     step, metrics, best = 0, {}, math.inf  # best: the lowest validation NELBO so far
+    if ckpt is None and tc.init_from:  # the paper's recipe: start from an AR model's weights
+        init_from_ar(model, load_checkpoint(tc.init_from, device), dataset.tok.to_dict())
+        if main_process:
+            print(f"initialised from the AR model {tc.init_from}")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -533,16 +562,16 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 # the evaluation's noise is fixed, so val_nelbo compares across evaluations
                 improved = metrics["val_nelbo"] < best
                 best = min(best, metrics["val_nelbo"])
-                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best)
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best, dataset.tok)
                 if improved:  # best.pt: the weights with the lowest validation NELBO so far
-                    save_checkpoint(best_path, model, optimizer, step, tc, metrics, best)
+                    save_checkpoint(best_path, model, optimizer, step, tc, metrics, best, dataset.tok)
             elif tc.save_every and step % tc.save_every == 0:  # a checkpoint between evaluations
-                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best)
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best, dataset.tok)
         # 5. Ctrl-C / SIGTERM: the step is whole, so save it and leave (exit code 130)
         if stop.agreed(device):
             bar.close()
             if main_process:
-                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best)
+                save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best, dataset.tok)
                 print(f"stopped: saved step {step} to {ckpt_path}; continue with --resume")
             return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": True}
     # max_steps reached: hand back what the caller (main, bench.py, tests, notebooks) reads
