@@ -24,7 +24,7 @@ is BD3-LM's, and the baselines in baselines.py reuse it from here.
 
 Reading order (bottom-up: each part uses only what comes before it):
   config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + NELBO ->
-  transformer pieces (RMSNorm, RoPE, attention, SwiGLU, Layer, KVCache) -> the shared
+  transformer pieces (RMSNorm, RoPE, the KV cache, attention, SwiGLU, Layer) -> the shared
   model base (embedding, head, one training step) -> the E2D2 network (encode, decode) ->
   its two runners (cached, and the uncached reference) -> the E2D2 model (network +
   runner) -> the block loop that samples any model whose runner it is handed.

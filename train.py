@@ -635,19 +635,21 @@ def main(argv=None):
         start_distributed(device)
     main_process = not dist.is_initialized() or dist.get_rank() == 0
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
-    finished = False
+    error = None
     try:
         cfg, ckpt, dataset = setup(tc, model_over, device)
         result = train(cfg, tc, device, ckpt, dataset, stop)
-        finished = True
     except (ValueError, FloatingPointError) as e:  # the user's mistake: a message, no stack trace
-        if main_process:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        error = str(e)  # (kept as text: the exception's traceback would keep train()'s DDP
+        #                 wrapper, and through it the process group, alive past the teardown)
     finally:
         stop.restore()
         if dist.is_initialized():
-            end_distributed(finished)
+            end_distributed(finished=error is None)
+    if error is not None:
+        if main_process:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     if result["stopped"]:
         sys.exit(130)  # the shell's code for "interrupted"
     if main_process:
