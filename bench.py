@@ -364,7 +364,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
         new = build_model(ModelConfig(**kw)).eval()
         new.load_state_dict(old.state_dict())  # the same weights (an old checkpoint loads)
         pairs[label] = (ModelConfig(**kw), old, new)
-    rows, limits = [], []
+    rows = []
     for threads in sorted({1, default_threads}):
         rates = machine_rates(threads)
         print(f"{threads} thread(s): matmul {rates['flops_per_s'] / 1e9:.1f} GFLOP/s, "
@@ -395,7 +395,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
     for r in rows:
         print(f"{r['threads']:>7} {r['batch']:>5} {r['sampler']:8} {r['old_tokens_per_s']:>10.1f} "
               f"{r['new_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {str(r['same_tokens']):>11}")
-    print(f"\ndistance to the limit: one layer call (generation time / layer calls), old and new, "
+    print("\ndistance to the limit: one layer call (generation time / layer calls), old and new, "
           f"next to what it needs at the measured rates")
     print(f"{'threads':>7} {'batch':>5} {'sampler':8} {'tokens/call':>11} {'old ms':>8} {'new ms':>8} "
           f"{'arithmetic ms':>13} {'weight read ms':>14} {'new / limit':>11}")
