@@ -396,7 +396,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
         print(f"{r['threads']:>7} {r['batch']:>5} {r['sampler']:8} {r['old_tokens_per_s']:>10.1f} "
               f"{r['new_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {str(r['same_tokens']):>11}")
     print("\ndistance to the limit: one layer call (generation time / layer calls), old and new, "
-          f"next to what it needs at the measured rates")
+          "next to what it needs at the measured rates")
     print(f"{'threads':>7} {'batch':>5} {'sampler':8} {'tokens/call':>11} {'old ms':>8} {'new ms':>8} "
           f"{'arithmetic ms':>13} {'weight read ms':>14} {'new / limit':>11}")
     for r in rows:
