@@ -96,7 +96,7 @@ class AR(OneStack):
         its keys/values are written into the cache. Returns the logits and the per-layer
         (k, v) of x."""
         b, n = x.shape
-        start = 0 if cache is None else len(cache)
+        start = 0 if cache is None else cache.n
         valid = x != self.cfg.pad_id
         if n == 1 and start > 0:  # one new token (sampling): it sees every real cached key and
             # itself: one row read off the cache's key padding, where causal_mask would build
@@ -193,7 +193,7 @@ class CachedBD3LM:
     def _run(self, tokens, mask, keep: bool):
         """All N layers over tokens (b, n) against the cache (their keys/values are written
         into its scratch positions); keep=True makes them part of the cache."""
-        n0 = len(self.cache)
+        n0 = self.cache.n
         h, _ = self.model.run(self.model.layers, self.model.embed(tokens), slice(n0, n0 + tokens.shape[1]),
                               mask, self.cache)
         if keep:  # a clean block: its keys/values join the cache

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from e2d2 import Layer, ModelConfig, generate
 from models import (MODEL_TYPES, autocast_for, build_model, is_cuda, load_checkpoint, model_from_checkpoint,
-                    pick_device)
+                    pick_device, upgrade_state_dict)
 
 
 def timed(fn, device: str):
@@ -362,7 +362,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
         torch.manual_seed(0)
         old = old_models.build_model(old_models.ModelConfig(**kw)).eval()
         new = build_model(ModelConfig(**kw)).eval()
-        new.load_state_dict(old.state_dict())  # the same weights (an old checkpoint loads)
+        new.load_state_dict(upgrade_state_dict(old.state_dict()))  # the same weights
         pairs[label] = (ModelConfig(**kw), old, new)
     rows = []
     for threads in sorted({1, default_threads}):

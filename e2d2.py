@@ -2,32 +2,28 @@
 E2D2: Encoder-Decoder Diffusion Language Models, in one readable file.
 
 E2D2 (arXiv 2510.22852) is a masked ("absorbing state") discrete diffusion language
-model that writes text block by block, like BD3-LM (arXiv 2503.09573). A sequence x of
-length L = K * B is cut into K blocks of B tokens. Blocks are generated left to right;
-inside a block, tokens start as [MASK] and are filled in over T denoising steps.
+model that writes text block by block, like BD3-LM (arXiv 2503.09573). A sequence of
+length L = K * B is cut into K blocks of B tokens, generated left to right; inside a
+block, tokens start as [MASK] and are filled in over T denoising steps.
 
-What E2D2 changes versus BD3-LM (the lines marked `# [E2D2]` below, nothing else):
-  1. The network is split in two. A big ENCODER (N_enc layers) reads the CLEAN tokens
-     x_0 (prompt + finished blocks); a small DECODER (N_dec << N_enc layers) reads the
-     NOISY block x_t and attends to the encoder's output h.
-  2. In every decoder layer the keys/values of the clean tokens come from h (the
-     encoder's last hidden state, projected by that decoder layer: the "hidden" variant)
-     or from the keys/values an encoder layer computed (the "shared_kv" variant).
+What E2D2 changes versus BD3-LM (the lines marked `# [E2D2]`, nothing else):
+  1. The network is split in two: a big ENCODER (N_enc layers) reads the CLEAN tokens x_0
+     (prompt + finished blocks); a small DECODER (N_dec << N_enc layers) reads the NOISY
+     block x_t and attends to the encoder's output h.
+  2. In every decoder layer the clean tokens' keys/values come from h (projected by that
+     decoder layer: the "hidden" variant) or from an encoder layer ("shared_kv").
   3. Training needs no 2L-long input [x_0 ; x_t]: the encoder runs over the L clean tokens
      with the top half of BD3-LM's mask, the decoder over the L noisy tokens against 2L
-     keys [h ; x_t] with the bottom half. About N_enc + N_dec layer passes per token
-     instead of BD3-LM's 2N.
-  4. Sampling runs the encoder once per finished block and only the cheap decoder at each
+     keys [h ; x_t] with the bottom half: N_enc + N_dec layer passes per token, not 2N.
+  4. Sampling runs the encoder once per finished block and only the small decoder at each
      of the T denoising steps (BD3-LM runs its whole network T times per block).
 Everything else (schedules, q(x_t | x_0), SUBS, the NELBO, the layers, the block loop)
-is BD3-LM's, and the baselines in baselines.py reuse it from here.
+is BD3-LM's; the baselines in baselines.py reuse it from here.
 
-Reading order (bottom-up: each part uses only what comes before it):
-  config -> noise schedules -> masks -> forward process q(x_t|x_0) -> SUBS + NELBO ->
-  transformer pieces (RMSNorm, RoPE, the KV cache, attention, SwiGLU, Layer) -> the shared
-  model base (embedding, head, one training step) -> the E2D2 network (encode, decode) ->
-  its two runners (cached, and the uncached reference) -> the E2D2 model (network +
-  runner) -> the block loop that samples any model whose runner it is handed.
+Reading order, bottom-up (each part uses only what comes before it): config -> noise
+schedules -> masks -> q(x_t|x_0) -> SUBS + NELBO -> transformer pieces (RMSNorm, RoPE, KV
+cache, attention, SwiGLU, Layer) -> the model base -> the E2D2 network -> its runners
+(cached, and the uncached reference) -> the E2D2 model -> the block loop (sampling).
 
 Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
 H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
@@ -45,7 +41,6 @@ from einops import rearrange
 
 # ---------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------
 
 SCHEDULES = ("linear", "cosine", "log", "exp")
 DECODER_VARIANTS = ("hidden", "shared_kv")
@@ -54,45 +49,30 @@ PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
 @dataclass
 class ModelConfig:
-    # Which model class models.build_model makes: "e2d2" (this file), or a baseline of
-    # baselines.py built from the same pieces with N = n_enc layers ("ar", "mdlm",
-    # "bd3lm"; n_dec and decoder only apply to e2d2).
+    # The inline comments are also train.py's --help. models.build_model makes the model
+    # named here; the baselines (baselines.py) have N = n_enc layers and ignore n_dec.
     model: str = "e2d2"  # which model: e2d2, or a baseline ar, mdlm, bd3lm
-    # Vocabulary. The defaults are those of the byte tokenizer in data.py
-    # (256 bytes, then PAD, BOS, EOS, MASK); train.py always fills them from the tokenizer.
     vocab_size: int = 260  # V, the special tokens included (set from the tokenizer)
     pad_id: int = 256  # padding: never attended to, never a target (set from the tokenizer)
     eos_id: int = 258  # end of an answer (set from the tokenizer)
     mask_id: int = 259  # the absorbing [MASK] state (set from the tokenizer)
-    # Lengths: the longest sequence the model handles (prompt + answer), and the
-    # diffusion block length B. seq_len must be a multiple of block_len.
     seq_len: int = 32  # L, the longest sequence (prompt + answer); a multiple of block_len
     block_len: int = 4  # B, tokens per diffusion block (>= 1)
-    # Transformer width and depth: N_enc encoder layers, N_dec decoder layers.
     d_model: int = 128  # width d; d / n_heads must be even (RoPE)
     n_heads: int = 4  # attention heads H
     n_enc: int = 4  # N_enc encoder layers (baselines: N layers)
     n_dec: int = 2  # N_dec decoder layers (e2d2 only)
-    # Where each decoder layer gets the clean tokens' keys/values from:
-    #   "hidden":    project the encoder's final hidden state h with the decoder layer's
-    #                own norm + K/V weights (the paper's default),
-    #   "shared_kv": decoder layer i reuses the keys/values of encoder layer
-    #                N_enc - N_dec + i (the top N_dec encoder layers, so every encoder
-    #                layer matters; with N_dec = N_enc, decoder layer i reads layer i).
+    # "hidden": decoder layer i projects h with its own norm + K/V weights (the paper's
+    # default); "shared_kv": it reuses encoder layer N_enc - N_dec + i's keys/values.
     decoder: str = "hidden"  # clean keys/values of the decoder: from h, or shared_kv
-    # Noise schedule alpha(t) and the range [t_min, t_max] that training draws t from
-    # (t_min > 0 keeps the loss weight -alpha'/(1-alpha) finite).
     schedule: str = "linear"  # noise schedule alpha(t)
     t_min: float = 1e-3  # training draws t ~ U[t_min, t_max]; 0 < t_min < t_max
     t_max: float = 1.0  # upper end of the training range of t, <= 1
     dropout: float = 0.0  # dropout probability, in [0, 1)
     rope_base: float = 10000.0  # RoPE frequency base
-    # How the clean stream read a prompt in training, so that the sampler reads it the same
-    # way: "bidirectional" (seq2seq data: every query sees the whole prompt) or
-    # "block_causal" (plain text: there is no prompt in training, only block-causal clean
-    # context, so a prompt is read block by block like any earlier text). train.py sets it
-    # from the data; a checkpoint saved before this field existed gets it from
-    # models.config_from_dict.
+    # How training's clean stream read a prompt, so that the sampler reads it the same way:
+    # seq2seq data has prompts read bidirectionally; plain text has none, only block-causal
+    # context, so a sampling prompt is read block by block like earlier text.
     prompt_attention: str = "bidirectional"  # set from the data (seq2seq / text)
 
     def __post_init__(self):
@@ -101,13 +81,10 @@ class ModelConfig:
 
 def validate_config(cfg: ModelConfig) -> None:
     """Raise a ValueError that says what is wrong, before torch sees a bad shape.
-    (Whether cfg.model names a known model is checked by models.build_model, the one
-    place that knows every model.)"""
-    problems = []
-    for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{name} must be a positive integer, got {value!r}")
+    (Whether cfg.model is a known model is checked by models.build_model.)"""
+    problems = [f"{name} must be a positive integer, got {getattr(cfg, name)!r}"
+                for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec")
+                if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1]
     if not problems:
         if cfg.seq_len % cfg.block_len != 0:
             problems.append(f"seq_len={cfg.seq_len} is not a multiple of block_len={cfg.block_len}")
@@ -115,19 +92,15 @@ def validate_config(cfg: ModelConfig) -> None:
             problems.append(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         elif (cfg.d_model // cfg.n_heads) % 2 != 0:  # RoPE rotates pairs of dimensions
             problems.append(f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)")
-        # shared_kv pairs decoder layer i with an encoder layer, so there must be enough
         if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:
             problems.append(f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it "
                             f"needs n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
-        for name in ("pad_id", "eos_id", "mask_id"):
-            if not 0 <= getattr(cfg, name) < cfg.vocab_size:
-                problems.append(f"{name}={getattr(cfg, name)} is outside the vocabulary")
-    if cfg.decoder not in DECODER_VARIANTS:
-        problems.append(f"decoder must be one of {DECODER_VARIANTS}, got {cfg.decoder!r}")
-    if cfg.schedule not in SCHEDULES:
-        problems.append(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-    if cfg.prompt_attention not in PROMPT_ATTENTION:
-        problems.append(f"prompt_attention must be one of {PROMPT_ATTENTION}, got {cfg.prompt_attention!r}")
+        problems += [f"{name}={getattr(cfg, name)} is outside the vocabulary" for name in ("pad_id", "eos_id", "mask_id")
+                     if not 0 <= getattr(cfg, name) < cfg.vocab_size]
+    for name, allowed in (("decoder", DECODER_VARIANTS), ("schedule", SCHEDULES),
+                          ("prompt_attention", PROMPT_ATTENTION)):
+        if getattr(cfg, name) not in allowed:
+            problems.append(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.t_min < cfg.t_max <= 1.0:  # t = 0 would give the weight 1/(1-alpha(0)) = inf
         problems.append(f"need 0 < t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -137,10 +110,8 @@ def validate_config(cfg: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Noise schedules: alpha(t) = probability that a token is still clean at time t.
-# alpha(0) = 1 (clean), alpha(1) ~ 0 (all [MASK]). Each returns (alpha_t, alpha_prime_t),
-# in that order; alpha_prime_t = d alpha / dt <= 0.
-# ---------------------------------------------------------------------------------------
+# Noise schedules: alpha(t) = probability that a token is still clean at time t;
+# alpha(0) = 1 (clean), alpha(1) ~ 0 (all [MASK]), alpha'(t) = d alpha / dt <= 0.
 
 COSINE_EPS = 1e-3  # cosine keeps alpha(0) = 1 - eps, as in MDLM
 EXP_POWER = 2  # "exp": mask probability t^p (the power schedule of MDLM/BD3-LM)
@@ -152,8 +123,7 @@ def noise_schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         return 1.0 - t, -torch.ones_like(t)
     if name == "cosine":  # alpha = (1 - eps) cos(pi t / 2)
         alpha = (1.0 - COSINE_EPS) * torch.cos(math.pi * t / 2)
-        alpha_prime = -(1.0 - COSINE_EPS) * (math.pi / 2) * torch.sin(math.pi * t / 2)
-        return alpha, alpha_prime
+        return alpha, -(1.0 - COSINE_EPS) * (math.pi / 2) * torch.sin(math.pi * t / 2)
     if name == "log":  # alpha = 1 - log(1 + t) / log 2
         return 1.0 - torch.log1p(t) / math.log(2.0), -1.0 / ((1.0 + t) * math.log(2.0))
     if name == "exp":  # alpha = 1 - t^p
@@ -161,40 +131,26 @@ def noise_schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     raise ValueError(f"unknown noise schedule {name!r}; choose one of {SCHEDULES}")
 
 
-def sample_t(batch: int, n_blocks: int, t_min: float, t_max: float, generator=None,
-             device=None) -> torch.Tensor:
-    """One diffusion time per block: t_k ~ U[t_min, t_max] (BD3-LM's clipped schedule
-    when [t_min, t_max] is narrower than [0, 1]). Shape (b, K), float64: the weight
-    -alpha'/(1 - alpha) divides by 1 - alpha(t), which float32 rounds badly for small t
-    (exp schedule at t = 1e-3: 1 - alpha = 1e-6, a 6% error in float32)."""
+def sample_t(batch: int, n_blocks: int, t_min: float, t_max: float, generator=None, device=None):
+    """Training times, one per block: t_k ~ U[t_min, t_max] (BD3-LM's clipped schedule when
+    narrower than [0, 1]). (b, K), float64: the weight divides by 1 - alpha(t), which
+    float32 rounds badly for small t (exp schedule at t = 1e-3: a 6% error)."""
     u = torch.rand(batch, n_blocks, generator=generator, device=device)
     return t_min + (t_max - t_min) * u.double()
 
 
-# Evaluation draws t over ALL of [0, 1] (whatever [t_min, t_max] training used), because
-# the NELBO is an integral over the whole range: NELBO = int_0^1 f(t) dt, with
-# f(t) = E_{x_t ~ q}[ w(t) * sum over masked targets of -log p ], w = -alpha'/(1-alpha).
-# Near t = 0 one draw is the trouble: a token is masked with probability 1-alpha(t) ~ t
-# and then weighted by w ~ 1/t (linear schedule). f stays finite (about -alpha'(t) times
-# the mean -log p), but with t ~ U[0, 1] the variance of a draw grows like log(1/t_lowest)
-# (infinite without a floor) and rare huge terms make the average and its standard error
-# unreliable. Two things handle it:
-#   1. importance sampling: t = v^2 with v ~ U[0, 1], i.e. density p(t) = 1 / (2 sqrt t),
-#      more draws near 0, each term multiplied by 1 / p(t) = 2v. Still unbiased, and the
-#      variance is finite (int dt / (t p(t)) = int 2 / sqrt t dt = 4);
-#   2. a floor: t below EVAL_T_FLOOR is evaluated at the floor (it keeps w finite in
-#      floating point). What it costs: f on [0, floor] is replaced by f(floor), an error of
-#      at most floor * max|alpha'| * (mean -log p), i.e. about 1e-5 of the NELBO.
+# Evaluation integrates the NELBO over ALL of [0, 1]. Near t = 0 a token is masked with
+# probability ~t and then weighted by ~1/t, so t ~ U[0, 1] has an unbounded variance. So:
+# importance sampling t = v^2, v ~ U[0, 1] (density 1 / (2 sqrt t), more draws near 0), each
+# term times 1 / p(t) = 2v: unbiased, finite variance; and t floored at EVAL_T_FLOOR (keeps
+# the weight finite; it changes the NELBO by about 1e-5 of itself).
 EVAL_T_FLOOR = 1e-5
 
 
 def sample_t_stratified(batch: int, n_blocks: int, generator=None, device=None):
-    """Evaluation times and their importance weights, each (b, K), float64 (near the floor
-    1 - alpha(t) is ~1e-10 for the "exp" schedule, 0 in float32).
-    The n = b*K values v = (i + u) / n, i = 0..n-1, share ONE u ~ U[0, 1) and are shuffled
-    over the blocks: each v is U[0, 1] on its own (the estimate stays unbiased) but together
-    they cover [0, 1] evenly (low-discrepancy sampling, as in MDLM). Then t = v^2 (floored)
-    and the weight 1 / p(t) = 2v (see the comment above)."""
+    """Evaluation times and importance weights 1 / p(t), each (b, K), float64. The b*K
+    values v = (i + u) / n share ONE u ~ U[0, 1) and are shuffled over the blocks: each is
+    U[0, 1] alone (unbiased), together they cover [0, 1] evenly (as in MDLM)."""
     n = batch * n_blocks
     u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
     v = (torch.arange(n, device=device, dtype=torch.float64) + u) / n  # (n,) one per stratum
@@ -209,12 +165,9 @@ def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------
-# Attention masks. Blocks are numbered by position: block(i) = i // B.
-# Every mask function below is the ONE place its mask is built; training, the sampler's
-# uncached reference, the tests and the notebooks all call it.
-# A padding query would see no key at all, and softmax over an empty row is NaN; so each
-# padding query sees exactly itself. Its output is never used.
-# ---------------------------------------------------------------------------------------
+# Attention masks. block(i) = i // B. Each mask is built by ONE function below, which
+# training, the uncached sampler, the tests and the notebooks all call. A padding query
+# would see no key (softmax of an empty row is NaN), so it sees itself; its output is unused.
 
 def block_ids(length: int, block_len: int, device=None) -> torch.Tensor:
     """(length,) tensor with the block index of every position."""
@@ -228,12 +181,9 @@ def _padding_rows_see_self(mask: torch.Tensor, valid: torch.Tensor) -> torch.Ten
 
 
 def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
-    """Encoder self-attention over the clean sequence x_0. (b, L, L), True = may attend.
-
-    Query i may see key j iff key j is a real token (not padding) and
-      block(j) <= block(i)   (block-causal: a block sees itself and the blocks before it)
-      or j is a prompt token (the prompt is read bidirectionally by every query).
-    """
+    """Encoder self-attention over the clean sequence x_0: (b, L, L). Query i sees key j iff
+    j is a real token and block(j) <= block(i) (block-causal), or j is a prompt token (the
+    prompt is read bidirectionally)."""
     b, L = valid.shape
     blk = block_ids(L, block_len, valid.device)
     block_causal = blk[None, :, None] >= blk[None, None, :]  # (1, L, L): [i, j] = blk(j) <= blk(i)
@@ -242,37 +192,28 @@ def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int)
 
 
 def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:
-    """Decoder attention: queries are the noisy tokens x_t (L of them); keys are the
-    concatenation [h ; x_t] of the clean encoder outputs and the noisy tokens (2L).
-    Returns (b, L, 2L), True = may attend.
-
-    A noisy query in block k may see
-      clean h_j    iff block(j) <  block(k)   (offset block-causal: only FINISHED blocks)
-      noisy x_t,j  iff block(j) == block(k)   (block-diagonal: its own noisy block)
-    and never a padding key. Clean key j and noisy key j share RoPE position j.
-    """
+    """Decoder attention: the L noisy queries x_t against the 2L keys [h ; x_t]: (b, L, 2L).
+    A noisy query in block k sees clean h_j iff block(j) < k (offset block-causal: only
+    FINISHED blocks) and noisy x_t,j iff block(j) == k (block-diagonal), never a padding
+    key. Clean key j and noisy key j share RoPE position j."""
     b, L = valid.shape
     blk = block_ids(L, block_len, valid.device)
     offset_block_causal = blk[None, :, None] > blk[None, None, :]  # (1, L, L)
     block_diagonal = blk[None, :, None] == blk[None, None, :]  # (1, L, L)
-    to_clean = offset_block_causal & valid[:, None, :]  # (b, L, L)
-    to_clean = to_clean & valid[:, :, None]  # a padding query sees no clean key ...
+    to_clean = offset_block_causal & valid[:, None, :] & valid[:, :, None]  # a padding query sees no clean key ...
     to_noisy = _padding_rows_see_self(block_diagonal & valid[:, None, :], valid)  # ... only itself
     return torch.cat([to_clean, to_noisy], dim=-1)  # (b, L, 2L)
 
 
 def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
-    """The picture E2D2 splits. BD3-LM runs ONE network over the 2L tokens [x_0 ; x_t]
-    with this (b, 2L, 2L) mask:
-
+    """The picture E2D2 splits. BD3-LM runs ONE network over [x_0 ; x_t] with this
+    (b, 2L, 2L) mask:
                     keys x_0 (clean)          keys x_t (noisy)
       x_0 queries   block-causal (+ prompt)   never
       x_t queries   offset block-causal       block-diagonal
-
-    The top row is exactly encoder_mask and the bottom row exactly decoder_mask. E2D2
-    hands the two rows to two networks: the clean rows never look at noisy keys, so they
-    can run alone (the encoder, L tokens), and only the noisy rows (the decoder) need the
-    2L keys. baselines.BD3LM trains with this mask."""
+    The top row is encoder_mask, the bottom row decoder_mask. The clean rows never look at
+    noisy keys, so E2D2 runs them alone (the encoder, L tokens) and only the noisy rows
+    (the decoder) need the 2L keys. baselines.BD3LM trains with this mask."""
     enc = encoder_mask(prompt_mask, valid, block_len)  # (b, L, L)
     clean_rows = torch.cat([enc, torch.zeros_like(enc)], dim=-1)  # (b, L, 2L)
     return torch.cat([clean_rows, decoder_mask(valid, block_len)], dim=1)  # (b, 2L, 2L)
@@ -281,7 +222,6 @@ def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -
 # ---------------------------------------------------------------------------------------
 # Forward process q(x_t | x_0): one t per block; each target (non-prompt, non-padding)
 # token of block k becomes [MASK] independently with probability 1 - alpha(t_k).
-# ---------------------------------------------------------------------------------------
 
 @dataclass
 class Noised:
@@ -294,60 +234,47 @@ class Noised:
 def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block_len: int,
              mask_id: int, schedule: str = "linear", ensure_masked: bool = True,
              generator: Optional[torch.Generator] = None) -> Noised:
-    """Draw x_t ~ q(x_t | x_0). t: (b, K), one time per block.
-
-    ensure_masked (training): a block that has target tokens but drew no [MASK] would
-    teach nothing, so a random number m in [1, n_targets] of its targets get masked.
-    """
+    """Draw x_t ~ q(x_t | x_0); t: (b, K). ensure_masked (training): a block with targets
+    but no [MASK] would teach nothing, so m ~ U{1..n_targets} of its targets get masked."""
     b, L = x0.shape
     alpha_blk, alpha_prime_blk = noise_schedule(schedule, t)  # (b, K) each
     alpha_t = alpha_blk.repeat_interleave(block_len, dim=1)  # (b, L): block k's value on its B tokens
     alpha_prime_t = alpha_prime_blk.repeat_interleave(block_len, dim=1)  # (b, L)
-
     u = torch.rand(b, L, generator=generator, device=x0.device)
     masked = (u < 1.0 - alpha_t) & target_mask  # prompt and padding are never masked
-
     if ensure_masked:
         targets = rearrange(target_mask, "b (k B) -> b k B", B=block_len)
         got = rearrange(masked, "b (k B) -> b k B", B=block_len)
         n_targets = targets.sum(-1)  # (b, K)
         empty = (n_targets > 0) & (got.sum(-1) == 0)  # blocks that need a re-mask
-        # m ~ U{1..n_targets}: how many of the block's targets to mask
         m = 1 + (torch.rand(n_targets.shape, generator=generator, device=x0.device) * n_targets).long()
-        m = torch.minimum(m, n_targets.clamp(min=1))
-        # random order of the targets inside each block (non-targets sort last)
-        score = torch.rand(targets.shape, generator=generator, device=x0.device)
-        score = score.masked_fill(~targets, 2.0)
+        m = torch.minimum(m, n_targets.clamp(min=1))  # how many targets to mask
+        # a random order of the targets inside each block (non-targets sort last)
+        score = torch.rand(targets.shape, generator=generator, device=x0.device).masked_fill(~targets, 2.0)
         rank = score.argsort(-1).argsort(-1)  # rank of each position in its block
         remask = empty[..., None] & (rank < m[..., None]) & targets  # the m lowest ranks
         masked = masked | rearrange(remask, "b k B -> b (k B)")
-
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return Noised(x_t, masked, alpha_t, alpha_prime_t)
 
 
 # ---------------------------------------------------------------------------------------
 # SUBS parameterization and the loss (the NELBO of MDLM / BD3-LM).
-# ---------------------------------------------------------------------------------------
 
 def masked_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """What SUBS predicts at a [MASK] position: log p_theta(x_0 | x_t) (b, L, V), a softmax
-    over the vocabulary with zero mass on [MASK] (the clean data never contains it)."""
+    with zero mass on [MASK] (the clean data never contains it)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
     logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
     return F.log_softmax(logits, dim=-1)
 
 
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """log p_theta(x_0 | x_t) with the SUBS parameterization of MDLM (b, L, V):
-      - zero mass on [MASK] (the clean data never contains it): logit -inf;
-      - carry-over: where x_t is not [MASK] the prediction is x_t itself (log p = 0 on
-        that token, -inf elsewhere), so unmasked tokens add exactly 0 to the loss.
-    """
+    """log p_theta(x_0 | x_t) with SUBS (MDLM), (b, L, V): masked_log_probs at [MASK]
+    positions; carry-over elsewhere (the prediction is x_t itself: log p = 0 on it, -inf on
+    the rest), so unmasked tokens add exactly 0 to the loss."""
     log_p = masked_log_probs(logits, mask_id)
-    V = logits.shape[-1]
-    # (b, L, V): the one-hot of x_t, in log space
-    carry = torch.where(torch.arange(V, device=x_t.device) == x_t[..., None], 0.0, -math.inf)
+    carry = torch.where(torch.arange(logits.shape[-1], device=x_t.device) == x_t[..., None], 0.0, -math.inf)
     return torch.where((x_t != mask_id)[..., None], carry, log_p)
 
 
@@ -357,22 +284,16 @@ class Loss:
     nelbo: torch.Tensor  # sum_i w_k * (-log p(x0_i | x_t)) / n_targets
     masked_ce: torch.Tensor  # sum over masked targets of -log p, / n_targets (unweighted)
     n_targets: torch.Tensor  # number of target tokens the averages are taken over
-    # per sequence, for evaluation (the standard error needs per-sequence terms):
-    seq_nats: torch.Tensor  # (b,) sum over the row's targets of w_k * (-log p) (AR: -log p)
+    seq_nats: torch.Tensor  # (b,) per row: sum of w_k * (-log p) (AR: -log p), for the standard error
     scored_ids: torch.Tensor  # (b, L') the target token ids those nats are for, PAD elsewhere
 
 
 def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
                    target_mask: torch.Tensor, mask_id: int, importance: Optional[torch.Tensor] = None):
-    """Block-diffusion NELBO (MDLM / BD3-LM) and the unweighted masked cross-entropy.
-
-    NELBO per token = (1 / n_targets) * sum_{target i, masked} w_k * (-log p(x0_i | x_t)),
-    with w_k = -alpha'(t_k) / (1 - alpha(t_k)) for the block k that holds i. Unmasked
-    targets contribute exactly 0 because of SUBS carry-over. Returns
-    (nelbo, masked_ce, n_targets, seq_nats), seq_nats (b,) the NELBO numerator per row.
+    """NELBO per token = (1 / n_targets) * sum_{masked target i} w_k * (-log p(x0_i | x_t)),
+    w_k = -alpha'(t_k) / (1 - alpha(t_k)) for i's block k (unmasked targets add 0: SUBS).
     importance (b, L): 1 / p(t_k) when t was drawn from a density p other than U[0, 1]
-    (evaluation, see sample_t_stratified); it multiplies the NELBO weights.
-    """
+    (evaluation). Returns (nelbo, masked_ce, n_targets, seq_nats (b,))."""
     log_p = subs_log_probs(logits, noised.x_t, mask_id)  # (b, L, V)
     nll = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (b, L); 0 where x_t == x0
     w = loss_weight(noised.alpha_t, noised.alpha_prime_t)  # (b, L)
@@ -382,15 +303,12 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
     zero = torch.zeros_like(nll)
     masked_ce = torch.where(target_mask, nll, zero).sum() / n_targets
     seq_nats = torch.where(target_mask, w * nll, zero).sum(1)  # (b,)
-    nelbo = seq_nats.sum() / n_targets
-    return nelbo, masked_ce, n_targets, seq_nats
+    return seq_nats.sum() / n_targets, masked_ce, n_targets, seq_nats
 
 
 # ---------------------------------------------------------------------------------------
-# Transformer pieces: RMSNorm, RoPE, the sampling KV cache, attention (with optional prefix
-# keys/values or a cache), SwiGLU MLP and a pre-norm Layer. The encoder and the decoder
-# are stacks of the same Layer.
-# ---------------------------------------------------------------------------------------
+# Transformer pieces: RMSNorm, RoPE, the sampling KV cache, attention, SwiGLU and a
+# pre-norm Layer. The encoder and the decoder are stacks of the same Layer.
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 even under bf16 autocast."""
@@ -400,34 +318,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
 
-    def forward(self, x):
-        x_f = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32 for the mean
-        # x_f * rsqrt(mean(x_f^2) + eps) in one call (torch's own; five separate ops cost
-        # more than the arithmetic on a few tokens)
+    def forward(self, x):  # torch's fused rms_norm: one call, not five small ops
+        x_f = x.to(torch.promote_types(x.dtype, torch.float32))
         return F.rms_norm(x_f, (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype):
-    """cos, sin of the rotary angles for integer positions (n,) -> (n, hd/2) each.
-    Computed in float64 (large position x small frequency), then cast. A model calls this
-    once, for all its seq_len positions, and keeps the table (TokenModel.rope)."""
+    """cos, sin (n, hd/2) of the rotary angles of integer positions (n,), in float64
+    (large position x small frequency), then cast. TokenModel keeps one table of them."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).double() / head_dim)
     angles = positions.double()[:, None] * inv_freq[None, :]  # (n, hd/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope_angles' (n, hd/2) tables laid out for apply_rope: (n, hd) each, cos repeated
-    over every pair (c, c) and sin with the sign of each slot of the pair (-s, s)."""
+    """rope_angles' tables laid out for apply_rope: (n, hd) each, cos over every pair
+    (c, c) and sin with the sign of each slot (-s, s)."""
     return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate every pair (x1, x2) of the head dimension by its position's angle:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
-    x: (b, n, ..., hd), position on dim 1 (e.g. (b, n, H, hd)); cos, sin: (n, hd) from
-    rope_table. Written as x * (c, c) + (x2, x1) * (-s, s): three arithmetic ops on the
-    whole tensor, and the very same products and sums as the formula above."""
+    """Rotate every pair (x1, x2) of the head dimension: (x1 cos - x2 sin, x2 cos + x1 sin),
+    written as x * (c, c) + (x2, x1) * (-s, s) (three ops, the same products and sums).
+    x: (b, n, ..., hd), position on dim 1; cos, sin: (n, hd) from rope_table."""
     shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # (n, 1, ..., hd): broadcast
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) in every pair
     return x * cos.view(shape) + swapped * sin.view(shape)
@@ -437,66 +350,47 @@ KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), Ro
 
 
 class KVCache:
-    """Keys/values of every clean token seen so far, per layer, for sampling. A static
-    cache: each layer's buffers are allocated once at the longest length the sampler can
-    reach (seq_len) and written in place, so a finished block costs one copy of its own
-    B positions, where growing the cache by torch.cat copied the whole cache again at every
-    block (and, inside attention, at every call).
-      k[l], v[l]: (b, H, max_len, hd); positions [0, n) hold the n clean tokens so far.
-      visible:    (b, max_len) bool, False at padding (left padding of short prompts).
-    Positions [n, max_len) are scratch: a call on new tokens writes their keys/values
-    there (attention then reads [0, n + n_new) as one view, no concatenation); `add` makes
-    them part of the cache. A noisy block's keys/values are written there too and simply
-    overwritten by the next call: they are never kept."""
+    """Keys/values of the clean tokens seen so far, per layer, for sampling. Static: each
+    layer's buffers (b, H, max_len, hd) are allocated once and written in place, so a
+    finished block costs one copy of its B positions (growing by torch.cat copied the whole
+    cache at every block and every call). Positions [0, n) hold the n cached tokens;
+    [n, max_len) is scratch: a call writes its new keys/values there and attention reads
+    [0, n + n_new) as one view. `add` keeps them; a noisy block's are overwritten next call.
+    visible (b, max_len) is False at padding (left-padded prompts)."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, device):
-        self.k: list = [None] * n_layers  # allocated at the first write (dtype, shape of k)
-        self.v: list = [None] * n_layers
+        self.k, self.v = [None] * n_layers, [None] * n_layers  # allocated at the first write
         self.max_len, self.n = max_len, 0
         self.visible = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.padded = False  # does any cached key have to be hidden? (checked once per add)
-
-    def __len__(self):
-        return self.n  # clean tokens cached so far
-
-    def slot(self, layer: int) -> "CacheSlot":
-        """What Layer.forward takes as `prefix` to read and extend this cache in place."""
-        return CacheSlot(self, layer)
+        self.padded = False  # does any cached key have to be hidden?
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        """Put the keys/values (b, H, n_new, hd) of new tokens at [n, n + n_new) of layer
-        `layer` and return the keys/values attention reads: [0, n + n_new), a view."""
-        if self.k[layer] is None:
-            b, H, _, hd = k.shape
-            # empty, not zeros: a position is always written before it is read
-            self.k[layer] = k.new_empty(b, H, self.max_len, hd)
-            self.v[layer] = v.new_empty(b, H, self.max_len, hd)
+        """Put new keys/values (b, H, n_new, hd) at [n, n + n_new) of `layer`; return the
+        view [0, n + n_new) that attention reads."""
+        if self.k[layer] is None:  # empty, not zeros: a position is written before it is read
+            self.k[layer] = k.new_empty(k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.v[layer] = v.new_empty(self.k[layer].shape)
         end = self.n + k.shape[2]
         self.k[layer][:, :, self.n:end] = k
         self.v[layer][:, :, self.n:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def add(self, tokens: torch.Tensor, pad_id: int, new_kv: Optional[list] = None):
-        """The new clean tokens (b, n_new) join the cache. Their keys/values are already in
-        place if the call that computed them wrote them (encoder, BD3-LM, AR); new_kv (a
-        per-layer list of KVs) writes them here instead (E2D2's decoder cache)."""
-        if new_kv is not None:
-            for layer, (k, v) in enumerate(new_kv):
-                self.write(layer, k, v)
+        """New clean tokens (b, n_new) join the cache. Their keys/values are in place if the
+        call that computed them wrote them; else new_kv (per layer) is written now (E2D2's
+        decoder cache)."""
+        for layer, (k, v) in enumerate(new_kv or []):
+            self.write(layer, k, v)
         real = tokens != pad_id  # (b, n_new)
         self.visible[:, self.n:self.n + tokens.shape[1]] = real
         self.padded = self.padded or not bool(real.all())  # one host sync per block, not per step
         self.n += tokens.shape[1]
 
     def block_mask(self, n_new: int) -> Optional[torch.Tensor]:
-        """The mask of n_new queries of one block: they see every real cached token (all
-        from earlier blocks) and the whole block (block-causal / block-diagonal). That is a
-        key-padding mask, the same for every query: (b, 1, n + n_new), which attention
-        broadcasts over the queries (no (b, n_new, n + n_new) mask built per call). None
-        when nothing is padding: attention then runs unmasked."""
-        if not self.padded:
-            return None
-        return self.visible[:, None, :self.n + n_new]  # scratch positions are always visible
+        """The mask of one block's n_new queries: every real cached token (earlier blocks)
+        and the whole block. The same for every query, so a key-padding mask
+        (b, 1, n + n_new) that attention broadcasts; None (unmasked) when nothing is padding."""
+        return self.visible[:, None, :self.n + n_new] if self.padded else None
 
     def keep(self, rows):
         """Drop the sequences that finished: rows is a bool (b,) or index tensor."""
@@ -505,65 +399,40 @@ class KVCache:
         self.visible = self.visible[rows]
 
 
-@dataclass
-class CacheSlot:
-    """Layer `layer` of a KVCache, as handed to Attention in place of prefix keys."""
-    cache: KVCache
-    layer: int
-
-    def write(self, k, v) -> KV:
-        return self.cache.write(self.layer, k, v)
-
-
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention with a boolean mask
-    (True = may attend; None = every key). Keys/values from before this input come in
-    `prefix`, in one of two forms:
-      - (keys, values) put IN FRONT of this input's own: the clean keys [h ; .] of the
-        E2D2 decoder in training;
-      - a CacheSlot (sampling): this input's keys/values are written into the cache and
-        attention reads everything cached up to them."""
+    """Multi-head attention (F.scaled_dot_product_attention, boolean mask or None). Keys and
+    values from before this input come in `prefix`: (keys, values) put in front of its own
+    (training: the E2D2 decoder's clean keys [h ; .]), or a function write(k, v) (sampling:
+    KVCache.write of this layer; attention reads everything cached up to its own keys)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.dropout, self.d = cfg.n_heads, cfg.dropout, cfg.d_model
-        # One fused projection for queries, keys and values (one matrix multiply instead of
-        # two per call): output rows [0, d) are W_q, [d, 3d) are W_k then W_v.
+        # one fused projection (one matmul per call, not two): rows [0, d) W_q, then W_k, W_v
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def project_kv(self, x: torch.Tensor, cos, sin) -> KV:
-        """Keys and values of x (b, n, d) -> two (b, H, n, hd), keys rotated by RoPE: only
-        the K/V rows of the fused matrix (the E2D2 decoder's clean stream needs no queries)."""
+        """Keys (RoPE) and values of x (b, n, d), (b, H, n, hd) each: only the K/V rows of
+        the fused matrix (the E2D2 decoder's clean stream needs no queries)."""
         kv = F.linear(x, self.qkv.weight[self.d:])  # (b, n, 2d)
         k, v = rearrange(kv, "b n (two H hd) -> two b n H hd", two=2, H=self.n_heads)
-        return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)  # (b, H, n, hd) each
+        return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, prefix=None):
-        """x: (b, n, d) queries (and keys/values); mask: (b, n, n_prefix + n), or
-        (b, 1, n_prefix + n) for a mask that is the same for every query, or None.
-        Returns the output (b, n, d) and this input's own (keys, values)."""
+        """x: (b, n, d); mask: (b, n, n_prefix + n), or (b, 1, n_prefix + n) (the same for
+        every query), or None. Returns the output (b, n, d) and this input's (keys, values)."""
         qkv = rearrange(self.qkv(x), "b n (three H hd) -> b n three H hd", three=3, H=self.n_heads)  # a view
         qk = apply_rope(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one go: (b, n, 2, H, hd)
-        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]  # (b, n, H, hd) each, views
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, H, n, hd), views
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (b, H, n, hd) views
         keys, values = k, v
-        if isinstance(prefix, CacheSlot):  # sampling: written in place, read as one view
-            keys, values = prefix.write(k, v)  # (b, H, n_cached + n, hd)
+        if callable(prefix):  # sampling: written into the cache in place, read as one view
+            keys, values = prefix(k, v)  # (b, H, n_cached + n, hd)
         elif prefix is not None:  # training: the clean keys/values in front
-            keys = torch.cat([prefix[0], k], dim=2)  # (b, H, n_prefix + n, hd)
-            values = torch.cat([prefix[1], v], dim=2)
+            keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)  # (b, H, n, hd)
         return self.out(rearrange(y, "b H n hd -> b n (H hd)")), (k, v)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Checkpoints written before the projections were fused hold a query matrix `q`
-        and a key/value matrix `kv`: stack them into `qkv` (rows q, then kv), the same map."""
-        if prefix + "q.weight" in state_dict and prefix + "qkv.weight" not in state_dict:
-            state_dict[prefix + "qkv.weight"] = torch.cat([state_dict.pop(prefix + "q.weight"),
-                                                           state_dict.pop(prefix + "kv.weight")])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SwiGLU(nn.Module):
@@ -592,27 +461,23 @@ class Layer(nn.Module):
     def forward(self, x, cos, sin, mask, prefix=None):
         a, kv = self.attn(self.norm1(x), cos, sin, mask, prefix)
         x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.norm2(x)))
-        return x, kv
+        return x + self.drop(self.mlp(self.norm2(x))), kv
 
     def clean_kv(self, h, cos, sin) -> KV:  # [E2D2]
-        """Keys/values of the clean stream h as THIS layer sees them: through its own input
-        norm and K/V projection (the decoder's "hidden" variant). In BD3-LM each layer's
-        clean keys come from its own clean hidden state instead."""
+        """Keys/values of the clean stream h as THIS layer sees them, through its own input
+        norm and K/V projection (the "hidden" variant). In BD3-LM each layer's clean keys
+        come from its own clean hidden state instead."""
         return self.attn.project_kv(self.norm1(h), cos, sin)
 
 
 # ---------------------------------------------------------------------------------------
 # What every model shares (E2D2 here, the baselines in baselines.py): a token embedding
-# tied to the output head, RoPE, weight init, `run` (hidden states through a stack of
-# Layers), and the diffusion training step.
-# ---------------------------------------------------------------------------------------
+# tied to the output head, RoPE, weight init, `run` (a stack of Layers), the training step.
 
 class TokenModel(nn.Module):
-    """Base of every model. A subclass adds its layers and defines
-      logits(...)            its training forward,
-      forward(x0, prompt_mask, generator, train_loss) -> Loss,
-      make_runner(prompt, use_cache, max_new_tokens) -> the runner generate() drives."""
+    """Base of every model. A subclass adds its layers and defines logits(...) (its training
+    forward), forward(x0, prompt_mask, generator, train_loss) -> Loss, and
+    make_runner(prompt, use_cache, max_new_tokens) -> the runner generate() drives."""
 
     exact_likelihood = False  # True for a model whose loss is an exact NLL (AR)
 
@@ -622,12 +487,9 @@ class TokenModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.norm = RMSNorm(cfg.d_model)  # final norm before the head
         self.drop = nn.Dropout(cfg.dropout)
-        # RoPE's cos/sin for every position, computed once here and sliced at every call
-        # (recomputing the angles in float64 cost a handful of ops per call). Kept in
-        # float64 and cast at the call, so the values are those of rope_angles in any dtype
-        # the model is moved to. 2 * seq_len positions: MDLM's batched sampler lays rows
-        # with different prompt lengths side by side, past seq_len. Not saved in checkpoints
-        # (persistent=False): it follows from the config.
+        # RoPE's cos/sin of every position, once (not recomputed in float64 at every call).
+        # float64, cast at the call. 2 * seq_len positions: MDLM's batched sampler lays rows
+        # with different prompt lengths side by side. Not saved: it follows from the config.
         cos, sin = rope_table(*rope_angles(torch.arange(2 * cfg.seq_len), cfg.d_model // cfg.n_heads,
                                            cfg.rope_base, torch.float64))
         self.register_buffer("rope_cos", cos, persistent=False)  # (2 seq_len, hd)
@@ -645,8 +507,7 @@ class TokenModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def rope(self, positions):
-        """cos, sin (n, hd) (see rope_table) of positions: a slice (consecutive positions, a free view of
-        the table) or an index tensor (n,) of positions < 2 seq_len."""
+        """cos, sin (n, hd) of positions: a slice (a free view) or an index tensor (n,)."""
         dtype = self.embed.weight.dtype
         return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
 
@@ -655,15 +516,17 @@ class TokenModel(nn.Module):
         return F.linear(self.norm(z), self.embed.weight)
 
     def run(self, layers, x, positions, mask, prefix=None):
-        """x (b, n, d) through `layers`, mask (b, n, n_prefix + n) or (b, 1, n_prefix + n)
-        or None. prefix: None; a list whose item i layer i attends to in front of its own
-        keys/values (training: the E2D2 decoder's clean keys); or a KVCache (sampling):
-        layer i reads and extends that cache's layer i in place. Returns x and each layer's
-        own (keys, values) of this input."""
+        """x (b, n, d) through `layers` (mask: see Attention.forward). prefix: None; a list,
+        item i what layer i attends to in front of its own keys (training: the E2D2
+        decoder's clean keys); or a KVCache (sampling) whose layer i layer i reads and
+        extends. Returns x and each layer's own (keys, values) of this input."""
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(layers):
-            before = prefix.slot(i) if isinstance(prefix, KVCache) else None if prefix is None else prefix[i]
+            if isinstance(prefix, KVCache):  # sampling: this layer's writer into the cache
+                before = functools.partial(prefix.write, i)
+            else:  # training: layer i's clean keys/values, or nothing
+                before = None if prefix is None else prefix[i]
             x, kv = layer(x, cos, sin, mask, before)
             new_kv.append(kv)
         return x, new_kv
@@ -679,14 +542,12 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
 
 def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
                       evaluate: bool = False) -> Loss:
-    """The training step shared by E2D2, BD3-LM and MDLM: one t per block of `block_len`,
-    x_t ~ q(x_t | x_0), logits of every noisy token in ONE call of model.logits, and the
-    losses. train_loss picks what `loss` is: "masked_ce" (the authors' training objective)
-    or "nelbo" (the bound itself).
-    evaluate=True estimates the NELBO itself: t over all of [0, 1] (stratified, importance
-    sampled, floored: see sample_t_stratified), x_t drawn from q(x_t | x_0) exactly, with
-    no re-masking of empty blocks (that training device would change the distribution the
-    bound is an expectation over)."""
+    """The training step of E2D2, BD3-LM and MDLM: one t per block, x_t ~ q(x_t | x_0),
+    the logits of every noisy token in ONE model.logits call, and the losses. train_loss:
+    what `loss` is, "masked_ce" (the authors' objective) or "nelbo" (the bound itself).
+    evaluate=True estimates the NELBO itself: t over all of [0, 1] (sample_t_stratified)
+    and x_t from q exactly (no re-masking of empty blocks, which would change the
+    distribution the bound is an expectation over)."""
     cfg = model.cfg
     if train_loss not in ("masked_ce", "nelbo"):
         raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
@@ -707,14 +568,12 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
 
 
 # ---------------------------------------------------------------------------------------
-# The E2D2 network: a shared token embedding (tied to the output head), an encoder stack
-# over clean tokens and a decoder stack over noisy tokens.
-# ---------------------------------------------------------------------------------------
+# The E2D2 network: a token embedding shared by an encoder stack over clean tokens and a
+# decoder stack over noisy tokens.
 
 class E2D2Network(TokenModel):
-    """What E2D2 computes: encode the clean tokens, decode the noisy ones. The sampler's
-    hook (make_runner) is added by the E2D2 class at the end of the file, once its
-    runners exist."""
+    """Encode the clean tokens, decode the noisy ones. The E2D2 class at the end of the
+    file adds the sampler's hook (make_runner), once the runners exist."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)  # self.embed is shared by encoder and decoder
@@ -724,38 +583,32 @@ class E2D2Network(TokenModel):
         self.init_weights()
 
     def encode(self, x0, positions, mask, cache: Optional[KVCache] = None):
-        """Run the N_enc encoder layers over clean tokens x0 (b, n).
-        mask: (b, n, n_cache + n) or a key-padding (b, 1, n_cache + n) or None. cache: the
-        sampler's encoder KVCache of earlier clean tokens (the new ones are written into
-        it), or None. Returns h = enc_norm(hidden) (b, n, d) and this call's per-layer (k, v)."""
+        """The N_enc encoder layers over clean tokens x0 (b, n); cache: the sampler's encoder
+        KVCache (the new keys are written into it) or None. Returns h = enc_norm(hidden)
+        (b, n, d) and this call's per-layer (k, v)."""
         x, new_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, cache)
         return self.enc_norm(x), new_kv
 
     def clean_kv(self, h, positions, enc_kv) -> list:  # [E2D2]
-        """Per decoder layer, the keys/values of the clean tokens (a list of N_dec KVs):
-        "hidden":    decoder layer l projects h with its own norm and K/V weights;
-        "shared_kv": decoder layer l reuses the keys/values of encoder layer
-                     N_enc - N_dec + l (no projection of h at all)."""
+        """Per decoder layer l, the clean tokens' keys/values (N_dec KVs): "hidden" projects
+        h with layer l's own norm and K/V weights; "shared_kv" reuses encoder layer
+        N_enc - N_dec + l's (no projection at all)."""
         if self.cfg.decoder == "shared_kv":
             return list(enc_kv[len(enc_kv) - self.cfg.n_dec:])
         cos, sin = self.rope(positions)
         return [layer.clean_kv(h, cos, sin) for layer in self.decoder]
 
     def decode(self, x_t, positions, mask, clean) -> torch.Tensor:
-        """Run the N_dec decoder layers over noisy tokens x_t (b, n). In every layer the
-        queries come from the noisy stream only and the keys/values are
-        [clean[l] ; the noisy stream's own], mask (b, n, n_clean + n) (or a key-padding
-        mask, or None). clean: a list of N_dec KVs (training), or the sampler's decoder
-        KVCache (the noisy keys go to its scratch positions, never kept). The layer output
-        replaces only the noisy stream: the clean keys stay the same in every layer pass.
-        Returns raw logits (b, n, V) (SUBS is applied by the loss and the sampler)."""
+        """The N_dec decoder layers over noisy tokens x_t (b, n): queries from the noisy
+        stream, keys/values [clean[l] ; the noisy stream's own]. clean: N_dec KVs (training)
+        or the sampler's decoder KVCache (noisy keys go to its scratch, never kept). The
+        clean keys are the same in every layer pass. Returns raw logits (b, n, V)."""
         z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean)  # [E2D2]
         return self.head(z)
 
     def logits(self, x0, x_t, prompt_mask) -> torch.Tensor:
-        """The training forward: decoder logits for ALL blocks in one pass (b, L, V).
-        Where BD3-LM runs N layers over [x_0 ; x_t] (2L tokens), the encoder reads x_0
-        (L tokens) and the decoder x_t (L queries against 2L keys)."""
+        """The training forward, all blocks in one pass (b, L, V): the encoder reads x_0 (L
+        tokens), the decoder x_t (L queries, 2L keys); BD3-LM runs N layers over 2L tokens."""
         valid = x0 != self.cfg.pad_id
         positions = slice(0, x0.shape[1])  # x_0,j and x_t,j share position j
         enc_mask = encoder_mask(prompt_mask, valid, self.cfg.block_len)  # (b, L, L)
@@ -766,46 +619,40 @@ class E2D2Network(TokenModel):
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
                 evaluate: bool = False) -> Loss:
-        """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0
-        (one t per block), runs encoder + decoder once and returns the losses
-        (evaluate=True: the exact NELBO estimate, see diffusion_forward)."""
+        """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0,
+        runs encoder + decoder once, returns the losses (see diffusion_forward)."""
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
 
 
 # ---------------------------------------------------------------------------------------
-# Runners. The block loop at the end of the file is the same for every model and every
-# way of computing logits; a "runner", handed to it by the model, hides that difference:
+# Runners. The block loop (generate, at the end) is the same for every model; the model
+# hands it a "runner" that hides how logits are computed:
 #   runner.block_len        B, the length of the blocks the loop denoises
 #   runner.steps            None (the caller's T), or a fixed T the model needs
-#   runner.canvas           None, or (b,) how many positions each row generates (MDLM:
-#                           its one block is each row's own canvas, PAD after it)
+#   runner.canvas           None, or (b,) how many positions each row generates (MDLM)
 #   runner.logits(x_block)  (b, B, V) logits of the noisy block (one network call)
 #   runner.commit(block)    the finished clean block joins the context
 #   runner.keep(rows)       drop finished sequences from the batch
 #   runner.encoder_calls, runner.decoder_calls   passes over clean / noisy tokens
-# CachedE2D2 is the fast one. Recompute re-runs the TRAINING forward over everything at
-# every step (no cache); it is the reference every cached runner must match exactly.
-# ---------------------------------------------------------------------------------------
+# CachedE2D2 is the fast one; Recompute re-runs the training forward over everything at
+# every step (no cache): the reference every cached runner must match exactly.
 
 def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
-    """The prompt_mask the sampler reads a (left-padded) prompt (b, P') with: the one its
-    training gave prompts. Seq2seq ("bidirectional"): every real prompt token is a prompt
-    token. Plain text ("block_causal"): training had no prompt, only block-causal clean
-    context, so no position is: the prompt's blocks are read block-causally."""
+    """The prompt_mask a (left-padded) prompt (b, P') is read with, as in training: every
+    real token (seq2seq, "bidirectional"), or none (plain text: read block-causally)."""
     if cfg.prompt_attention == "bidirectional":
         return prompt != cfg.pad_id
     return torch.zeros_like(prompt, dtype=torch.bool)
 
 
 class CachedE2D2:
-    """E2D2 sampling with two caches:
-      enc[l]: keys/values of every clean token in encoder layer l, so a finished block is
-              encoded alone (B queries against the cache);
-      dec[l]: keys/values of h in decoder layer l (the "cross-attention cache"), computed
-              once per clean token and reused at every denoising step."""
+    """E2D2 sampling with two caches: enc (keys/values of every clean token in each encoder
+    layer, so a finished block is encoded alone, B queries against the cache) and dec (the
+    keys/values of h in each decoder layer, computed once per clean token and reused at
+    every denoising step)."""
 
-    steps = canvas = None  # any number of denoising steps per block; every row fills B
+    steps = canvas = None  # any number of steps per block; every row fills B
 
     def __init__(self, model: E2D2Network, prompt: torch.Tensor):
         self.model, cfg = model, model.cfg
@@ -813,15 +660,15 @@ class CachedE2D2:
         self.enc = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
         self.dec = KVCache(cfg.n_dec, prompt.shape[0], cfg.seq_len, prompt.device)  # [E2D2]
         self.encoder_calls = self.decoder_calls = 0
-        if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
+        if prompt.shape[1] > 0:  # the prompt is read as in training
             mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
             self._encode(prompt, mask)
 
     def _encode(self, tokens, mask):
         """Encode new clean tokens (b, n) against the encoder cache; extend both caches."""
-        n0 = len(self.enc)
+        n0 = self.enc.n
         positions = slice(n0, n0 + tokens.shape[1])  # RoPE continues after the cache
-        h, new_kv = self.model.encode(tokens, positions, mask, self.enc)  # h: (b, n, d); K/V written in place
+        h, new_kv = self.model.encode(tokens, positions, mask, self.enc)  # K/V written in place
         self.enc.add(tokens, self.model.cfg.pad_id)
         clean = self.model.clean_kv(h, positions, new_kv)  # [E2D2] projected ONCE per block
         self.dec.add(tokens, self.model.cfg.pad_id, clean)  # [E2D2]
@@ -829,13 +676,13 @@ class CachedE2D2:
 
     def logits(self, x_block):
         """Only the decoder runs: B noisy queries against [cached clean keys ; own keys]."""
-        n0 = len(self.dec)
+        n0 = self.dec.n
         self.decoder_calls += 1
         return self.model.decode(x_block, slice(n0, n0 + x_block.shape[1]),  # [E2D2]
                                  self.dec.block_mask(x_block.shape[1]), self.dec)  # (b, B, V)
 
     def commit(self, block):
-        """A finished block (b, B): through the encoder once (BD3-LM: all N layers)."""
+        """A finished block (b, B) goes through the encoder once (BD3-LM: all N layers)."""
         self._encode(block, self.enc.block_mask(block.shape[1]))
 
     def keep(self, rows):
@@ -844,12 +691,11 @@ class CachedE2D2:
 
 
 class Recompute:
-    """No cache: every step re-runs the TRAINING forward (model.logits) on
-    [clean context ; noisy block] and keeps the last block's logits. E2D2's encoder and
-    BD3-LM's clean stream are block-causal, so what sits in the noisy block's slot of x0
-    cannot reach that block's logits: we put x_t there. (MDLM reads only x_t.)
-    reencodes: whether each call counts as an encoder call too (E2D2: it re-runs the
-    encoder over everything at every step). canvas (b,): see the runner interface above."""
+    """No cache: every step re-runs the training forward (model.logits) on [context ; noisy
+    block] and keeps the block's logits. E2D2's encoder and BD3-LM's clean stream are
+    block-causal, so what sits in the block's slot of x0 cannot reach its logits: x_t goes
+    there (MDLM reads only x_t). reencodes: each call counts as an encoder call too
+    (E2D2 re-runs its encoder at every step). canvas (b,): see the runner interface."""
 
     steps = None
 
@@ -874,13 +720,10 @@ class Recompute:
         self.context, self.prompt_mask = self.context[rows], self.prompt_mask[rows]
 
 
-# ---------------------------------------------------------------------------------------
-# The E2D2 model: the network, plus the runner it hands the sampler.
-# ---------------------------------------------------------------------------------------
-
 class E2D2(E2D2Network):
+    """The E2D2 model: the network, plus the runner it hands the sampler."""
+
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
-        """The runner generate() drives: both caches, or the recomputing reference."""
         if use_cache:
             return CachedE2D2(self, prompt)
         return Recompute(self, prompt, self.cfg.block_len, reencodes=True)
@@ -888,7 +731,6 @@ class E2D2(E2D2Network):
 
 # ---------------------------------------------------------------------------------------
 # Sampling, block by block, with whatever runner the model hands the loop.
-# ---------------------------------------------------------------------------------------
 
 @dataclass
 class SampleOutput:
@@ -901,11 +743,9 @@ class SampleOutput:
 
 
 def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.Tensor:
-    """Left-pad prompts so that every answer starts at the same block boundary:
-    (b, P') with P' = ceil(max prompt length / B) * B. Training lays each row out alone
-    (data.collate pads its prompt to its own block boundary); the extra left padding here
-    changes nothing, since padding is never attended to and RoPE sees relative positions
-    only (a test checks batched against one-by-one sampling)."""
+    """Left-pad prompts to (b, P'), P' = ceil(longest / B) * B, so every answer starts at
+    the same block boundary. Training pads each row to its own boundary; the extra padding
+    changes nothing (padding is never attended to, RoPE sees relative positions only)."""
     n = max((len(p) for p in prompts), default=0)
     width = block_len * math.ceil(n / block_len)
     out = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -916,15 +756,13 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus (top-p) filtering of probs (..., V): keep the smallest set of most likely
-    tokens whose probabilities add up to at least top_p, zero the rest, renormalise.
-    A token is kept iff the probability mass of the tokens ranked above it is < top_p,
-    so the most likely token is always kept; top_p = 1 keeps every token."""
+    """Top-p filtering of probs (..., V): keep the most likely tokens whose probabilities
+    add up to top_p (a token is kept iff the mass ranked above it is < top_p, so the top
+    one always is), zero the rest, renormalise. top_p = 1 keeps every token."""
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)  # (..., V) each
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # probability of the tokens ranked above
-    keep_sorted = mass_before < top_p
+    keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p  # mass of the tokens ranked above
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to token order
     kept = probs.masked_fill(~keep, 0.0)
     return kept / kept.sum(-1, keepdim=True)
@@ -932,26 +770,22 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def alpha_at(schedule: str, t: float) -> float:
-    """alpha(t) as a Python float. Memoised: the sampler asks for the same T + 1 grid times
-    at every block, so after the first block a step runs no tensor op (and no .item(), a
-    host synchronisation on a GPU) to get them."""
+    """alpha(t) as a float, memoised: every block asks for the same T + 1 grid times, so
+    after the first block a step runs no tensor op (and no .item(), a GPU host sync)."""
     return noise_schedule(schedule, torch.tensor(t, dtype=torch.float64))[0].item()
 
 
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
                  confidence_threshold, generator, final: bool, n_positions=None,
                  top_p: float = 1.0) -> torch.Tensor:
-    """One reverse step t -> s (s < t) on a block x (b, B). Returns x_s (b, B).
-    Tokens that are already decoded never change (SUBS carry-over). n_positions (b,): how
-    many positions of each row are to be generated (default all B; MDLM's canvases).
-    top_p < 1 restricts x_theta to the nucleus (see nucleus) before it is drawn."""
+    """One reverse step t -> s (s < t) on a block x (b, B); returns x_s (b, B). Decoded
+    tokens never change (SUBS carry-over). n_positions (b,): positions each row generates
+    (default B; MDLM's canvases). top_p < 1 draws x_theta from the nucleus."""
     is_mask = x == cfg.mask_id  # (b, B)
-    # SUBS at sampling: only [MASK] positions need probabilities. A decoded token is kept by
-    # the final torch.where (reveal is False there) whatever pred and confidence say, so
-    # the carry-over one-hot (b, B, V) of subs_log_probs is never built here. (Sampling
-    # with a temperature draws the same random numbers: multinomial draws one per entry.)
+    # Only [MASK] positions need SUBS probabilities: the final torch.where keeps decoded
+    # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
     probs = masked_log_probs(logits if temperature == 0 else logits / temperature, cfg.mask_id).exp()
-    probs = nucleus(probs, top_p)  # (b, B, V); unchanged for top_p = 1
+    probs = nucleus(probs, top_p)  # (b, B, V)
     if temperature == 0:  # x_theta: the argmax, or a sample of probs
         pred = probs.argmax(-1)  # (b, B)
     else:
@@ -960,15 +794,12 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
     alpha_t, alpha_s = alpha_at(cfg.schedule, t), alpha_at(cfg.schedule, s)
     if final:  # the last step reveals every remaining [MASK]
         reveal = is_mask
-    elif strategy == "ancestral":
-        # q(x_s | x_t, x_theta): a [MASK] is revealed w.p. (alpha_s - alpha_t) / (1 - alpha_t)
-        p_reveal = (alpha_s - alpha_t) / (1.0 - alpha_t)
+    elif strategy == "ancestral":  # q(x_s | x_t, x_theta): reveal w.p. (alpha_s - alpha_t) / (1 - alpha_t)
         u = torch.rand(x.shape, generator=generator, device=x.device)
-        reveal = is_mask & (u < p_reveal)
+        reveal = is_mask & (u < (alpha_s - alpha_t) / (1.0 - alpha_t))
     else:
-        # predict and remask: after this step floor((1 - alpha_s) * n) of a row's n
-        # positions stay masked, but at least one [MASK] is revealed per step; the least
-        # confident stay masked.
+        # predict and remask: floor((1 - alpha_s) * n) of a row's n positions stay masked
+        # (the least confident), but at least one [MASK] is revealed per step
         n = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_positions is None else n_positions
         n_stay = torch.floor((1.0 - alpha_s) * n.double() + 1e-6).long()  # (b,)
         n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
@@ -988,22 +819,18 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
              stop_at_eos: bool = True) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
-    Block by block (the model's runner sets B: E2D2 block_len; MDLM the whole answer, each
-    row its own canvas as in training; AR one token), each block starting all [MASK]; T = `steps` steps per block (default B),
-    t from 1 down to 0, each asking the runner for the block's logits, then
+    Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer, each row its
+    own canvas; AR one token), each block starting all [MASK]; T = `steps` (default B)
+    steps per block, t from 1 down to 0, each asking the runner for the block's logits:
       strategy="remask":    keep the most confident predictions, re-mask the rest so that
                             floor((1 - alpha_s) * B) stay masked ("predict and remask");
-      strategy="ancestral": x_s ~ q(x_s | x_t, x_theta): a [MASK] is revealed with
-                            probability (alpha_s - alpha_t) / (1 - alpha_t).
-    confidence_threshold also reveals every [MASK] whose probability exceeds it;
-    temperature=0 takes the argmax of x_theta, > 0 samples softmax(logits / temperature);
-    top_p < 1 samples only from the nucleus, the most likely tokens that together hold
-    probability top_p (every model samples through here, so every model has it).
-    An unchanged block reuses the last logits (no call). A finished block is committed
-    (encoded, cached); a sequence stops after the block where it wrote [EOS] (stop_at_eos).
-    on_step(block, step, rows, x_block) is called after every step (for --show).
-    No timing here: callers that measure speed time around this call.
-    """
+      strategy="ancestral": x_s ~ q(x_s | x_t, x_theta).
+    confidence_threshold also reveals every [MASK] more likely than it; temperature=0 takes
+    the argmax of x_theta, > 0 samples softmax(logits / temperature); top_p < 1 samples the
+    nucleus. An unchanged block reuses the last logits (no call). A finished block is
+    committed (encoded, cached); a row stops after the block where it wrote [EOS]
+    (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (for --show).
+    No timing here: callers that measure speed time around this call."""
     cfg = model.cfg
     if strategy not in ("remask", "ancestral"):
         raise ValueError(f"strategy must be 'remask' or 'ancestral', got {strategy!r}")
@@ -1030,25 +857,21 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     B = runner.block_len
     T = runner.steps or steps or B  # default: T = B steps per block, as in the paper
     b = prompt.shape[0]
-    # how many positions each row generates: max_new_tokens (default: all the room left),
-    # or the row's own canvas if the runner has one (MDLM)
+    # positions per row: max_new_tokens (default: all the room), or the runner's canvas
     canvas = torch.full((b,), max_new_tokens or room, device=device) if runner.canvas is None else runner.canvas
     n_blocks = math.ceil(int(canvas.max()) / B)
     out = torch.full((b, n_blocks * B), cfg.pad_id, dtype=torch.long, device=device)
     rows = torch.arange(b, device=device)  # the sequences still generating
     network_calls = 0
-    # time grid t_0 = 1 > t_1 > ... > t_T = 0, shared by every block
-    grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()
-    # "remask" without a threshold reveals exactly (masks left - n_stay) per step in every
-    # row that fills all B positions (see denoise_step), so the host knows how many [MASK]
-    # are left without reading x back: a finished block and an unchanged x (no [MASK] to
-    # reveal) are known with no host synchronisation in the step loop. Otherwise (ancestral
-    # reveals at random, a threshold or a canvas depends on x) x is read at every step.
+    grid = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64).tolist()  # t_0 = 1 > ... > t_T = 0
+    # "remask" without a threshold reveals exactly (masks left - n_stay) per step when every
+    # row fills B positions, so the host knows how many [MASK] are left without reading x:
+    # no host sync in the step loop. Otherwise (ancestral, a threshold, a canvas) x is read.
     counted = strategy == "remask" and confidence_threshold is None and runner.canvas is None
     for k in range(n_blocks):
         x = torch.full((len(rows), B), cfg.mask_id, dtype=torch.long, device=device)  # all [MASK]
-        n_positions = None  # every row fills all B positions ...
-        if runner.canvas is not None:  # ... except rows with their own canvas: PAD after it
+        n_positions = None  # every row fills all B positions, except rows with a canvas: PAD after it
+        if runner.canvas is not None:
             n_positions = canvas[rows]
             x = torch.where(torch.arange(B, device=device) < n_positions[:, None], x, cfg.pad_id)
         last_x, last_logits = None, None
@@ -1084,7 +907,6 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
             rows = rows[~done]
     if was_training:
         model.train()
-
     # cut every row at its first [EOS] (the rest of that block is [EOS] or noise)
     tokens, finished, new = [], [], 0
     for row, n in zip(out.tolist(), canvas.tolist()):

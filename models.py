@@ -77,6 +77,16 @@ def weights_checksum(state_dict: dict) -> str:
     return h.hexdigest()
 
 
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """Weights saved before the attention projections were fused hold `attn.q` and `attn.kv`
+    per layer: stacked (rows W_q, then W_k, W_v) they are today's `attn.qkv`, the same map."""
+    out = dict(state_dict)
+    for name in [n for n in out if n.endswith("attn.q.weight")]:
+        stem = name[:-len("q.weight")]
+        out[stem + "qkv.weight"] = torch.cat([out.pop(name), out.pop(stem + "kv.weight")])
+    return out
+
+
 def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenModel:
     """Rebuild the model from a checkpoint's config and load its weights (eval mode).
     model_type: if given, the checkpoint must hold that kind of model."""
@@ -86,7 +96,7 @@ def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenMode
     try:
         cfg = config_from_dict(ckpt["config"], data.prompt_attention_of(ckpt.get("train_config") or {}))
         model = build_model(cfg).to(device)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(upgrade_state_dict(ckpt["model"]))
     except RuntimeError as e:  # weights of another shape or name
         raise ValueError(f"the checkpoint does not match this code's models: {e}") from None
     return model.eval()

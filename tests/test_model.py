@@ -6,6 +6,7 @@ import torch
 import data
 from conftest import random_layout, tiny
 from e2d2 import E2D2, CachedE2D2, ModelConfig, generate
+from models import upgrade_state_dict
 
 
 @pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
@@ -247,7 +248,7 @@ def test_checkpoint_with_separate_q_and_kv_weights_loads():
         else:
             old[name] = w
     fresh = E2D2(model.cfg).double().eval()
-    fresh.load_state_dict(old)
+    fresh.load_state_dict(upgrade_state_dict(old))
     _, x0, x_t, prompt_mask, _ = random_layout(model)
     with torch.no_grad():
         assert torch.equal(fresh.logits(x0, x_t, prompt_mask), model.logits(x0, x_t, prompt_mask))
