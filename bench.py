@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from e2d2 import Layer, ModelConfig, generate
-from models import (MODEL_TYPES, autocast_for, build_model, is_cuda, load_checkpoint, model_from_checkpoint,
-                    pick_device, upgrade_state_dict)
+from models import (MODEL_TYPES, autocast_for, build_model, compile_for_sampling, is_cuda, load_checkpoint,
+                    model_from_checkpoint, pick_device, upgrade_state_dict)
 
 
 def timed(fn, device: str):
@@ -343,14 +343,16 @@ def layer_limits(cfg, name: str, batch: int, rates: dict) -> dict:
             "weights_s": 4 * weights / rates["bytes_per_s"]}
 
 
-def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
+def bench_speedup(against: str, batches: list, repeats: int, out: str = "", compile_e2d2: bool = False):
     """Cached sampling tokens/s of E2D2, BD3-LM and AR: the code of commit `against` and
     this code, side by side in one process, on the same weights and prompts, at 1 thread
     and at the default number of threads. Rounds alternate (old, new, new, old, ...) so
     that a slow spell of the machine hits both; each figure is the median of `repeats`.
     Both must generate the same tokens. Prints the speed-ups and, per sampler, the time of
     one layer call next to what its arithmetic and its weight reads need at this machine's
-    measured rates (the limit)."""
+    measured rates (the limit). compile_e2d2: also time this code's E2D2 after
+    models.compile_for_sampling (a third side in the same alternating rounds; compiled once
+    per thread count, its compile time reported apart)."""
     old_models, old_e2d2 = load_code_at(against)
     P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
     default_threads = torch.get_num_threads()
@@ -369,23 +371,39 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
         rates = machine_rates(threads)
         print(f"{threads} thread(s): matmul {rates['flops_per_s'] / 1e9:.1f} GFLOP/s, "
               f"memory read {rates['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+        compiled = None  # compiled at this thread count (its C++ kernels fix their threads)
+        if compile_e2d2:
+            cfg, _, new = pairs["e2d2"]
+            compiled = build_model(cfg).eval()
+            compiled.load_state_dict(new.state_dict())
+            compile_for_sampling(compiled)
         for batch in batches:
             prompts = torch.randint(0, 256, (batch, P), generator=g).tolist()
             kw = dict(max_new_tokens=A, steps=T, use_cache=True, stop_at_eos=False)
             for label, (cfg, old, new) in pairs.items():
                 runs = {"old": lambda: old_e2d2.generate(old, prompts, **kw), "new": lambda: generate(new, prompts, **kw)}
-                same = runs["old"]().tokens == runs["new"]().tokens  # also the warm-up
-                times = {"old": [], "new": []}
+                new_tokens = runs["new"]().tokens  # also the warm-up
+                same = runs["old"]().tokens == new_tokens
+                extra = {}
+                if compiled is not None and label == "e2d2":
+                    runs["compiled"] = lambda: generate(compiled, prompts, **kw)
+                    start = time.perf_counter()
+                    extra["compiled_same_tokens"] = runs["compiled"]().tokens == new_tokens  # compiles
+                    extra["compile_s"] = time.perf_counter() - start
+                times = {side: [] for side in runs}
+                sides = list(runs)
                 for r in tqdm(range(repeats), desc=f"{label} b={batch} {threads}t", leave=False):
-                    for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                    for side in (sides if r % 2 == 0 else sides[::-1]):  # old, new(, compiled), then back
                         times[side].append(timed(runs[side], "cpu")[1])
                 lim = layer_limits(cfg, label, batch, rates)
-                row = {"threads": threads, "batch": batch, "sampler": label, "same_tokens": same, **lim}
-                for side in ("old", "new"):
+                row = {"threads": threads, "batch": batch, "sampler": label, "same_tokens": same, **lim, **extra}
+                for side in runs:
                     s = statistics.median(times[side])
                     row[f"{side}_tokens_per_s"] = batch * A / s
                     row[f"{side}_layer_call_s"] = s / lim["layer_calls"]
                 row["speedup"] = row["new_tokens_per_s"] / row["old_tokens_per_s"]
+                if "compiled" in runs:
+                    row["compiled_speedup"] = row["compiled_tokens_per_s"] / row["old_tokens_per_s"]
                 rows.append(row)
     print(f"\ncached sampling, {A} tokens after a {P}-token prompt, width {BENCH['d_model']}, N_enc={BENCH['n_enc']}, "
           f"N_dec={BENCH['n_dec']} (baselines N={BENCH['n_enc']}), block {B}, {T} steps; float32 CPU; "
@@ -395,6 +413,11 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
     for r in rows:
         print(f"{r['threads']:>7} {r['batch']:>5} {r['sampler']:8} {r['old_tokens_per_s']:>10.1f} "
               f"{r['new_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {str(r['same_tokens']):>11}")
+    for r in rows:
+        if "compiled_speedup" in r:
+            print(f"{r['threads']:>7} {r['batch']:>5} e2d2 compiled (--compile): {r['compiled_tokens_per_s']:.1f} tok/s, "
+                  f"{r['compiled_speedup']:.2f}x old, {r['compiled_tokens_per_s'] / r['new_tokens_per_s']:.2f}x new; "
+                  f"same tokens as new: {r['compiled_same_tokens']}; compile + first run {r['compile_s']:.1f} s")
     print("\ndistance to the limit: one layer call (generation time / layer calls), old and new, "
           "next to what it needs at the measured rates")
     print(f"{'threads':>7} {'batch':>5} {'sampler':8} {'tokens/call':>11} {'old ms':>8} {'new ms':>8} "
@@ -406,6 +429,10 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = ""):
         print(f"{r['threads']:>7} {r['batch']:>5} {r['sampler']:8} {r['tokens_per_call']:>11.1f} "
               f"{r['old_layer_call_s'] * 1e3:>8.3f} {r['new_layer_call_s'] * 1e3:>8.3f} "
               f"{r['compute_s'] * 1e3:>13.3f} {r['weights_s'] * 1e3:>14.3f} {r['new_over_limit']:>10.1f}x")
+        if "compiled_layer_call_s" in r:
+            r["compiled_over_limit"] = r["compiled_layer_call_s"] / limit
+            print(f"{'':>7} {'':>5} {'compiled':8} {'':>11} {'':>8} {r['compiled_layer_call_s'] * 1e3:>8.3f} "
+                  f"{'':>13} {'':>14} {r['compiled_over_limit']:>10.1f}x")
     print("tokens/call: rows the average layer call multiplies (batch x tokens). arithmetic: 2 FLOPs per "
           "weight per row at the measured matmul rate; weight read: the layer's float32 weights once at the "
           "measured memory bandwidth (the head and attention scores left out). new / limit: how many times "
@@ -471,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs (median), >= 1 (default: train 5, sample 3)")
     p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes (default out-compare)")
     p.add_argument("--against", default="", help="speedup: the git commit whose samplers this code is timed against")
+    p.add_argument("--compile", action="store_true",
+                   help="speedup: also time E2D2 after models.compile_for_sampling (sample.py --compile)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default (default 0). Figures are only "
                         "comparable at the same thread count; 1 on a busy or shared machine")
@@ -508,7 +537,7 @@ def main(argv=None):
                 raise ValueError("speedup needs --against=COMMIT (a git commit of this repository)")
             if device != "cpu":
                 raise ValueError(f"speedup measures the CPU (threads, memory bandwidth); got --device={args.device}")
-            return bench_speedup(args.against, batches, args.repeats or 5, args.out)
+            return bench_speedup(args.against, batches, args.repeats or 5, args.out, args.compile)
         if args.what == "sample":
             return bench_sampling(batches, args.repeats or 3, device, args.out)
         return compare(rest, args.out_dir, args.out)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+import torch._dynamo
 from tqdm import tqdm
 
 import data
@@ -251,6 +252,29 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
 # ---------------------------------------------------------------------------------------
 # Devices: one parser of the --device flag and one autocast rule for every script.
 # ---------------------------------------------------------------------------------------
+
+
+def compile_for_sampling(model: TokenModel) -> TokenModel:
+    """Optional (sample.py --compile): torch.compile the model's layer stacks for sampling.
+    Every model's network calls go through TokenModel.run (a stack of Layers), so that is
+    what is compiled, in place, for this model object only. What it saves: the Python and
+    dispatch overhead of the ~20 small ops per layer (fused into a few kernels) and, with
+    freezing (the weights become constants of the compiled code), weight layouts chosen
+    once; on the CPU also inductor's C++ matrix multiply for few rows (max_autotune), the
+    main cost at batch 1. The cost: one compilation per shape family at the first calls
+    (tens of seconds on a CPU), and a model that must not be trained afterwards (the frozen
+    weights would not follow). Tokens can differ from eager in a near tie (other kernels
+    round differently); bench.py speedup --compile reports whether they did."""
+    cpu = model.embed.weight.device.type == "cpu"
+    options = {"freezing": True}
+    if cpu:
+        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    # each stack (encoder, decoder) and shape family (a new batch size, cache length) is one
+    # entry of the compiled code's cache: room for them, instead of a fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.eval()
+    model.run = torch.compile(model.run, options=options)
+    return model
 
 
 def pick_device(flag: str = "auto", local_rank: Optional[int] = None) -> str:

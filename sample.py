@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import data
 from e2d2 import generate
-from models import (MODEL_TYPES, autocast_for, eval_nelbo, is_cuda, load_checkpoint, model_from_checkpoint,
-                    pick_device)
+from models import (MODEL_TYPES, autocast_for, compile_for_sampling, eval_nelbo, is_cuda, load_checkpoint,
+                    model_from_checkpoint, pick_device)
 
 
 def heldout_examples(ckpt: dict, n: int, seed: int) -> list:
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help=">= 1, at most what seq_len leaves after the prompt (default: all of it)")
     p.add_argument("--no_cache", action="store_true", help="re-run encoder+decoder over everything each step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the layer stacks first (see models.compile_for_sampling): faster steps "
+                        "after a compilation of tens of seconds on a CPU; the speed printed leaves it out")
     p.add_argument("--show", action="store_true", help="print every denoising step")
     p.add_argument("--num_examples", type=int, default=8,
                    help="held-out examples when no prompt is given, >= 1 (default 8)")
@@ -163,6 +166,12 @@ def run(args, device: str):
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     show = ShowSteps(tok, prompts) if args.show else None
+    if args.compile:  # compile now, on the same shapes, so that the timing below is of sampling alone
+        t0 = time.perf_counter()
+        compile_for_sampling(model)
+        generate(model, [tok.encode(p) for p in prompts], max_new_tokens=args.max_new_tokens, steps=args.steps,
+                 use_cache=not args.no_cache)
+        print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()  # generate() does no timing of its own: we time around it
     out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=args.max_new_tokens,
                    steps=args.steps, strategy=args.strategy, temperature=args.temperature,
