@@ -254,6 +254,7 @@ def test_checkpoint_with_separate_q_and_kv_weights_loads():
         assert torch.equal(fresh.logits(x0, x_t, prompt_mask), model.logits(x0, x_t, prompt_mask))
 
 
+@pytest.mark.slow
 def test_compiled_sampler_gives_the_eager_tokens():
     # sample.py --compile: the layer stacks compiled (frozen weights, the CPU's C++ matrix
     # multiplies) sample the same tokens as eager, with the same calls, through the growing

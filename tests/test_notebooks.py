@@ -13,6 +13,7 @@ pytest.importorskip("matplotlib")
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb")))
 def test_notebook_runs(name, monkeypatch):
     monkeypatch.setenv("E2D2_QUICK", "1")  # the kernel inherits it

@@ -151,6 +151,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_to_the_same_weights(root, tmp_path, uninterrupted, sig):
     out = tmp_path / "killed"

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
     return train.train(cfg, tc, "cpu")
 
 
+@pytest.mark.slow
 def test_tiny_training_loss_falls_and_answers_become_correct(trained):
     losses = trained["losses"]
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
@@ -39,6 +40,7 @@ def test_tiny_training_loss_falls_and_answers_become_correct(trained):
     assert all(res.finished)  # every answer ended with [EOS]
 
 
+@pytest.mark.slow
 def test_trained_model_stops_each_sequence_after_its_eos_block(trained):
     # seq_len=20 leaves room for 3 answer blocks of 4; each row must leave the batch right
     # after the block in which it wrote [EOS]
