@@ -88,6 +88,30 @@ def upgrade_state_dict(state_dict: dict) -> dict:
     return out
 
 
+def upgrade_optimizer_state(opt_state: dict, old_names: list, new_names: list) -> dict:
+    """The AdamW state saved beside weights that upgrade_state_dict stacks. torch keys it by
+    parameter index: old_names are the saved weights' names in that order (the state dict's
+    order), new_names today's model's. The moments of `attn.q` and `attn.kv` are stacked
+    like the weights (Adam's moments are elementwise, so the stacked state is exactly the
+    state the fused matrix would have had); every other parameter keeps its own."""
+    if not any(n.endswith("attn.q.weight") for n in old_names):
+        return opt_state
+    if len(opt_state["param_groups"]) != 1:
+        raise ValueError("cannot upgrade an optimizer state with several parameter groups")
+    old = {name: opt_state["state"].get(i) for i, name in enumerate(old_names)}
+    state = {}
+    for j, name in enumerate(new_names):
+        stem = name[:-len("qkv.weight")] if name.endswith("attn.qkv.weight") else None
+        if stem is not None and stem + "q.weight" in old:
+            q, kv = old[stem + "q.weight"], old[stem + "kv.weight"]
+            if q is not None and kv is not None:  # no state yet (before the first step): none
+                state[j] = {k: torch.cat([q[k], kv[k]]) if q[k].dim() else q[k] for k in q}
+        elif old.get(name) is not None:
+            state[j] = old[name]
+    groups = [{**g, "params": list(range(len(new_names)))} for g in opt_state["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenModel:
     """Rebuild the model from a checkpoint's config and load its weights (eval mode).
     model_type: if given, the checkpoint must hold that kind of model."""

@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
 from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
-                    load_checkpoint, pick_device, upgrade_state_dict, weights_checksum)
+                    load_checkpoint, pick_device, upgrade_optimizer_state, upgrade_state_dict, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # Training settings. The model's settings are e2d2.ModelConfig; both are flags.
@@ -466,7 +466,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             print(f"initialised from the AR model {tc.init_from}")
     if ckpt is not None:
         model.load_state_dict(upgrade_state_dict(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(upgrade_optimizer_state(ckpt["optimizer"], list(ckpt["model"]),
+                                                          [name for name, _ in model.named_parameters()]))
         step, metrics = ckpt["step"], ckpt.get("metrics", {})
         best = ckpt.get("best_val_nelbo", math.inf)
         if main_process:

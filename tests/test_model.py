@@ -6,7 +6,7 @@ import torch
 import data
 from conftest import random_layout, tiny
 from e2d2 import E2D2, CachedE2D2, ModelConfig, generate
-from models import upgrade_state_dict
+from models import upgrade_optimizer_state, upgrade_state_dict
 
 
 @pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
@@ -253,6 +253,47 @@ def test_checkpoint_with_separate_q_and_kv_weights_loads():
     with torch.no_grad():
         assert torch.equal(fresh.logits(x0, x_t, prompt_mask), model.logits(x0, x_t, prompt_mask))
 
+
+def test_optimizer_state_with_separate_q_and_kv_resumes_exactly():
+    # AdamW's state saved before the projections were fused is keyed by the old parameter
+    # order (attn.q and attn.kv apart); upgraded, it is the state of the fused matrix, so
+    # the next step gives exactly the weights of a run that never stopped
+    model = tiny()
+    _, x0, _, prompt_mask, _ = random_layout(model)
+    names = [name for name, _ in model.named_parameters()]
+
+    def step(m, opt, seed):
+        m.train()
+        m(x0, prompt_mask, generator=torch.Generator().manual_seed(seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step(model, opt, 0)
+    step(model, opt, 1)
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = opt.state_dict()
+    # the state as the old code wrote it: q then kv where qkv is, in module order
+    d, old_names, old_state = model.cfg.d_model, [], {}
+    for i, name in enumerate(names):
+        parts = [(name, slice(None))]
+        if name.endswith("attn.qkv.weight"):
+            stem = name[:-len("qkv.weight")]
+            parts = [(stem + "q.weight", slice(0, d)), (stem + "kv.weight", slice(d, None))]
+        for part, rows in parts:
+            old_state[len(old_names)] = {k: v[rows].clone() if v.dim() else v.clone()
+                                         for k, v in saved["state"][i].items()}
+            old_names.append(part)
+    old = {"state": old_state, "param_groups": [{**saved["param_groups"][0], "params": list(range(len(old_names)))}]}
+
+    resumed = tiny()
+    resumed.load_state_dict(saved_weights)
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(upgrade_optimizer_state(old, old_names, names))
+    step(model, opt, 2)
+    step(resumed, opt2, 2)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
 
 @pytest.mark.slow
 def test_compiled_sampler_gives_the_eager_tokens():
