@@ -200,6 +200,7 @@ def test_a_cuda_device_on_a_build_without_cuda_is_a_clear_error(tmp_path, capsys
     (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
     (["--threshold=1.5"], "--threshold=1.5 must be in (0, 1]"),
     (["--num_example=3"], "unrecognized arguments: --num_example=3"),
+    (["--compile", "--eval=pairs.jsonl"], "--compile speeds up answering prompts; leave it out with --eval"),
 ])
 def test_sample_flags_are_checked(capsys, flags, message):
     # checked before the checkpoint is read: no checkpoint is needed to see the error
