@@ -371,7 +371,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
         rates = machine_rates(threads)
         print(f"{threads} thread(s): matmul {rates['flops_per_s'] / 1e9:.1f} GFLOP/s, "
               f"memory read {rates['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
-        compiled = None  # compiled at this thread count (its C++ kernels fix their threads)
+        compiled = None  # compiled anew at each thread count: inductor may build its kernels for it
         if compile_e2d2:
             cfg, _, new = pairs["e2d2"]
             compiled = build_model(cfg).eval()

@@ -274,21 +274,22 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
 
 
 # ---------------------------------------------------------------------------------------
-# Devices: one parser of the --device flag and one autocast rule for every script.
+# Optional: the layer stacks compiled for sampling (sample.py --compile).
 # ---------------------------------------------------------------------------------------
 
 
 def compile_for_sampling(model: TokenModel) -> TokenModel:
-    """Optional (sample.py --compile): torch.compile the model's layer stacks for sampling.
-    Every model's network calls go through TokenModel.run (a stack of Layers), so that is
-    what is compiled, in place, for this model object only. What it saves: the Python and
-    dispatch overhead of the ~20 small ops per layer (fused into a few kernels) and, with
-    freezing (the weights become constants of the compiled code), weight layouts chosen
-    once; on the CPU also inductor's C++ matrix multiply for few rows (max_autotune), the
-    main cost at batch 1. The cost: one compilation per shape family at the first calls
-    (tens of seconds on a CPU), and a model that must not be trained afterwards (the frozen
-    weights would not follow). Tokens can differ from eager in a near tie (other kernels
-    round differently); bench.py speedup --compile reports whether they did."""
+    """torch.compile the model's layer stacks for sampling. Every model's network calls go
+    through TokenModel.run (a stack of Layers), so that is what is compiled, in place, for
+    this model object only. What it saves: the Python and dispatch overhead of the ~20
+    small operations of a layer call, fused into a few generated kernels. The matrix
+    multiplies stay the library's: on this project's CPU benchmark the profile of a
+    compiled generation still shows every one as aten::mm (max_autotune lets inductor try
+    its own C++ matrix multiply against it; freezing makes the weights constants of the
+    compiled code). The cost: one compilation per shape family at the first calls (tens of
+    seconds on a CPU), and a model that must not be trained afterwards (the frozen weights
+    would not follow). Tokens can differ from eager in a near tie (fused kernels round
+    differently); bench.py speedup --compile reports whether they did."""
     cpu = model.embed.weight.device.type == "cpu"
     options = {"freezing": True}
     if cpu:
@@ -299,6 +300,13 @@ def compile_for_sampling(model: TokenModel) -> TokenModel:
     model.eval()
     model.run = torch.compile(model.run, options=options)
     return model
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Devices: one parser of the --device flag and one autocast rule for every script.
+# ---------------------------------------------------------------------------------------
 
 
 def pick_device(flag: str = "auto", local_rank: Optional[int] = None) -> str:

@@ -111,7 +111,7 @@ def check_args(args) -> None:
              ("top_p", 0 < args.top_p <= 1, "in (0, 1] (1 = every token)"),
              ("threshold", args.threshold is None or 0 < args.threshold <= 1, "in (0, 1]")]
     bad = [f"--{name}={getattr(args, name)} must be {rule}" for name, ok, rule in rules if not ok]
-    if args.compile and args.eval:  # the evaluation's NELBO passes would run on frozen, recompiled code
+    if args.compile and args.eval:  # compilation is applied only where prompts are answered
         bad.append("--compile speeds up answering prompts; leave it out with --eval")
     if bad:
         raise ValueError("; ".join(bad))
