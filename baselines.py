@@ -113,8 +113,7 @@ class AR(OneStack):
 
     exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
-                evaluate: bool = False) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
         """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss, and
         evaluation needs no draws)."""
         check_length(self.cfg, x0.shape[1], 1)
@@ -145,8 +144,7 @@ class MDLM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x_t)), slice(0, x_t.shape[1]), full_mask(valid))
         return self.head(h)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
-                evaluate: bool = False) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
         """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
         is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
         canvas is ONE block, so one t per sequence."""
@@ -156,7 +154,7 @@ class MDLM(OneStack):
         x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
         prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
         x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)  # the canvas
-        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, evaluate)
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, t_draw)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens):
         """Bidirectional: nothing can be cached. The answer is ONE block, and each row gets
@@ -222,10 +220,9 @@ class BD3LM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
         return self.head(h[:, L:])  # (b, L, V)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
-                evaluate: bool = False) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, t_draw)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         if use_cache:

@@ -139,25 +139,6 @@ def sample_t(batch: int, n_blocks: int, t_min: float, t_max: float, generator=No
     return t_min + (t_max - t_min) * u.double()
 
 
-# Evaluation integrates the NELBO over ALL of [0, 1]. Near t = 0 a token is masked with
-# probability ~t and then weighted by ~1/t, so t ~ U[0, 1] has an unbounded variance. So:
-# importance sampling t = v^2, v ~ U[0, 1] (density 1 / (2 sqrt t), more draws near 0), each
-# term times 1 / p(t) = 2v: unbiased, finite variance; and t floored at EVAL_T_FLOOR (keeps
-# the weight finite; it changes the NELBO by about 1e-5 of itself).
-EVAL_T_FLOOR = 1e-5
-
-
-def sample_t_stratified(batch: int, n_blocks: int, generator=None, device=None):
-    """Evaluation times and importance weights 1 / p(t), each (b, K), float64. The b*K
-    values v = (i + u) / n share ONE u ~ U[0, 1) and are shuffled over the blocks: each is
-    U[0, 1] alone (unbiased), together they cover [0, 1] evenly (as in MDLM)."""
-    n = batch * n_blocks
-    u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
-    v = (torch.arange(n, device=device, dtype=torch.float64) + u) / n  # (n,) one per stratum
-    v = v[torch.randperm(n, generator=generator, device=device)].view(batch, n_blocks)
-    return (v * v).clamp(min=EVAL_T_FLOOR), 2.0 * v
-
-
 def loss_weight(alpha_t: torch.Tensor, alpha_prime_t: torch.Tensor) -> torch.Tensor:
     """NELBO weight of a masked token at time t: -alpha'(t) / (1 - alpha(t)). For the
     linear schedule this is 1/t: a block with few masks (t near 0) counts heavily."""
@@ -323,17 +304,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x_f, (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype):
-    """cos, sin (n, hd/2) of the rotary angles of integer positions (n,), in float64
-    (large position x small frequency), then cast. TokenModel keeps one table of them."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).double() / head_dim)
-    angles = positions.double()[:, None] * inv_freq[None, :]  # (n, hd/2)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope_angles' tables laid out for apply_rope: (n, hd) each, cos over every pair
-    (c, c) and sin with the sign of each slot (-s, s)."""
+def rope_table(n: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin for positions 0..n-1, laid out for apply_rope: (n, hd) each, cos
+    over every pair (c, c) and sin with the sign of each slot (-s, s). Pair i of the head
+    dimension turns by position * base^(-2i / hd); float64 (large position x small frequency)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).double() / head_dim)  # (hd/2,)
+    angles = torch.arange(n).double()[:, None] * inv_freq[None, :]  # (n, hd/2)
+    cos, sin = angles.cos(), angles.sin()
     return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
@@ -351,10 +328,9 @@ KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), Ro
 
 class KVCache:
     """Keys/values of the clean tokens seen so far, per layer, for sampling. Static: each
-    layer's buffers (b, H, max_len, hd) are allocated once and written in place, so a
-    finished block costs one copy of its B positions (growing by torch.cat copied the whole
-    cache at every block and every call). Positions [0, n) hold the n cached tokens;
-    [n, max_len) is scratch: a call writes its new keys/values there and attention reads
+    layer's buffers (b, H, max_len, hd) are allocated once and written in place (growing
+    them by torch.cat would copy the whole cache at every call). [0, n) holds the n cached
+    tokens; a call writes its new keys/values at [n, n + n_new) and attention reads
     [0, n + n_new) as one view. `add` keeps them; a noisy block's are overwritten next call.
     visible (b, max_len) is False at padding (left-padded prompts)."""
 
@@ -368,11 +344,9 @@ class KVCache:
         """Put new keys/values (b, H, n_new, hd) at [n, n + n_new) of `layer`; return the
         view [0, n + n_new) that attention reads."""
         if self.k[layer] is None:  # empty, not zeros: a position is written before it is read
-            self.k[layer] = k.new_empty(k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.v[layer] = v.new_empty(self.k[layer].shape)
+            self.k[layer], self.v[layer] = (t.new_empty(*t.shape[:2], self.max_len, t.shape[3]) for t in (k, v))
         end = self.n + k.shape[2]
-        self.k[layer][:, :, self.n:end] = k
-        self.v[layer][:, :, self.n:end] = v
+        self.k[layer][:, :, self.n:end], self.v[layer][:, :, self.n:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def add(self, tokens: torch.Tensor, pad_id: int, new_kv: Optional[list] = None):
@@ -387,9 +361,8 @@ class KVCache:
         self.n += tokens.shape[1]
 
     def block_mask(self, n_new: int) -> Optional[torch.Tensor]:
-        """The mask of one block's n_new queries: every real cached token (earlier blocks)
-        and the whole block. The same for every query, so a key-padding mask
-        (b, 1, n + n_new) that attention broadcasts; None (unmasked) when nothing is padding."""
+        """The mask of a block's n_new queries: every real cached token and the whole block,
+        the same for every query: (b, 1, n + n_new), or None (unmasked) if nothing is padding."""
         return self.visible[:, None, :self.n + n_new] if self.padded else None
 
     def keep(self, rows):
@@ -490,8 +463,7 @@ class TokenModel(nn.Module):
         # RoPE's cos/sin of every position, once (not recomputed in float64 at every call).
         # float64, cast at the call. 2 * seq_len positions: MDLM's batched sampler lays rows
         # with different prompt lengths side by side. Not saved: it follows from the config.
-        cos, sin = rope_table(*rope_angles(torch.arange(2 * cfg.seq_len), cfg.d_model // cfg.n_heads,
-                                           cfg.rope_base, torch.float64))
+        cos, sin = rope_table(2 * cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (2 seq_len, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -540,27 +512,25 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
         raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
 
 
-def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
-                      evaluate: bool = False) -> Loss:
+def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss, t_draw=None) -> Loss:
     """The training step of E2D2, BD3-LM and MDLM: one t per block, x_t ~ q(x_t | x_0),
     the logits of every noisy token in ONE model.logits call, and the losses. train_loss:
     what `loss` is, "masked_ce" (the authors' objective) or "nelbo" (the bound itself).
-    evaluate=True estimates the NELBO itself: t over all of [0, 1] (sample_t_stratified)
-    and x_t from q exactly (no re-masking of empty blocks, which would change the
-    distribution the bound is an expectation over)."""
+    t_draw (evaluation, models.eval_nelbo): a function (b, K, generator, device) -> t,
+    1 / p(t) that draws t over all of [0, 1]; x_t then comes from q exactly (no re-masking
+    of empty blocks, which would change the distribution the bound is an expectation over)."""
     cfg = model.cfg
     if train_loss not in ("masked_ce", "nelbo"):
         raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
     b, L = x0.shape
     target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
-    importance = None
-    if evaluate:  # (b, K) each: t over all of [0, 1], and 1 / p(t)
-        t, importance = sample_t_stratified(b, L // block_len, generator, x0.device)
-        importance = importance.repeat_interleave(block_len, dim=1)  # (b, L)
-    else:
-        t = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device)  # (b, K)
+    if t_draw is None:  # training: (b, K)
+        t, importance = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device), None
+    else:  # evaluation: (b, K) each, then 1 / p(t) on every token (b, L)
+        t, importance = t_draw(b, L // block_len, generator, x0.device)
+        importance = importance.repeat_interleave(block_len, dim=1)
     noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
-                      ensure_masked=not evaluate, generator=generator)
+                      ensure_masked=t_draw is None, generator=generator)
     logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
     nelbo, masked_ce, n, seq_nats = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id, importance)
     scored = torch.where(target_mask, x0, cfg.pad_id)  # which tokens the nats are for
@@ -617,12 +587,11 @@ class E2D2Network(TokenModel):
         dec_mask = decoder_mask(valid, self.cfg.block_len)  # (b, L, 2L)
         return self.decode(x_t, positions, dec_mask, clean)  # [E2D2] N_dec layers, L queries, 2L keys
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce",
-                evaluate: bool = False) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
         """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0,
         runs encoder + decoder once, returns the losses (see diffusion_forward)."""
         check_length(self.cfg, x0.shape[1], self.cfg.block_len)
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, evaluate)
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, t_draw)
 
 
 # ---------------------------------------------------------------------------------------
@@ -778,9 +747,13 @@ def alpha_at(schedule: str, t: float) -> float:
 def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
                  confidence_threshold, generator, final: bool, n_positions=None,
                  top_p: float = 1.0) -> torch.Tensor:
-    """One reverse step t -> s (s < t) on a block x (b, B); returns x_s (b, B). Decoded
-    tokens never change (SUBS carry-over). n_positions (b,): positions each row generates
-    (default B; MDLM's canvases). top_p < 1 draws x_theta from the nucleus."""
+    """One reverse step t -> s (s < t) on a block x (b, B); returns x_s (b, B). x_theta is
+    the argmax of p_theta (temperature=0) or a sample of softmax(logits / temperature)
+    (top_p < 1: of its nucleus). Which [MASK] it fills: strategy "remask" keeps the most
+    confident and re-masks the rest, so that floor((1 - alpha_s) n) stay masked ("predict
+    and remask"); "ancestral" draws x_s ~ q(x_s | x_t, x_theta); confidence_threshold also
+    reveals every [MASK] more likely than it. Decoded tokens never change (SUBS carry-over).
+    n_positions (b,): the n positions each row generates (default B; MDLM's canvases)."""
     is_mask = x == cfg.mask_id  # (b, B)
     # Only [MASK] positions need SUBS probabilities: the final torch.where keeps decoded
     # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
@@ -797,9 +770,7 @@ def denoise_step(logits, x, t, s, cfg: ModelConfig, strategy, temperature,
     elif strategy == "ancestral":  # q(x_s | x_t, x_theta): reveal w.p. (alpha_s - alpha_t) / (1 - alpha_t)
         u = torch.rand(x.shape, generator=generator, device=x.device)
         reveal = is_mask & (u < (alpha_s - alpha_t) / (1.0 - alpha_t))
-    else:
-        # predict and remask: floor((1 - alpha_s) * n) of a row's n positions stay masked
-        # (the least confident), but at least one [MASK] is revealed per step
+    else:  # remask: the least confident stay masked, but one [MASK] at least is revealed
         n = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_positions is None else n_positions
         n_stay = torch.floor((1.0 - alpha_s) * n.double() + 1e-6).long()  # (b,)
         n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
@@ -821,16 +792,12 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
 
     Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer, each row its
     own canvas; AR one token), each block starting all [MASK]; T = `steps` (default B)
-    steps per block, t from 1 down to 0, each asking the runner for the block's logits:
-      strategy="remask":    keep the most confident predictions, re-mask the rest so that
-                            floor((1 - alpha_s) * B) stay masked ("predict and remask");
-      strategy="ancestral": x_s ~ q(x_s | x_t, x_theta).
-    confidence_threshold also reveals every [MASK] more likely than it; temperature=0 takes
-    the argmax of x_theta, > 0 samples softmax(logits / temperature); top_p < 1 samples the
-    nucleus. An unchanged block reuses the last logits (no call). A finished block is
-    committed (encoded, cached); a row stops after the block where it wrote [EOS]
-    (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (for --show).
-    No timing here: callers that measure speed time around this call."""
+    steps per block, t from 1 down to 0, each a denoise_step (strategy, temperature, top_p,
+    confidence_threshold: see there) on the runner's logits of the block; an unchanged
+    block reuses the last logits (no call). A finished block is committed (encoded,
+    cached); a row stops after the block where it wrote [EOS] (stop_at_eos).
+    on_step(block, step, rows, x_block) runs after every step (for --show). No timing
+    here: callers that measure speed time around this call."""
     cfg = model.cfg
     if strategy not in ("remask", "ancestral"):
         raise ValueError(f"strategy must be 'remask' or 'ancestral', got {strategy!r}")
@@ -877,17 +844,11 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
         last_x, last_logits = None, None
         masks_left = B  # counted: [MASK] left in every row
         for i in range(T):
-            if counted:
-                if masks_left == 0:
-                    break
-                changed = True  # the last step revealed at least one token (or none has run)
-            else:
-                if not (x == cfg.mask_id).any():
-                    break
-                changed = last_x is None or not torch.equal(x, last_x)
-            if changed:  # no change -> no call: the model output would be the same
-                last_logits = runner.logits(x)  # (b, B, V)
-                last_x = x
+            if masks_left == 0 if counted else not (x == cfg.mask_id).any():
+                break  # the block is complete
+            # an unchanged block needs no call (the same logits); counted: each step changes it
+            if counted or last_x is None or not torch.equal(x, last_x):
+                last_logits, last_x = runner.logits(x), x  # (b, B, V)
                 network_calls += 1
             x = denoise_step(last_logits, x, grid[i], grid[i + 1], cfg, strategy, temperature,
                              confidence_threshold, generator, final=(i == T - 1), n_positions=n_positions,
@@ -908,11 +869,8 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     if was_training:
         model.train()
     # cut every row at its first [EOS] (the rest of that block is [EOS] or noise)
-    tokens, finished, new = [], [], 0
-    for row, n in zip(out.tolist(), canvas.tolist()):
-        row = row[:n]
-        cut = row.index(cfg.eos_id) if stop_at_eos and cfg.eos_id in row else None
-        finished.append(cut is not None)
-        tokens.append(row[:cut] if cut is not None else row)
-        new += len(tokens[-1]) + (cut is not None)
+    answers = [row[:n] for row, n in zip(out.tolist(), canvas.tolist())]
+    finished = [stop_at_eos and cfg.eos_id in row for row in answers]
+    tokens = [row[:row.index(cfg.eos_id)] if f else row for row, f in zip(answers, finished)]
+    new = sum(len(row) + f for row, f in zip(tokens, finished))  # [EOS] counts as generated
     return SampleOutput(tokens, finished, network_calls, runner.encoder_calls, runner.decoder_calls, new)

@@ -198,6 +198,26 @@ def init_from_ar(model: TokenModel, ar_ckpt: dict, tokenizer: Optional[dict] = N
 # ---------------------------------------------------------------------------------------
 
 
+# The bound integrates over ALL of t in [0, 1] (training may clip t to [t_min, t_max]).
+# Near t = 0 a token is masked with probability ~t and then weighted by ~1/t, so t ~ U[0, 1]
+# has an unbounded variance. So: importance sampling t = v^2, v ~ U[0, 1] (density
+# 1 / (2 sqrt t), more draws near 0), each term times 1 / p(t) = 2v: unbiased, finite
+# variance; and t floored at EVAL_T_FLOOR (keeps the weight finite; it changes the NELBO
+# by about 1e-5 of itself).
+EVAL_T_FLOOR = 1e-5
+
+
+def sample_t_eval(batch: int, n_blocks: int, generator=None, device=None):
+    """Evaluation times and importance weights 1 / p(t), each (b, K), float64. The b*K
+    values v = (i + u) / n share ONE u ~ U[0, 1) and are shuffled over the blocks: each is
+    U[0, 1] alone (unbiased), together they cover [0, 1] evenly (as in MDLM)."""
+    n = batch * n_blocks
+    u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+    v = (torch.arange(n, device=device, dtype=torch.float64) + u) / n  # (n,) one per stratum
+    v = v[torch.randperm(n, generator=generator, device=device)].view(batch, n_blocks)
+    return (v * v).clamp(min=EVAL_T_FLOOR), 2.0 * v
+
+
 def ratio_estimate(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
     """R = sum(num) / sum(den) over n sequences and its standard error (the delta method
     for a ratio of means): SE^2 = sum_i (num_i - R den_i)^2 / (n (n - 1) mean(den)^2).
@@ -247,9 +267,9 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
                bytes_per_token: Optional[torch.Tensor] = None, progress: bool = False) -> NelboEstimate:
     """Estimate the NELBO (AR: the exact NLL) of held-out data. batches: (x0, prompt_mask)
     pairs as the training forward takes them. Every sequence gets `draws` independent
-    draws of (t, x_t) (t stratified over [0, 1] across the batch, x_t ~ q(x_t | x_0) with no
-    re-masking: see e2d2.diffusion_forward); its contribution is their mean. bytes_per_token
-    (V,): how many bytes each token id stands for, to report the figure per byte."""
+    draws of (t, x_t) (t from sample_t_eval, x_t ~ q(x_t | x_0) with no re-masking: see
+    e2d2.diffusion_forward); its contribution is their mean. bytes_per_token (V,): how
+    many bytes each token id stands for, to report the figure per byte."""
     if draws < 1:
         raise ValueError(f"eval draws must be >= 1, got {draws}")
     draws = 1 if model.exact_likelihood else draws  # exact: nothing to average
@@ -259,7 +279,7 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
     for x0, prompt_mask in tqdm(batches, desc="nelbo", leave=False, disable=not progress):
         seq = 0.0
         for _ in range(draws):
-            out = model(x0, prompt_mask, generator=generator, evaluate=True)
+            out = model(x0, prompt_mask, generator=generator, t_draw=sample_t_eval)
             seq = seq + out.seq_nats.double() / draws  # (b,)
         scored = out.scored_ids != model.cfg.pad_id  # the same targets in every draw
         nats.append(seq.cpu())
