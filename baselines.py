@@ -221,7 +221,6 @@ class BD3LM(OneStack):
         return self.head(h[:, L:])  # (b, L, V)
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
-        check_length(self.cfg, x0.shape[1], self.cfg.block_len)
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, t_draw)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):

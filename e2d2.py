@@ -13,8 +13,8 @@ What E2D2 changes versus BD3-LM (the lines marked `# [E2D2]`, nothing else):
   2. In every decoder layer the clean tokens' keys/values come from h (projected by that
      decoder layer: the "hidden" variant) or from an encoder layer ("shared_kv").
   3. Training needs no 2L-long input [x_0 ; x_t]: the encoder runs over the L clean tokens
-     with the top half of BD3-LM's mask, the decoder over the L noisy tokens against 2L
-     keys [h ; x_t] with the bottom half: N_enc + N_dec layer passes per token, not 2N.
+     (the top half of BD3-LM's mask), the decoder over the L noisy tokens against 2L keys
+     [h ; x_t] (the bottom half): N_enc + N_dec layer passes per token, not 2N.
   4. Sampling runs the encoder once per finished block and only the small decoder at each
      of the T denoising steps (BD3-LM runs its whole network T times per block).
 Everything else (schedules, q(x_t | x_0), SUBS, the NELBO, the layers, the block loop)
@@ -49,8 +49,7 @@ PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
 @dataclass
 class ModelConfig:
-    # The inline comments are also train.py's --help. models.build_model makes the model
-    # named here; the baselines (baselines.py) have N = n_enc layers and ignore n_dec.
+    # The inline comments are train.py's --help. Baselines (baselines.py): N = n_enc layers.
     model: str = "e2d2"  # which model: e2d2, or a baseline ar, mdlm, bd3lm
     vocab_size: int = 260  # V, the special tokens included (set from the tokenizer)
     pad_id: int = 256  # padding: never attended to, never a target (set from the tokenizer)
@@ -70,9 +69,8 @@ class ModelConfig:
     t_max: float = 1.0  # upper end of the training range of t, <= 1
     dropout: float = 0.0  # dropout probability, in [0, 1)
     rope_base: float = 10000.0  # RoPE frequency base
-    # How training's clean stream read a prompt, so that the sampler reads it the same way:
-    # seq2seq data has prompts read bidirectionally; plain text has none, only block-causal
-    # context, so a sampling prompt is read block by block like earlier text.
+    # How training read a prompt, so that the sampler reads it the same way: seq2seq prompts
+    # bidirectionally; plain text has none, so a sampling prompt is read block-causally.
     prompt_attention: str = "bidirectional"  # set from the data (seq2seq / text)
 
     def __post_init__(self):
@@ -187,14 +185,12 @@ def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:
 
 
 def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
-    """The picture E2D2 splits. BD3-LM runs ONE network over [x_0 ; x_t] with this
-    (b, 2L, 2L) mask:
+    """The picture E2D2 splits: BD3-LM (baselines.BD3LM) runs ONE network over [x_0 ; x_t]:
                     keys x_0 (clean)          keys x_t (noisy)
-      x_0 queries   block-causal (+ prompt)   never
-      x_t queries   offset block-causal       block-diagonal
-    The top row is encoder_mask, the bottom row decoder_mask. The clean rows never look at
-    noisy keys, so E2D2 runs them alone (the encoder, L tokens) and only the noisy rows
-    (the decoder) need the 2L keys. baselines.BD3LM trains with this mask."""
+      x_0 queries   block-causal (+ prompt)   never                 <- encoder_mask
+      x_t queries   offset block-causal       block-diagonal        <- decoder_mask
+    (b, 2L, 2L). The clean rows never look at noisy keys, so E2D2 runs them alone (the
+    encoder, L tokens) and only the noisy rows (the decoder) need the 2L keys."""
     enc = encoder_mask(prompt_mask, valid, block_len)  # (b, L, L)
     clean_rows = torch.cat([enc, torch.zeros_like(enc)], dim=-1)  # (b, L, 2L)
     return torch.cat([clean_rows, decoder_mask(valid, block_len)], dim=1)  # (b, 2L, 2L)
@@ -251,9 +247,8 @@ def masked_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """log p_theta(x_0 | x_t) with SUBS (MDLM), (b, L, V): masked_log_probs at [MASK]
-    positions; carry-over elsewhere (the prediction is x_t itself: log p = 0 on it, -inf on
-    the rest), so unmasked tokens add exactly 0 to the loss."""
+    """log p_theta(x_0 | x_t) with SUBS (MDLM), (b, L, V): masked_log_probs at [MASK]; carry-over
+    elsewhere (log p = 0 on x_t itself, -inf on the rest): unmasked tokens add exactly 0 to the loss."""
     log_p = masked_log_probs(logits, mask_id)
     carry = torch.where(torch.arange(logits.shape[-1], device=x_t.device) == x_t[..., None], 0.0, -math.inf)
     return torch.where((x_t != mask_id)[..., None], carry, log_p)
@@ -350,9 +345,8 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def add(self, tokens: torch.Tensor, pad_id: int, new_kv: Optional[list] = None):
-        """New clean tokens (b, n_new) join the cache. Their keys/values are in place if the
-        call that computed them wrote them; else new_kv (per layer) is written now (E2D2's
-        decoder cache)."""
+        """New clean tokens (b, n_new) join the cache. Their keys/values are in place if the call
+        that computed them wrote them; else new_kv (per layer) is written now (E2D2's decoder)."""
         for layer, (k, v) in enumerate(new_kv or []):
             self.write(layer, k, v)
         real = tokens != pad_id  # (b, n_new)
@@ -373,10 +367,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention (F.scaled_dot_product_attention, boolean mask or None). Keys and
-    values from before this input come in `prefix`: (keys, values) put in front of its own
-    (training: the E2D2 decoder's clean keys [h ; .]), or a function write(k, v) (sampling:
-    KVCache.write of this layer; attention reads everything cached up to its own keys)."""
+    """Multi-head attention (F.scaled_dot_product_attention, boolean mask or None). Keys/values
+    from before this input come in `prefix`: (keys, values) put in front of its own (training:
+    the E2D2 decoder's clean keys [h ; .]), or KVCache.write of this layer (sampling)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -460,9 +453,8 @@ class TokenModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.norm = RMSNorm(cfg.d_model)  # final norm before the head
         self.drop = nn.Dropout(cfg.dropout)
-        # RoPE's cos/sin of every position, once (not recomputed in float64 at every call).
-        # float64, cast at the call. 2 * seq_len positions: MDLM's batched sampler lays rows
-        # with different prompt lengths side by side. Not saved: it follows from the config.
+        # RoPE's cos/sin of every position, once (float64, cast at the call; not saved). 2 seq_len
+        # positions: MDLM's batched sampler lays rows with different prompt lengths side by side.
         cos, sin = rope_table(2 * cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (2 seq_len, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -488,17 +480,15 @@ class TokenModel(nn.Module):
         return F.linear(self.norm(z), self.embed.weight)
 
     def run(self, layers, x, positions, mask, prefix=None):
-        """x (b, n, d) through `layers` (mask: see Attention.forward). prefix: None; a list,
-        item i what layer i attends to in front of its own keys (training: the E2D2
-        decoder's clean keys); or a KVCache (sampling) whose layer i layer i reads and
-        extends. Returns x and each layer's own (keys, values) of this input."""
+        """x (b, n, d) through `layers` (mask: see Attention.forward). prefix: None; a list, item
+        i the keys/values layer i attends to in front of its own (training: the E2D2 decoder's
+        clean keys); or a KVCache (sampling) that layer i reads and extends. Returns x and each
+        layer's own (keys, values) of this input."""
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(layers):
-            if isinstance(prefix, KVCache):  # sampling: this layer's writer into the cache
-                before = functools.partial(prefix.write, i)
-            else:  # training: layer i's clean keys/values, or nothing
-                before = None if prefix is None else prefix[i]
+            # sampling: layer i's writer into the cache; training: its clean keys/values, or None
+            before = functools.partial(prefix.write, i) if isinstance(prefix, KVCache) else prefix and prefix[i]
             x, kv = layer(x, cos, sin, mask, before)
             new_kv.append(kv)
         return x, new_kv
@@ -523,6 +513,7 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss, 
     if train_loss not in ("masked_ce", "nelbo"):
         raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
     b, L = x0.shape
+    check_length(cfg, L, block_len)
     target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
     if t_draw is None:  # training: (b, K)
         t, importance = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device), None
@@ -569,10 +560,9 @@ class E2D2Network(TokenModel):
         return [layer.clean_kv(h, cos, sin) for layer in self.decoder]
 
     def decode(self, x_t, positions, mask, clean) -> torch.Tensor:
-        """The N_dec decoder layers over noisy tokens x_t (b, n): queries from the noisy
-        stream, keys/values [clean[l] ; the noisy stream's own]. clean: N_dec KVs (training)
-        or the sampler's decoder KVCache (noisy keys go to its scratch, never kept). The
-        clean keys are the same in every layer pass. Returns raw logits (b, n, V)."""
+        """The N_dec decoder layers over noisy tokens x_t (b, n): queries from the noisy stream,
+        keys/values [clean[l] ; the noisy stream's own]. clean: N_dec KVs (training) or the
+        sampler's decoder KVCache (noisy keys go to its scratch, never kept). Logits (b, n, V)."""
         z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean)  # [E2D2]
         return self.head(z)
 
@@ -590,7 +580,6 @@ class E2D2Network(TokenModel):
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
         """x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool. Noises x0,
         runs encoder + decoder once, returns the losses (see diffusion_forward)."""
-        check_length(self.cfg, x0.shape[1], self.cfg.block_len)
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, t_draw)
 
 

@@ -322,8 +322,6 @@ def compile_for_sampling(model: TokenModel) -> TokenModel:
     return model
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # Devices: one parser of the --device flag and one autocast rule for every script.
 # ---------------------------------------------------------------------------------------
