@@ -339,7 +339,8 @@ class KVCache:
         """Put new keys/values (b, H, n_new, hd) at [n, n + n_new) of `layer`; return the
         view [0, n + n_new) that attention reads."""
         if self.k[layer] is None:  # empty, not zeros: a position is written before it is read
-            self.k[layer], self.v[layer] = (t.new_empty(*t.shape[:2], self.max_len, t.shape[3]) for t in (k, v))
+            b, H, _, hd = k.shape
+            self.k[layer], self.v[layer] = k.new_empty(b, H, self.max_len, hd), v.new_empty(b, H, self.max_len, hd)
         end = self.n + k.shape[2]
         self.k[layer][:, :, self.n:end], self.v[layer][:, :, self.n:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -369,7 +370,8 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention (F.scaled_dot_product_attention, boolean mask or None). Keys/values
     from before this input come in `prefix`: (keys, values) put in front of its own (training:
-    the E2D2 decoder's clean keys [h ; .]), or KVCache.write of this layer (sampling)."""
+    the E2D2 decoder's clean keys [h ; .]), or a function write(k, v): this layer's
+    KVCache.write (sampling: written into the cache, everything cached up to them is read)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -442,7 +444,7 @@ class Layer(nn.Module):
 
 class TokenModel(nn.Module):
     """Base of every model. A subclass adds its layers and defines logits(...) (its training
-    forward), forward(x0, prompt_mask, generator, train_loss) -> Loss, and
+    forward), forward(x0, prompt_mask, generator, train_loss, t_draw) -> Loss, and
     make_runner(prompt, use_cache, max_new_tokens) -> the runner generate() drives."""
 
     exact_likelihood = False  # True for a model whose loss is an exact NLL (AR)
@@ -487,8 +489,10 @@ class TokenModel(nn.Module):
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(layers):
-            # sampling: layer i's writer into the cache; training: its clean keys/values, or None
-            before = functools.partial(prefix.write, i) if isinstance(prefix, KVCache) else prefix and prefix[i]
+            if isinstance(prefix, KVCache):  # sampling: layer i's writer into the cache
+                before = functools.partial(prefix.write, i)
+            else:  # training: layer i's clean keys/values, or nothing
+                before = None if prefix is None else prefix[i]
             x, kv = layer(x, cos, sin, mask, before)
             new_kv.append(kv)
         return x, new_kv
@@ -833,8 +837,9 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
         last_x, last_logits = None, None
         masks_left = B  # counted: [MASK] left in every row
         for i in range(T):
-            if masks_left == 0 if counted else not (x == cfg.mask_id).any():
-                break  # the block is complete
+            complete = (masks_left == 0) if counted else not (x == cfg.mask_id).any()
+            if complete:  # no [MASK] left in the block
+                break
             # an unchanged block needs no call (the same logits); counted: each step changes it
             if counted or last_x is None or not torch.equal(x, last_x):
                 last_logits, last_x = runner.logits(x), x  # (b, B, V)

@@ -201,9 +201,9 @@ def init_from_ar(model: TokenModel, ar_ckpt: dict, tokenizer: Optional[dict] = N
 # The bound integrates over ALL of t in [0, 1] (training may clip t to [t_min, t_max]).
 # Near t = 0 a token is masked with probability ~t and then weighted by ~1/t, so t ~ U[0, 1]
 # has an unbounded variance. So: importance sampling t = v^2, v ~ U[0, 1] (density
-# 1 / (2 sqrt t), more draws near 0), each term times 1 / p(t) = 2v: unbiased, finite
-# variance; and t floored at EVAL_T_FLOOR (keeps the weight finite; it changes the NELBO
-# by about 1e-5 of itself).
+# 1 / (2 sqrt t), more draws near 0), each term times 1 / p(t) = 2v: unbiased, and the
+# variance is finite (int_0^1 dt / (t p(t)) = int_0^1 2 / sqrt(t) dt = 4); and t floored
+# at EVAL_T_FLOOR (keeps the weight finite; it changes the NELBO by about 1e-5 of itself).
 EVAL_T_FLOOR = 1e-5
 
 
