@@ -303,22 +303,17 @@ def compile_for_sampling(model: TokenModel) -> TokenModel:
     through TokenModel.run (a stack of Layers), so that is what is compiled, in place, for
     this model object only. What it saves: the Python and dispatch overhead of the ~20
     small operations of a layer call, fused into a few generated kernels. The matrix
-    multiplies stay the library's: on this project's CPU benchmark the profile of a
-    compiled generation still shows every one as aten::mm (max_autotune lets inductor try
-    its own C++ matrix multiply against it; freezing makes the weights constants of the
-    compiled code). The cost: one compilation per shape family at the first calls (tens of
-    seconds on a CPU), and a model that must not be trained afterwards (the frozen weights
-    would not follow). Tokens can differ from eager in a near tie (fused kernels round
-    differently); bench.py speedup --compile reports whether they did."""
-    cpu = model.embed.weight.device.type == "cpu"
-    options = {"freezing": True}
-    if cpu:
-        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    multiplies stay the library's (aten::mm in a profile of a compiled generation). Plain
+    torch.compile, no options: on this project's CPU benchmark neither max_autotune (its own
+    C++ matrix multiply) nor freezing (weights packed as constants, MKL's packed multiply)
+    made generation faster. The cost: one compilation per shape family at the first calls
+    (tens of seconds on a CPU). Tokens can differ from eager in a near tie (fused
+    kernels round differently); bench.py speedup --compile reports whether they did."""
     # each stack (encoder, decoder) and shape family (a new batch size, cache length) is one
     # entry of the compiled code's cache: room for them, instead of a fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model.eval()
-    model.run = torch.compile(model.run, options=options)
+    model.run = torch.compile(model.run)
     return model
 
 

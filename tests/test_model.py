@@ -298,7 +298,7 @@ def test_optimizer_state_with_separate_q_and_kv_resumes_exactly():
 
 @pytest.mark.slow
 def test_compiled_sampler_gives_the_eager_tokens():
-    # sample.py --compile: the layer stacks compiled (frozen weights, fused small operations)
+    # sample.py --compile: the layer stacks compiled (fused small operations)
     # sample the same tokens as eager, with the same calls, through the growing cache (a new
     # length at every block) and at a second batch size (a recompilation)
     import torch._dynamo
