@@ -46,21 +46,26 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t0
 
 
-def code_version() -> dict:
+def code_version(out: str = "") -> dict:
     """The git commit this code is at, and whether the working tree differs from it (the
-    figures of a dirty tree belong to no commit)."""
+    figures of a dirty tree belong to no commit). `out`, the file the figures go to, does
+    not count: a figures file committed by an earlier run would otherwise mark every rerun
+    dirty."""
     root = os.path.dirname(os.path.abspath(__file__))
     git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)  # noqa: E731
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()  # "XY path"
+    own = os.path.relpath(os.path.abspath(out), root) if out else None
+    return {"commit": head.stdout.strip(), "dirty": any(line[3:] != own for line in changed)}
 
 
 def write_json(path: str, obj) -> None:
+    """Write the figures, with the commit they were measured at (code_version)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump({**code_version(path), **obj}, f, indent=2)
     print(f"wrote {path}")
 
 
@@ -156,7 +161,7 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
     print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
           "model / of E2D2 (linear layers only)")
     if out:
-        write_json(out, {"device": device, "threads": torch.get_num_threads(), **code_version(), "batch": batch,
+        write_json(out, {"device": device, "threads": torch.get_num_threads(), "batch": batch,
                          "config": asdict(cfg0), "rows": rows})
     return rows
 
@@ -277,7 +282,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
           "layer calls (what a latency-bound one pays), and both weighted by the timed cost of one "
           "layer call and of one token")
     if out:
-        write_json(out, {"device": device, "threads": torch.get_num_threads(), **code_version(), "sizes": BENCH,
+        write_json(out, {"device": device, "threads": torch.get_num_threads(), "sizes": BENCH,
                          "layer_time": fits, "rows": rows})
     return rows
 
@@ -439,7 +444,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
           "the larger of the two one layer call takes")
     torch.set_num_threads(default_threads)
     if out:
-        write_json(out, {"device": "cpu", **code_version(), "against": against, "sizes": BENCH,
+        write_json(out, {"device": "cpu", "against": against, "sizes": BENCH,
                          "repeats": repeats, "rows": rows})
     return rows
 
