@@ -383,14 +383,16 @@ class Attention(nn.Module):
     def project_kv(self, x: torch.Tensor, cos, sin) -> KV:
         """Keys (RoPE) and values of x (b, n, d), (b, H, n, hd) each: only the K/V rows of
         the fused matrix (the E2D2 decoder's clean stream needs no queries)."""
-        kv = F.linear(x, self.qkv.weight[self.d:])  # (b, n, 2d)
-        k, v = rearrange(kv, "b n (two H hd) -> two b n H hd", two=2, H=self.n_heads)
+        kv = F.linear(x, self.qkv.weight[self.d:]).unflatten(-1, (2, self.n_heads, -1))  # (b, n, 2, H, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]  # (b, n, H, hd) views
         return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, prefix=None):
         """x: (b, n, d); mask: (b, n, n_prefix + n), or (b, 1, n_prefix + n) (the same for
         every query), or None. Returns the output (b, n, d) and this input's (keys, values)."""
-        qkv = rearrange(self.qkv(x), "b n (three H hd) -> b n three H hd", three=3, H=self.n_heads)  # a view
+        # plain views, not einops: under torch.compile einops' internals add ~120 guards that the
+        # compiled code checks before every call (2-5% of a compiled generation, measured)
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # (b, n, 3, H, hd): a view
         qk = apply_rope(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one go: (b, n, 2, H, hd)
         q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (b, H, n, hd) views
         keys, values = k, v
@@ -400,7 +402,7 @@ class Attention(nn.Module):
             keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)  # (b, H, n, hd)
-        return self.out(rearrange(y, "b H n hd -> b n (H hd)")), (k, v)
+        return self.out(y.transpose(1, 2).flatten(2)), (k, v)  # heads side by side: (b, n, H hd)
 
 
 class SwiGLU(nn.Module):

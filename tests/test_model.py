@@ -221,6 +221,34 @@ def test_shared_kv_decoder_reads_the_top_encoder_layers():
     assert not qkv_grad[:d].abs().sum() and qkv_grad[d:2 * d].abs().sum() and qkv_grad[2 * d:].abs().sum()
 
 
+def test_hidden_decoder_projects_h_with_each_layers_own_norm_and_kv_weights():
+    # the "hidden" variant: decoder layer l's clean keys/values are h through THAT layer's
+    # input norm and the K/V rows of its projection, keys rotated by RoPE at h's positions.
+    # Computed here by hand (RMSNorm, matrix products, RoPE as a complex rotation of each
+    # pair of dimensions), independently of Attention's own code
+    model = tiny()  # d = 32, H = 4, hd = 8
+    cfg, g = model.cfg, torch.Generator().manual_seed(0)
+    d, H, n = cfg.d_model, cfg.n_heads, 6
+    hd = d // H
+    h = torch.randn(2, n, d, generator=g, dtype=torch.float64)
+    pos = torch.arange(3, 3 + n, dtype=torch.float64)  # positions 3..8: RoPE's offset matters
+    angle = pos[:, None] * cfg.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (n, hd/2)
+    with torch.no_grad():
+        for layer in model.decoder:  # norm weights unlike each other (all ones at init)
+            for norm in (layer.norm1, layer.norm2):
+                norm.weight.copy_(1 + 0.5 * torch.randn(d, generator=g, dtype=torch.float64))
+        clean = model.clean_kv(h, slice(3, 3 + n), enc_kv=None)
+        for layer, (k, v) in zip(model.decoder, clean):
+            hn = h / (h.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * layer.norm1.weight
+            W = layer.attn.qkv.weight  # rows: W_q, W_k, W_v
+            k_hand = (hn @ W[d:2 * d].T).view(2, n, H, hd // 2, 2)
+            k_hand = torch.view_as_real(torch.view_as_complex(k_hand.contiguous())
+                                        * torch.polar(torch.ones_like(angle), angle)[None, :, None])
+            v_hand = (hn @ W[2 * d:].T).view(2, n, H, hd)
+            torch.testing.assert_close(k, k_hand.reshape(2, n, H, hd).transpose(1, 2))
+            torch.testing.assert_close(v, v_hand.transpose(1, 2))
+
+
 @pytest.mark.parametrize("schedule,steps", [("linear", 4), ("cosine", 3), ("exp", 7), ("log", 9)])
 def test_counted_remask_loop_equals_the_loop_that_reads_x(schedule, steps):
     # "remask" without a threshold counts the [MASK] left on the host instead of reading x
