@@ -9,7 +9,7 @@ attention, masks, schedules, forward process, loss and block loop), N = n_enc la
           the clean blocks' keys/values but runs all N layers at every denoising step,
           where E2D2 runs only its N_dec decoder layers.
 
-Each model hands e2d2.generate its runner (see the "Runners" section of e2d2.py); a
+Each model hands e2d2.generate its sampler, an e2d2.Runner (section 7 of e2d2.py); a
 runner comes right before the model whose make_runner returns it. Nothing in e2d2.py
 imports this file: E2D2 is told without its baselines.
 """
@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from e2d2 import (KVCache, Layer, Loss, ModelConfig, Recompute, TokenModel, _padding_rows_see_self,
-                  bd3lm_mask, check_length, diffusion_forward, encoder_mask, sampler_prompt_mask)
+from e2d2 import (KVCache, Layer, Loss, ModelConfig, Runner, TokenModel, UncachedRunner, bd3lm_mask,
+                  check_length, diffusion_forward, encoder_mask, padding_sees_itself, sampler_prompt_mask)
 
 # ---------------------------------------------------------------------------------------
 # The two masks only the baselines use (E2D2's encoder/decoder masks are in e2d2.py).
@@ -31,20 +31,20 @@ def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     """AR: query i sees real keys j <= i. (b, L, L)."""
     L = valid.shape[1]
     tril = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
-    return _padding_rows_see_self(tril[None] & valid[:, None, :], valid)
+    return padding_sees_itself(tril[None] & valid[:, None, :], valid)
 
 
 def full_mask(valid: torch.Tensor) -> torch.Tensor:
     """MDLM: every query sees every real key (bidirectional). (b, L, L)."""
     L = valid.shape[1]
-    return _padding_rows_see_self(valid[:, None, :].expand(-1, L, L), valid)
+    return padding_sees_itself(valid[:, None, :].expand(-1, L, L), valid)
 
 
 class OneStack(TokenModel):
     """A baseline's network: one stack of N = n_enc layers (no encoder/decoder split)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, n_positions: int = 0):
+        super().__init__(cfg, n_positions)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
         self.init_weights()
 
@@ -55,27 +55,27 @@ class OneStack(TokenModel):
 # ---------------------------------------------------------------------------------------
 
 
-class ARRunner:
+class ARRunner(Runner):
     """Token-by-token sampling. With the cache, each call feeds only the tokens not yet
     run (the prompt first, then the newest token; keys/values of the rest are cached);
     without it, each call re-runs the causal forward over [prompt ; generated so far]."""
 
-    block_len, steps, canvas = 1, 1, None  # one token per "block", decided in one step
-
-    def __init__(self, model, prompt: torch.Tensor, use_cache: bool):
+    def __init__(self, model, prompt: torch.Tensor, use_cache: bool, max_new_tokens=None):
         if prompt.shape[1] == 0:
             raise ValueError("the AR model needs a non-empty prompt to predict the first token from")
-        self.model, self.use_cache = model, use_cache
-        self.cache = KVCache(model.cfg.n_enc, prompt.shape[0], model.cfg.seq_len, prompt.device)
+        super().__init__(model, prompt, max_new_tokens, block_len=1)  # one token per "block" ...
+        self.use_cache, self.cache = use_cache, KVCache(model.cfg.n_enc, prompt)
         self.seq, self.new = prompt, prompt  # seq: everything so far; new: tokens not yet cached
-        self.encoder_calls = self.decoder_calls = 0
+
+    def steps_per_block(self, steps):
+        return 1  # ... decided in one step
 
     def logits(self, x_block):
         """(b, 1, V): the logits of the token after everything so far (x_block, one
         [MASK], only says where that token goes)."""
-        if self.use_cache:  # the new tokens' keys/values are written into the cache in place
-            logits, _ = self.model.logits(self.new, self.cache)
-            self.cache.add(self.new, self.model.cfg.pad_id)
+        if self.use_cache:  # only the new tokens run; their keys/values join the cache
+            logits, new_kv = self.model.logits(self.new, self.cache)
+            self.cache.append(self.new, new_kv, self.model.cfg.pad_id)
         else:
             logits, _ = self.model.logits(self.seq)
         self.decoder_calls += 1
@@ -84,8 +84,9 @@ class ARRunner:
     def commit(self, block):
         self.seq, self.new = torch.cat([self.seq, block], 1), block
 
-    def keep(self, rows):
-        self.cache.keep(rows)
+    def select(self, rows):
+        super().select(rows)
+        self.cache.select(rows)
         self.seq, self.new = self.seq[rows], self.new[rows]
 
 
@@ -93,8 +94,7 @@ class AR(OneStack):
     def logits(self, x, cache: KVCache = None):
         """Causal logits (b, n, V) of tokens x; logits[:, i] predicts the token after
         x[:, i]. With a KVCache of `start` earlier tokens, x sits at positions start.. and
-        its keys/values are written into the cache. Returns the logits and the per-layer
-        (k, v) of x."""
+        attends to them too. Returns the logits and the per-layer (k, v) of x."""
         b, n = x.shape
         start = 0 if cache is None else cache.n
         valid = x != self.cfg.pad_id
@@ -102,18 +102,19 @@ class AR(OneStack):
             # itself: one row read off the cache's key padding, where causal_mask would build
             # (b, start + 1, start + 1) at every token. A [PAD] query sees only itself, as in
             # causal_mask (and the uncached reference): its row still predicts the next token.
-            sees = cache.visible[:, None, :start + 1]  # (b, 1, start + 1); position start: itself
+            sees = F.pad(cache.real, (0, 1), value=True)[:, None, :]  # (b, 1, start + 1); position start: itself
             itself = F.one_hot(torch.full((b, 1), start, device=x.device), start + 1).bool()
             mask = torch.where(valid[:, :, None], sees, itself)
         else:
-            prefix_valid = valid[:, :0] if cache is None else cache.visible[:, :start]
-            mask = causal_mask(torch.cat([prefix_valid, valid], 1))[:, start:]  # (b, n, start + n)
-        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask, cache)
+            past_valid = valid[:, :0] if start == 0 else cache.real  # (b, start)
+            mask = causal_mask(torch.cat([past_valid, valid], 1))[:, start:]  # (b, n, start + n)
+        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask,
+                             None if cache is None else cache.kv)
         return self.head(h), new_kv
 
     exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
         """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss, and
         evaluation needs no draws)."""
         check_length(self.cfg, x0.shape[1], 1)
@@ -124,12 +125,12 @@ class AR(OneStack):
                               reduction="none")  # (b, L-1): -log p(x_{i+1} | x_<=i)
         tgt = target[:, 1:]
         n = tgt.sum().clamp(min=1)
-        seq_nats = torch.where(tgt, nll, torch.zeros_like(nll)).sum(1)  # (b,)
-        loss = seq_nats.sum() / n
-        return Loss(loss, loss, loss, n, seq_nats, torch.where(tgt, x0[:, 1:], self.cfg.pad_id))
+        row_nats = torch.where(tgt, nll, torch.zeros_like(nll)).sum(1)  # (b,)
+        loss = row_nats.sum() / n
+        return Loss(loss, loss, loss, n, row_nats, torch.where(tgt, x0[:, 1:], self.cfg.pad_id))
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
-        return ARRunner(self, prompt, use_cache)
+        return ARRunner(self, prompt, use_cache, max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,14 +138,32 @@ class AR(OneStack):
 # ---------------------------------------------------------------------------------------
 
 
+class MDLMRunner(UncachedRunner):
+    """MDLM's sampler: the whole answer is ONE block, and each row fills its own answer
+    length (`answer_len`): the positions after it stay PAD, never filled."""
+
+    def __init__(self, model, prompt, answer_len: torch.Tensor):
+        super().__init__(model, prompt, None, block_len=int(answer_len.max()))
+        self.answer_len = answer_len
+
+    def empty_block(self):
+        fill = torch.arange(self.block_len, device=self.answer_len.device) < self.answer_len[:, None]
+        return torch.where(fill, self.mask_id, self.model.cfg.pad_id)  # (b, B): [MASK], then PAD
+
+
 class MDLM(OneStack):
+    def __init__(self, cfg: ModelConfig):
+        # RoPE for 2 seq_len positions: its batched sampler lays out rows whose prompts
+        # differ in length side by side, each with its own answer (see make_runner)
+        super().__init__(cfg, n_positions=2 * cfg.seq_len)
+
     def logits(self, x0, x_t, prompt_mask):
         """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
         valid = x_t != self.cfg.pad_id
         h, _ = self.run(self.layers, self.drop(self.embed(x_t)), slice(0, x_t.shape[1]), full_mask(valid))
         return self.head(h)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
         """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
         is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
         canvas is ONE block, so one t per sequence."""
@@ -154,7 +173,7 @@ class MDLM(OneStack):
         x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
         prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
         x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)  # the canvas
-        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, t_draw)
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, eval_t_sampler)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens):
         """Bidirectional: nothing can be cached. The answer is ONE block, and each row gets
@@ -164,7 +183,7 @@ class MDLM(OneStack):
         cfg = self.cfg
         own_prompt = cfg.block_len * torch.ceil((prompt != cfg.pad_id).sum(1) / cfg.block_len).long()  # (b,)
         canvas = torch.full_like(own_prompt, max_new_tokens) if max_new_tokens else cfg.seq_len - own_prompt
-        return Recompute(self, prompt, int(canvas.max()), reencodes=False, canvas=canvas)
+        return MDLMRunner(self, prompt, canvas)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,42 +191,38 @@ class MDLM(OneStack):
 # ---------------------------------------------------------------------------------------
 
 
-class CachedBD3LM:
+class CachedBD3LM(Runner):
     """BD3-LM sampling: the clean blocks' keys/values are cached (one cache: the same
     network reads clean and noisy tokens), but every denoising step still runs ALL N
     layers on the noisy block, where E2D2 runs only its N_dec decoder layers."""
 
-    steps = canvas = None
-
-    def __init__(self, model: OneStack, prompt: torch.Tensor):
-        self.model, cfg = model, model.cfg
-        self.block_len = cfg.block_len
-        self.cache = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
-        self.encoder_calls = self.decoder_calls = 0
+    def __init__(self, model: OneStack, prompt: torch.Tensor, max_new_tokens=None):
+        super().__init__(model, prompt, max_new_tokens)
+        cfg = model.cfg
+        self.cache = KVCache(cfg.n_enc, prompt)
         if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
-            mask = encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len)
-            self._run(prompt, mask, keep=True)
+            self.commit(prompt, encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len))
 
-    def _run(self, tokens, mask, keep: bool):
-        """All N layers over tokens (b, n) against the cache (their keys/values are written
-        into its scratch positions); keep=True makes them part of the cache."""
-        n0 = self.cache.n
-        h, _ = self.model.run(self.model.layers, self.model.embed(tokens), slice(n0, n0 + tokens.shape[1]),
-                              mask, self.cache)
-        if keep:  # a clean block: its keys/values join the cache
-            self.cache.add(tokens, self.model.cfg.pad_id)
-            self.encoder_calls += 1
-        return h
+    def run(self, tokens, mask):
+        """All N layers over tokens (b, n) after the cached ones: hidden states, keys/values."""
+        n = self.cache.n
+        return self.model.run(self.model.layers, self.model.embed(tokens), slice(n, n + tokens.shape[1]),
+                              mask, self.cache.kv)
 
     def logits(self, x_block):
         self.decoder_calls += 1
-        return self.model.head(self._run(x_block, self.cache.block_mask(x_block.shape[1]), keep=False))
+        h, _ = self.run(x_block, self.cache.key_mask(x_block.shape[1]))  # the noisy keys are dropped
+        return self.model.head(h)
 
-    def commit(self, block):
-        self._run(block, self.cache.block_mask(block.shape[1]), keep=True)
+    def commit(self, block, mask=None):
+        """A clean block (or the prompt, with its own mask) runs once; its keys/values are kept."""
+        _, kv = self.run(block, self.cache.key_mask(block.shape[1]) if mask is None else mask)
+        self.cache.append(block, kv, self.model.cfg.pad_id)
+        self.encoder_calls += 1
 
-    def keep(self, rows):
-        self.cache.keep(rows)
+    def select(self, rows):
+        super().select(rows)
+        self.cache.select(rows)
 
 
 class BD3LM(OneStack):
@@ -220,10 +235,10 @@ class BD3LM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
         return self.head(h[:, L:])  # (b, L, V)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", t_draw=None) -> Loss:
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, t_draw)
+    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, eval_t_sampler)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         if use_cache:
-            return CachedBD3LM(self, prompt)
-        return Recompute(self, prompt, self.cfg.block_len, reencodes=False)
+            return CachedBD3LM(self, prompt, max_new_tokens)
+        return UncachedRunner(self, prompt, max_new_tokens)

@@ -355,9 +355,9 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
     that a slow spell of the machine hits both; each figure is the median of `repeats`.
     Both must generate the same tokens. Prints the speed-ups and, per sampler, the time of
     one layer call next to what its arithmetic and its weight reads need at this machine's
-    measured rates (the limit). compile_e2d2: also time this code's E2D2 after
-    models.compile_for_sampling (a third side in the same alternating rounds; compiled once
-    per thread count, its compile time reported apart)."""
+    measured rates (the limit). compile_e2d2: also time E2D2 after compile_for_sampling, the
+    old code's and this code's (two more sides in the same alternating rounds; compiled once
+    per thread count, the compile time reported apart)."""
     old_models, old_e2d2 = load_code_at(against)
     P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
     default_threads = torch.get_num_threads()
@@ -376,12 +376,15 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
         rates = machine_rates(threads)
         print(f"{threads} thread(s): matmul {rates['flops_per_s'] / 1e9:.1f} GFLOP/s, "
               f"memory read {rates['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
-        compiled = None  # compiled anew at each thread count: inductor may build its kernels for it
+        compiled = {}  # compiled anew at each thread count: inductor may build its kernels for it
         if compile_e2d2:
-            cfg, _, new = pairs["e2d2"]
-            compiled = build_model(cfg).eval()
-            compiled.load_state_dict(new.state_dict())
-            compile_for_sampling(compiled)
+            cfg, old, new = pairs["e2d2"]
+            compiled["old_compiled"] = old_models.build_model(old_models.ModelConfig(**vars(cfg))).eval()
+            compiled["old_compiled"].load_state_dict(old.state_dict())
+            old_models.compile_for_sampling(compiled["old_compiled"])
+            compiled["compiled"] = build_model(cfg).eval()
+            compiled["compiled"].load_state_dict(new.state_dict())
+            compile_for_sampling(compiled["compiled"])
         for batch in batches:
             prompts = torch.randint(0, 256, (batch, P), generator=g).tolist()
             kw = dict(max_new_tokens=A, steps=T, use_cache=True, stop_at_eos=False)
@@ -390,15 +393,17 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
                 new_tokens = runs["new"]().tokens  # also the warm-up
                 same = runs["old"]().tokens == new_tokens
                 extra = {}
-                if compiled is not None and label == "e2d2":
-                    runs["compiled"] = lambda: generate(compiled, prompts, **kw)
-                    start = time.perf_counter()
-                    extra["compiled_same_tokens"] = runs["compiled"]().tokens == new_tokens  # compiles
-                    extra["compile_s"] = time.perf_counter() - start
+                if compiled and label == "e2d2":
+                    runs["old_compiled"] = lambda: old_e2d2.generate(compiled["old_compiled"], prompts, **kw)
+                    runs["compiled"] = lambda: generate(compiled["compiled"], prompts, **kw)
+                    for side in ("old_compiled", "compiled"):
+                        start = time.perf_counter()
+                        extra[f"{side}_same_tokens"] = runs[side]().tokens == new_tokens  # compiles
+                        extra[f"{side}_compile_s"] = time.perf_counter() - start
                 times = {side: [] for side in runs}
                 sides = list(runs)
                 for r in tqdm(range(repeats), desc=f"{label} b={batch} {threads}t", leave=False):
-                    for side in (sides if r % 2 == 0 else sides[::-1]):  # old, new(, compiled), then back
+                    for side in (sides if r % 2 == 0 else sides[::-1]):  # old, new(, compiled ...), then back
                         times[side].append(timed(runs[side], "cpu")[1])
                 lim = layer_limits(cfg, label, batch, rates)
                 row = {"threads": threads, "batch": batch, "sampler": label, "same_tokens": same, **lim, **extra}
@@ -407,8 +412,9 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
                     row[f"{side}_tokens_per_s"] = batch * A / s
                     row[f"{side}_layer_call_s"] = s / lim["layer_calls"]
                 row["speedup"] = row["new_tokens_per_s"] / row["old_tokens_per_s"]
-                if "compiled" in runs:
+                if "compiled" in runs:  # compiled against the old code, eager and compiled
                     row["compiled_speedup"] = row["compiled_tokens_per_s"] / row["old_tokens_per_s"]
+                    row["compiled_speedup_vs_old_compiled"] = row["compiled_tokens_per_s"] / row["old_compiled_tokens_per_s"]
                 rows.append(row)
     print(f"\ncached sampling, {A} tokens after a {P}-token prompt, width {BENCH['d_model']}, N_enc={BENCH['n_enc']}, "
           f"N_dec={BENCH['n_dec']} (baselines N={BENCH['n_enc']}), block {B}, {T} steps; float32 CPU; "
@@ -420,9 +426,11 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
               f"{r['new_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x {str(r['same_tokens']):>11}")
     for r in rows:
         if "compiled_speedup" in r:
-            print(f"{r['threads']:>7} {r['batch']:>5} e2d2 compiled (--compile): {r['compiled_tokens_per_s']:.1f} tok/s, "
-                  f"{r['compiled_speedup']:.2f}x old, {r['compiled_tokens_per_s'] / r['new_tokens_per_s']:.2f}x new; "
-                  f"same tokens as new: {r['compiled_same_tokens']}; compile + first run {r['compile_s']:.1f} s")
+            print(f"{r['threads']:>7} {r['batch']:>5} e2d2 --compile: old {r['old_compiled_tokens_per_s']:.1f} tok/s, "
+                  f"new {r['compiled_tokens_per_s']:.1f} tok/s, {r['compiled_speedup_vs_old_compiled']:.2f}x old "
+                  f"compiled, {r['compiled_speedup']:.2f}x old eager; same tokens as new eager: old "
+                  f"{r['old_compiled_same_tokens']}, new {r['compiled_same_tokens']}; compile + first run "
+                  f"old {r['old_compiled_compile_s']:.1f} s, new {r['compiled_compile_s']:.1f} s")
     print("\ndistance to the limit: one layer call (generation time / layer calls), old and new, "
           "next to what it needs at the measured rates")
     print(f"{'threads':>7} {'batch':>5} {'sampler':8} {'tokens/call':>11} {'old ms':>8} {'new ms':>8} "

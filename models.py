@@ -36,6 +36,9 @@ def build_model(cfg: ModelConfig) -> TokenModel:
     return MODELS[cfg.model](cfg)
 
 
+RENAMED_SCHEDULES = {"exp": "power"}  # a checkpoint's schedule name -> today's (same alpha(t))
+
+
 def config_from_dict(d: dict, prompt_attention: str = "bidirectional") -> ModelConfig:
     """The ModelConfig saved in a checkpoint; keys this code does not know are an error
     (they mean the checkpoint was written by other code). prompt_attention: the value for
@@ -44,6 +47,7 @@ def config_from_dict(d: dict, prompt_attention: str = "bidirectional") -> ModelC
     unknown = sorted(set(d) - {f.name for f in fields(ModelConfig)})
     if unknown:
         raise ValueError(f"checkpoint config has unknown keys {unknown}")
+    d = {**d, "schedule": RENAMED_SCHEDULES.get(d.get("schedule"), d.get("schedule", "linear"))}
     return ModelConfig(**{"prompt_attention": prompt_attention, **d})
 
 
@@ -145,10 +149,13 @@ def init_from_ar(model: TokenModel, ar_ckpt: dict, tokenizer: Optional[dict] = N
       N - N_dec + j: the decoder starts as the AR's TOP N_dec layers, the paper's choice
       (its decoder is initialised from the last layers of the pretrained model);
     - BD3-LM and MDLM: layer i = AR layer i (same N).
-    Only the attention masks change: right after this, an E2D2 with block_len = 1 and no
-    prompt has a causal encoder, so h equals the AR model's final hidden state (a test
-    checks it). tokenizer: the new run's tokenizer (ckpt["tokenizer"] format), which must
-    be the AR's. Raises ValueError naming what does not match."""
+    Right after this, an E2D2 with block_len = 1 and no prompt has a causal encoder, so h
+    equals the AR model's final hidden state (a test checks it). The decoder is not the
+    AR's function: its clean keys/values now come from h (projected by copies of the AR's
+    top layers, the "hidden" variant) or from the encoder's top layers (shared_kv), where
+    in the AR each layer read its own depth. tokenizer: the new run's tokenizer
+    (ckpt["tokenizer"] format), which must be the AR's. Raises ValueError naming what does
+    not match."""
     cfg = model.cfg
     if ar_ckpt["config"].get("model") != "ar":
         raise ValueError(f"--init_from needs a checkpoint of an 'ar' model, this one holds a "
@@ -279,13 +286,13 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
     for x0, prompt_mask in tqdm(batches, desc="nelbo", leave=False, disable=not progress):
         seq = 0.0
         for _ in range(draws):
-            out = model(x0, prompt_mask, generator=generator, t_draw=sample_t_eval)
-            seq = seq + out.seq_nats.double() / draws  # (b,)
-        scored = out.scored_ids != model.cfg.pad_id  # the same targets in every draw
+            out = model(x0, prompt_mask, generator=generator, eval_t_sampler=sample_t_eval)
+            seq = seq + out.row_nats.double() / draws  # (b,)
+        scored = out.target_ids != model.cfg.pad_id  # the same targets in every draw
         nats.append(seq.cpu())
         tokens.append(scored.sum(1).cpu())
         if bytes_per_token is not None:
-            per = bytes_per_token.to(x0.device)[out.scored_ids]  # (b, L') bytes of each position
+            per = bytes_per_token.to(x0.device)[out.target_ids]  # (b, L') bytes of each position
             n_bytes.append(torch.where(scored, per, 0).sum(1).cpu())
     if was_training:
         model.train()

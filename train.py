@@ -108,7 +108,7 @@ def field_help(cls) -> dict:
     source (the comments above are the documentation; --help shows the same words)."""
     out = {}
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+): \w+ = .*?#\s*(?:\[E2D2\]\s*)?(.*)$", line)  # (an [E2D2] mark is not help)
         if m:
             out[m.group(1)] = m.group(2)
     return out
@@ -484,7 +484,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     # stays the plain module that is evaluated and saved
     fwd = torch.compile(model) if tc.compile else model
     if world > 1:  # gradients are averaged over the processes during backward
-        # (shared_kv leaves the top encoder layer's MLP without a gradient: tell DDP)
+        # (shared_kv never uses what comes after the top encoder layer's keys/values: its
+        # query rows, output projection, norm2 and MLP, and enc_norm get no gradient: tell DDP)
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if is_cuda(device) else None,
                   find_unused_parameters=cfg.model == "e2d2" and cfg.decoder == "shared_kv")
     if main_process:  # one line that says what is being trained

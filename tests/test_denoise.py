@@ -24,13 +24,12 @@ def all_masked(b, B):
 def test_ancestral_reveal_probability(schedule, alpha):
     # q(x_s | x_t, x_theta): each [MASK] is revealed with probability
     # (alpha_s - alpha_t) / (1 - alpha_t), independently
-    cfg = ModelConfig(schedule=schedule)
     b, B, t, s = 2000, 8, 0.7, 0.4
     logits = torch.randn(b, B, V, generator=torch.Generator().manual_seed(0))
     x = all_masked(b, B)
     x[:, 0] = 65  # an already decoded token never changes
-    out = denoise_step(logits, x, t, s, cfg, "ancestral", 0.0, None,
-                       torch.Generator().manual_seed(1), final=False)
+    out = denoise_step(logits, x, alpha(t), alpha(s), MASK, "ancestral",
+                       generator=torch.Generator().manual_seed(1))
     p = (alpha(s) - alpha(t)) / (1 - alpha(t))
     rate = (out[:, 1:] != MASK).double().mean().item()
     assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / (b * (B - 1))), (rate, p)
@@ -60,13 +59,13 @@ def test_remask_count_follows_a_non_linear_schedule(schedule, expected):
 
 
 def test_confidence_threshold_reveals_at_least_what_the_schedule_reveals():
-    cfg = ModelConfig()
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(64, 8, V, generator=g)
     x = all_masked(64, 8)
     x[:, :2] = 70  # partly decoded already
-    plain = denoise_step(logits, x, 0.75, 0.5, cfg, "remask", 0.0, None, None, final=False)
-    thresholded = denoise_step(logits, x, 0.75, 0.5, cfg, "remask", 0.0, 0.7, None, final=False)
+    # linear schedule, t = 0.75 -> s = 0.5: alpha 0.25 -> 0.5
+    plain = denoise_step(logits, x, 0.25, 0.5, MASK, "remask")
+    thresholded = denoise_step(logits, x, 0.25, 0.5, MASK, "remask", confidence_threshold=0.7)
     by_schedule, with_threshold = plain != MASK, thresholded != MASK
     assert (with_threshold | ~by_schedule).all()  # a superset of the schedule's reveals
     assert torch.equal(thresholded[by_schedule], plain[by_schedule])  # the same tokens there
@@ -85,11 +84,11 @@ def test_temperature_sampling_draws_from_softmax_of_logits_over_temperature(temp
     logits = torch.full((20000, 1, V), -1e9)
     logits[..., 10:13] = p.log()
     x = all_masked(20000, 1)
-    out = denoise_step(logits, x, 1.0, 0.0, ModelConfig(), "remask", temperature, None,
-                       torch.Generator().manual_seed(0), final=True)
+    out = denoise_step(logits, x, 0.0, 1.0, MASK, "remask", temperature,
+                       generator=torch.Generator().manual_seed(0), final=True)
     q = p ** (1 / temperature)
     q = q / q.sum()  # softmax(log p / T)
     freq = torch.stack([(out == k).double().mean() for k in (10, 11, 12)])
     assert torch.allclose(freq, q.double(), atol=4 * math.sqrt(0.25 / 20000))
-    greedy = denoise_step(logits, x, 1.0, 0.0, ModelConfig(), "remask", 0.0, None, None, final=True)
+    greedy = denoise_step(logits, x, 0.0, 1.0, MASK, "remask", 0.0, final=True)
     assert (greedy == 10).all()

@@ -1,5 +1,9 @@
 """The two training masks on small hand-worked cases (L=8, B=2): 1 = may attend."""
+import doctest
+
 import torch
+
+import e2d2
 
 from conftest import rows
 from e2d2 import decoder_mask, encoder_mask
@@ -107,3 +111,10 @@ def test_masks_match_a_naive_loop():
                 if not valid[b, i]:
                     c, n = False, i == j
                 assert bool(dec[b, i, j]) == c and bool(dec[b, i, L + j]) == n
+
+
+def test_the_mask_pictures_in_e2d2_docstrings_are_what_the_code_draws():
+    # encoder_mask and decoder_mask draw their mask in their docstring; run as doctests, a
+    # picture that no longer matches the code fails here (doctest prints both pictures)
+    result = doctest.testmod(e2d2)
+    assert result.attempted == 5 and result.failed == 0, result

@@ -32,7 +32,7 @@ def test_known_values():
     t = torch.tensor([0.25], dtype=torch.float64)
     assert noise_schedule("linear", t)[0].item() == pytest.approx(0.75)
     assert noise_schedule("linear", t)[1].item() == pytest.approx(-1.0)
-    assert noise_schedule("exp", t)[0].item() == pytest.approx(1 - 0.25**2)
+    assert noise_schedule("power", t)[0].item() == pytest.approx(1 - 0.25**2)
     assert noise_schedule("log", t)[0].item() == pytest.approx(1 - math.log(1.25) / math.log(2))
     assert noise_schedule("cosine", t)[0].item() == pytest.approx((1 - 1e-3) * math.cos(math.pi / 8))
     # linear NELBO weight -alpha'/(1-alpha) = 1/t
@@ -51,7 +51,7 @@ def test_training_weights_are_exact_at_small_t():
     # exp schedule: alpha = 1 - t^2, so -alpha'/(1 - alpha) = 2t / t^2 = 2/t exactly. At
     # t_min = 1e-3, 1 - alpha = 1e-6, which float32 stores with a ~6% error in the weight.
     t = sample_t(16, 4, 1e-3, 2e-3, torch.Generator().manual_seed(0))
-    alpha, alpha_prime = noise_schedule("exp", t)
+    alpha, alpha_prime = noise_schedule("power", t)
     assert torch.allclose(loss_weight(alpha, alpha_prime), 2.0 / t.double(), rtol=1e-9)
 
 

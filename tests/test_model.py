@@ -5,7 +5,7 @@ import torch
 
 import data
 from conftest import random_layout, tiny
-from e2d2 import E2D2, CachedE2D2, ModelConfig, generate
+from e2d2 import E2D2, CachedE2D2, ModelConfig, Runner, generate
 from models import upgrade_optimizer_state, upgrade_state_dict
 
 
@@ -126,17 +126,15 @@ def test_remask_reveals_on_schedule():
     assert seen == [2, 0]
 
 
-class ScriptedRunner:
+class ScriptedRunner(Runner):
     """Stands in for CachedE2D2: a sequence whose prompt ends in token s emits [EOS] in
     answer block s (its logits are made by hand), so the test knows where each stops."""
 
     calls = []
-    steps = canvas = None  # the caller's steps; every row fills whole blocks
 
-    def __init__(self, model, prompt):
-        self.cfg, self.last = model.cfg, prompt[:, -1].clone()
-        self.block_len = model.cfg.block_len
-        self.block, self.encoder_calls, self.decoder_calls = 0, 0, 0
+    def __init__(self, model, prompt, max_new_tokens):
+        super().__init__(model, prompt, max_new_tokens)  # the caller's steps; whole blocks
+        self.cfg, self.last, self.block = model.cfg, prompt[:, -1].clone(), 0
 
     def logits(self, x):
         ScriptedRunner.calls.append((self.block, self.last.tolist()))
@@ -150,13 +148,14 @@ class ScriptedRunner:
     def commit(self, block):
         self.block += 1
 
-    def keep(self, rows):
+    def select(self, rows):
+        super().select(rows)
         self.last = self.last[rows]
 
 
 def test_per_sequence_eos_stop(monkeypatch):
     model = tiny()
-    monkeypatch.setattr(E2D2, "make_runner", lambda self, prompt, use_cache, max_new_tokens: ScriptedRunner(self, prompt))
+    monkeypatch.setattr(E2D2, "make_runner", lambda self, prompt, use_cache, max_new_tokens: ScriptedRunner(self, prompt, max_new_tokens))
     ScriptedRunner.calls = []
     r = generate(model, [[50, 1], [50, 0], [50, 9]], max_new_tokens=12)
     assert r.finished == [True, True, False]
@@ -249,18 +248,17 @@ def test_hidden_decoder_projects_h_with_each_layers_own_norm_and_kv_weights():
             torch.testing.assert_close(v, v_hand.transpose(1, 2))
 
 
-@pytest.mark.parametrize("schedule,steps", [("linear", 4), ("cosine", 3), ("exp", 7), ("log", 9)])
-def test_counted_remask_loop_equals_the_loop_that_reads_x(schedule, steps):
-    # "remask" without a threshold counts the [MASK] left on the host instead of reading x
-    # back; a threshold no probability exceeds changes nothing but makes the loop read x
-    # at every step (the other path): tokens and calls must be the same
+@pytest.mark.parametrize("schedule,steps", [("linear", 4), ("cosine", 3), ("power", 7), ("log", 9)])
+def test_a_threshold_no_probability_reaches_changes_nothing(schedule, steps):
+    # the confidence threshold only ever adds reveals: at 2.0 (above any probability) the
+    # tokens and calls are those of the plain remask schedule, whatever the schedule and T
     model = tiny(schedule=schedule)
     prompts = [[1, 2, 3, 4, 5], [9] * 9, [4, 4]]
     kw = dict(max_new_tokens=12, steps=steps)
-    counted = generate(model, prompts, **kw)
-    read = generate(model, prompts, confidence_threshold=2.0, **kw)
-    assert counted.tokens == read.tokens
-    assert counted.network_calls == read.network_calls
+    plain = generate(model, prompts, **kw)
+    thresholded = generate(model, prompts, confidence_threshold=2.0, **kw)
+    assert plain.tokens == thresholded.tokens
+    assert plain.network_calls == thresholded.network_calls
 
 
 def test_checkpoint_with_separate_q_and_kv_weights_loads():

@@ -251,8 +251,8 @@ def test_tokens_outside_the_nucleus_are_never_drawn():
     g = torch.Generator().manual_seed(0)
 
     def draw(top_p):
-        return denoise_step(logits.expand(4000, 1, -1), x, 1.0, 0.0, cfg, "remask", 1.0, None, g,
-                            final=True, top_p=top_p).flatten()
+        return denoise_step(logits.expand(4000, 1, -1), x, 0.0, 1.0, cfg.mask_id, "remask", 1.0, top_p,
+                            generator=g, final=True).flatten()
 
     assert set(draw(0.5).tolist()) == {10, 11}  # both drawn, nothing else
     assert len(set(draw(1.0).tolist()) - {10, 11}) > 10  # without it the tail is drawn
