@@ -64,7 +64,8 @@ class ARRunner(Runner):
         if prompt.shape[1] == 0:
             raise ValueError("the AR model needs a non-empty prompt to predict the first token from")
         super().__init__(model, prompt, max_new_tokens, block_len=1)  # one token per "block" ...
-        self.use_cache, self.cache = use_cache, KVCache(model.cfg.n_enc, prompt)
+        self.use_cache = use_cache
+        self.cache = KVCache(model.cfg.n_enc, prompt.shape[0], model.cfg.seq_len, prompt.device)
         self.seq, self.new = prompt, prompt  # seq: everything so far; new: tokens not yet cached
 
     def steps_per_block(self, steps):
@@ -73,9 +74,9 @@ class ARRunner(Runner):
     def logits(self, x_block):
         """(b, 1, V): the logits of the token after everything so far (x_block, one
         [MASK], only says where that token goes)."""
-        if self.use_cache:  # only the new tokens run; their keys/values join the cache
-            logits, new_kv = self.model.logits(self.new, self.cache)
-            self.cache.append(self.new, new_kv, self.model.cfg.pad_id)
+        if self.use_cache:  # only the new tokens run; their keys/values are written into the cache
+            logits, _ = self.model.logits(self.new, self.cache)
+            self.cache.commit(self.new, self.model.cfg.pad_id)
         else:
             logits, _ = self.model.logits(self.seq)
         self.decoder_calls += 1
@@ -102,14 +103,13 @@ class AR(OneStack):
             # itself: one row read off the cache's key padding, where causal_mask would build
             # (b, start + 1, start + 1) at every token. A [PAD] query sees only itself, as in
             # causal_mask (and the uncached reference): its row still predicts the next token.
-            sees = F.pad(cache.real, (0, 1), value=True)[:, None, :]  # (b, 1, start + 1); position start: itself
+            sees = cache.real[:, None, :start + 1]  # (b, 1, start + 1); position start: itself
             itself = F.one_hot(torch.full((b, 1), start, device=x.device), start + 1).bool()
             mask = torch.where(valid[:, :, None], sees, itself)
         else:
-            past_valid = valid[:, :0] if start == 0 else cache.real  # (b, start)
+            past_valid = valid[:, :0] if cache is None else cache.real[:, :start]  # (b, start)
             mask = causal_mask(torch.cat([past_valid, valid], 1))[:, start:]  # (b, n, start + n)
-        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask,
-                             None if cache is None else cache.kv)
+        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask, cache=cache)
         return self.head(h), new_kv
 
     exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
@@ -199,25 +199,27 @@ class CachedBD3LM(Runner):
     def __init__(self, model: OneStack, prompt: torch.Tensor, max_new_tokens=None):
         super().__init__(model, prompt, max_new_tokens)
         cfg = model.cfg
-        self.cache = KVCache(cfg.n_enc, prompt)
+        self.cache = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
         if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
             self.commit(prompt, encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len))
 
     def run(self, tokens, mask):
-        """All N layers over tokens (b, n) after the cached ones: hidden states, keys/values."""
+        """All N layers over tokens (b, n) after the cached ones (their keys/values are written
+        into the cache's scratch slot): hidden states (b, n, d)."""
         n = self.cache.n
-        return self.model.run(self.model.layers, self.model.embed(tokens), slice(n, n + tokens.shape[1]),
-                              mask, self.cache.kv)
+        h, _ = self.model.run(self.model.layers, self.model.embed(tokens), slice(n, n + tokens.shape[1]),
+                              mask, cache=self.cache)
+        return h
 
     def logits(self, x_block):
         self.decoder_calls += 1
-        h, _ = self.run(x_block, self.cache.key_mask(x_block.shape[1]))  # the noisy keys are dropped
+        h = self.run(x_block, self.cache.key_mask(x_block.shape[1]))  # the noisy keys are not kept
         return self.model.head(h)
 
     def commit(self, block, mask=None):
         """A clean block (or the prompt, with its own mask) runs once; its keys/values are kept."""
-        _, kv = self.run(block, self.cache.key_mask(block.shape[1]) if mask is None else mask)
-        self.cache.append(block, kv, self.model.cfg.pad_id)
+        self.run(block, self.cache.key_mask(block.shape[1]) if mask is None else mask)
+        self.cache.commit(block, self.model.cfg.pad_id)
         self.encoder_calls += 1
 
     def select(self, rows):

@@ -504,6 +504,12 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
                **({} if main_process else {"disable": True}))  # (TQDM_DISABLE=1 hides it too)
     t_last, tokens_since = time.perf_counter(), 0
+    if main_process and step == 0:  # where training starts: the first point of every curve
+        # (logged only: no checkpoint, and best.pt stays for weights that have trained)
+        start = evaluate(model, dataset, tc, device, autocast)
+        bar.write(f"step 0: {format_metrics(start)}")
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": 0, "time": now_utc(), **start}) + "\n")
     while step < tc.max_steps:
         t_step = time.perf_counter()
         # 0. this step's learning rate, and the seed of its dropout

@@ -136,7 +136,8 @@ def test_save_every_and_the_best_checkpoint(tmp_path, monkeypatch):
     train_in(tmp_path, "--max_steps=9", "--eval_every=3", "--save_every=2", "--lr=0.05", "--warmup_steps=0")
     assert [s for name, s in saved if name == "ckpt.pt"] == [2, 3, 4, 6, 8, 9]  # every 2 and every eval
     evals = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_nelbo" in line]
-    assert [e["step"] for e in evals] == [3, 6, 9]
+    assert [e["step"] for e in evals] == [0, 3, 6, 9]  # step 0: where training started (logged only)
+    evals = evals[1:]
     best_step = min(evals, key=lambda e: e["val_nelbo"])["step"]
     best = load_checkpoint(str(tmp_path / "best.pt"), "cpu")
     assert best["step"] == best_step
@@ -153,7 +154,8 @@ def test_config_json_and_a_timestamp_in_every_log_row(tmp_path):
     assert written["train"]["lr"] == 0.004 and written["train"]["out_dir"] == str(tmp_path)
     assert written["model"]["n_dec"] == 1 and written["model"]["seq_len"] == 12  # derived from the data (8 + 4)
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert len(rows) == 3  # two steps and one evaluation
+    assert len(rows) == 4  # the evaluation at step 0, two steps and one evaluation
+    assert [r["step"] for r in rows] == [0, 1, 2, 2] and "val_nelbo" in rows[0] and "loss" in rows[1]
     for row in rows:
         t = time.strptime(row["time"], "%Y-%m-%dT%H:%M:%SZ")
         assert abs(time.mktime(t) - time.mktime(time.gmtime())) < 24 * 3600  # today, in UTC
