@@ -18,6 +18,7 @@ layer-token passes); tests check those counts against hooks on the real layers.
 import argparse
 import importlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -29,7 +30,7 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from e2d2 import Layer, ModelConfig, generate
+from e2d2 import Layer, ModelConfig, apply_rope, generate
 from models import (MODEL_TYPES, autocast_for, build_model, compile_for_sampling, is_cuda, load_checkpoint,
                     model_from_checkpoint, pick_device, upgrade_state_dict)
 
@@ -455,6 +456,30 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
         write_json(out, {"device": "cpu", "against": against, "sizes": BENCH,
                          "repeats": repeats, "rows": rows})
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Looking inside: the attention weights a layer computes (the notebooks draw them).
+# ---------------------------------------------------------------------------------------
+
+
+def attention_weights(layer: Layer, x, cos, sin, mask, past_kv=None, write_kv=None) -> torch.Tensor:
+    """The attention weights of `layer` on its input x (b, n, d): softmax(q k^T / sqrt(hd)) over
+    [earlier keys ; x's keys], (b, H, n, n_past + n), recomputed from the layer's own norm,
+    projections and RoPE (F.scaled_dot_product_attention, which the model calls, returns
+    none). Takes what the layer was called with (Layer.forward's arguments; write_kv, a
+    sampler's cache writer, writes x's keys again where the call wrote them)."""
+    qkv = layer.attn.qkv(layer.norm1(x)).unflatten(-1, (3, layer.attn.n_heads, -1))  # (b, n, 3, H, hd)
+    q, k, v = (apply_rope(qkv[:, :, i], cos, sin) if i < 2 else qkv[:, :, i] for i in range(3))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, H, n, hd) each
+    if past_kv is not None:
+        k = torch.cat([past_kv[0], k], dim=2)  # (b, H, n_past + n, hd)
+    elif write_kv is not None:
+        k, _ = write_kv(k, v)  # the cached keys, then x's
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, H, n, n_past + n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], -math.inf)
+    return scores.softmax(-1)
 
 
 # ---------------------------------------------------------------------------------------

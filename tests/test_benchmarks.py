@@ -96,3 +96,30 @@ def test_speedup_benchmark_against_a_commit(tmp_path, monkeypatch, root):
     assert saved["against"] == "HEAD" and len(saved["commit"]) == 40 and len(saved["rows"]) == len(rows)
     with pytest.raises(ValueError, match="--against=no-such-commit"):
         bench.load_code_at("no-such-commit")
+
+
+def test_attention_weights_times_values_is_the_layers_own_attention():
+    # bench.attention_weights recomputes softmax(q k^T / sqrt(hd)) by hand (the model's
+    # scaled_dot_product_attention returns no weights). Checked against the layer itself:
+    # weights @ values, through the output projection, is the attention sublayer's output,
+    # in the training forward (past_kv: the clean stream) and in the cached sampler (write_kv)
+    from conftest import random_layout, tiny
+    model = tiny()
+    _, x0, x_t, prompt_mask, P = random_layout(model)
+    layer, calls = model.decoder[0], []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: calls.append(args)),
+             layer.attn.register_forward_hook(lambda m, args, out: calls.append(out))]
+    with torch.no_grad():
+        model.logits(x0, x_t, prompt_mask)
+        runner = model.make_runner(x0[:, :P], True, None)
+        runner.logits(x_t[:, P:P + 4])
+    for h in hooks:
+        h.remove()
+    for (args, (y, (_, v))) in [(calls[0], calls[1]), (calls[2], calls[3])]:
+        w = bench.attention_weights(layer, *args)  # (b, H, n, n_keys)
+        past_kv, write_kv = (args + (None, None))[4:6]
+        values = torch.cat([past_kv[1], v], 2) if past_kv is not None else runner.dec.v[0][:, :, :w.shape[-1]]
+        assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)))
+        mine = layer.attn.out((w @ values).transpose(1, 2).flatten(2))
+        torch.testing.assert_close(mine, y, atol=1e-10, rtol=1e-8)
+    assert calls[2][5] is not None and calls[0][4] is not None  # both paths were exercised
