@@ -512,8 +512,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     if main_process:  # one line that says what is being trained
         layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
         source = tc.data or f"task={tc.task}"
+        backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""  # under torchrun: nccl or gloo
         print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
-              f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}")
+              f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}{backend}")
     # the speed it reports: tokens/s, the model's FLOP/s (models.train_flops_per_token) and MFU,
     # against the device's dense bf16 peak: NVIDIA's figure for a known GPU, or --peak_tflops
     peak = tc.peak_tflops or peak_bf16_tflops(device)

@@ -117,7 +117,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(root, tm
     two = run("--standalone", "--nproc_per_node=2", "train.py", f"--out_dir={tmp_path}/two",
               *common, cmd=[sys.executable, "-m", "torch.distributed.run"])
     assert two.returncode == 0, two.stderr
-    assert "processes=2" in two.stdout and two.stdout.count("final step=6") == 1  # rank 0 only
+    assert "processes=2 (gloo)" in two.stdout and two.stdout.count("final step=6") == 1  # rank 0 only
     a, b = log_losses(tmp_path / "one"), log_losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-5)
