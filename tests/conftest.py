@@ -55,8 +55,8 @@ def script_error(main, argv, capsys) -> str:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A small E2D2 trained in-process on 2-digit addition (about 40 s on 2 cores), once for
-    the slow checks that need a model that answers right; held-out exact match 0.89-1.0 over
-    seeds 1, 2, 3 and 1337."""
+    the slow checks that need a model that answers; held-out exact match 0.89-1.0 over
+    seeds 1, 2, 3 and 1337 when it was written, 0.53 at seed 1337 with today's code."""
     out = tmp_path_factory.mktemp("tiny")
     tc = train.TrainConfig(task="addition", digits=2, out_dir=str(out), batch_size=64,
                            max_steps=1000, lr=2e-3, warmup_steps=30, eval_every=1000,
