@@ -85,8 +85,8 @@ def test_cached_equals_uncached_and_compiled_equals_eager_on_cuda(cuda_run, held
 def test_compiled_training_on_cuda(tmp_path):
     # train.py --compile: the training forward and backward compiled (on a GPU: fused Triton
     # kernels); 100 steps, the loss falls as it does in eager
-    r = run("train.py", "--device=cuda", "--compile", "--max_steps=100", "--eval_every=100", "--eval_examples=16",
-            "--eval_batches=1", f"--out_dir={tmp_path}")
+    r = run("train.py", "--device=cuda", "--compile", "--max_steps=100", "--warmup_steps=10", "--eval_every=100",
+            "--eval_examples=16", "--eval_batches=1", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     losses = log_losses(tmp_path)
     assert len(losses) == 100 and sum(losses[-10:]) < 0.5 * sum(losses[:10])
