@@ -48,6 +48,11 @@ class OneStack(TokenModel):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
         self.init_weights()
 
+    def flops_per_token(self, L: int) -> int:
+        """Matmul FLOPs of logits() per token of a (b, L) batch (models.py: MFU): AR's N layers
+        over L keys and the tied head (2 d V); MDLM and BD3-LM say how theirs differ."""
+        return self.cfg.n_enc * self.layers[0].flops(L) + 2 * self.cfg.d_model * self.cfg.vocab_size
+
 
 # ---------------------------------------------------------------------------------------
 # AR: causal, next-token loss. In the block loop it is a model whose blocks are one token
@@ -175,6 +180,10 @@ class MDLM(OneStack):
         x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)  # the canvas
         return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, eval_t_sampler)
 
+    def flops_per_token(self, L: int) -> float:
+        """forward() pads every batch to the seq_len canvas: seq_len / L canvas tokens per token."""
+        return self.cfg.seq_len / L * super().flops_per_token(self.cfg.seq_len)
+
     def make_runner(self, prompt, use_cache: bool, max_new_tokens):
         """Bidirectional: nothing can be cached. The answer is ONE block, and each row gets
         the canvas training gave it: seq_len minus its OWN block-aligned prompt (data.collate
@@ -239,6 +248,11 @@ class BD3LM(OneStack):
 
     def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, eval_t_sampler)
+
+    def flops_per_token(self, L: int) -> int:
+        """Per token of x_0: N layers over two tokens (x_0,j and x_t,j), each against 2L keys,
+        where E2D2 runs N_enc over L keys and N_dec over 2L; the head on the noisy half only."""
+        return 2 * self.cfg.n_enc * self.layers[0].flops(2 * L) + 2 * self.cfg.d_model * self.cfg.vocab_size
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         if use_cache:

@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from e2d2 import Layer, ModelConfig, apply_rope, generate
-from models import (MODEL_TYPES, autocast_for, build_model, compile_for_sampling, is_cuda, load_checkpoint,
-                    model_from_checkpoint, pick_device, upgrade_state_dict)
+from models import (DTYPES, MODEL_TYPES, autocast_for, build_model, compile_for_sampling, is_cuda, load_checkpoint,
+                    model_from_checkpoint, peak_bf16_tflops, pick_device, train_flops_per_token, upgrade_state_dict)
 
 
 def timed(fn, device: str):
@@ -104,13 +104,16 @@ def saved_activation_bytes(model, x0, prompt_mask, autocast) -> int:
     return total
 
 
-def bench_training(batch: int, repeats: int, device: str, model_over: dict = None, out: str = ""):
+def bench_training(batch: int, repeats: int, device: str, model_over: dict = None, out: str = "",
+                   dtype: str = "auto"):
     """Time forward + backward + optimizer steps of every model type on random tokens at
-    matched sizes (E2D2: N_enc + N_dec layers; the baselines: N = N_enc). After 2 warm-up
-    steps, the median of `repeats` steps. Prints tokens/s, memory and the speed ratio to
-    E2D2 beside the analytic one."""
+    matched sizes (E2D2: N_enc + N_dec layers; the baselines: N = N_enc), in the precision
+    `dtype` (models.autocast_for). After 2 warm-up steps, the median of `repeats` steps.
+    Prints tokens/s, the model's TFLOP/s (models.train_flops_per_token; MFU on a GPU whose
+    bf16 peak is known), memory and the speed ratio to E2D2 beside the analytic one."""
     model_over = model_over or {}
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, dtype)
+    peak = peak_bf16_tflops(device)
     g = torch.Generator().manual_seed(0)
     rows = []
     for name in MODEL_TYPES:
@@ -140,10 +143,13 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
         row = {"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
                "params": model.num_params(), "step_s": step_s,
                "tokens_per_s": batch * L / step_s,
+               "tflops_per_s": batch * L * train_flops_per_token(model, L) / step_s / 1e12,
                "activation_mib": saved_activation_bytes(model, x0, prompt_mask, autocast) / 2**20,
                "cost": training_cost(cfg)}
         if is_cuda(device):
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if peak:
+            row["mfu"] = row["tflops_per_s"] / peak
         rows.append(row)
     e2d2_row = rows[0]
     for r in rows:  # how many times faster E2D2 trains than this model, measured and analytic
@@ -152,17 +158,20 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
     cfg0 = ModelConfig(**{**BENCH_MODEL, **model_over})
     print(f"training step, batch {batch} x {cfg0.seq_len} tokens (prompt {BENCH_PROMPT}), "
           f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
-          f"device={device}, median of {repeats}")
+          f"device={device}, dtype={dtype}, median of {repeats}")
     mem = "peak MiB" if is_cuda(device) else "activations MiB"
-    print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'step ms':>9} {mem:>16} {'E2D2 speed-up':>14} {'analytic':>9}")
+    print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'step ms':>9} {mem:>16} "
+          f"{'E2D2 speed-up':>14} {'analytic':>9}")
     for r in rows:
         m = r.get("peak_mib", r["activation_mib"])
-        print(f"{r['model']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['step_s'] * 1e3:>9.1f} "
-              f"{m:>16.1f} {r['ratio_e2d2_over_model']:>13.2f}x {r['analytic_ratio']:>8.2f}x")
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{r['model']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['tflops_per_s']:>8.3g} {mfu:>6} "
+              f"{r['step_s'] * 1e3:>9.1f} {m:>16.1f} {r['ratio_e2d2_over_model']:>13.2f}x {r['analytic_ratio']:>8.2f}x")
     print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
-          "model / of E2D2 (linear layers only)")
+          "model / of E2D2 (linear layers only). TFLOP/s: the model's FLOPs (models.train_flops_per_token); "
+          + (f"MFU: of the device's dense bf16 peak, {peak:g} TFLOP/s" if peak else "MFU: a GPU of known peak only"))
     if out:
-        write_json(out, {"device": device, "threads": torch.get_num_threads(), "batch": batch,
+        write_json(out, {"device": device, "dtype": dtype, "threads": torch.get_num_threads(), "batch": batch,
                          "config": asdict(cfg0), "rows": rows})
     return rows
 
@@ -225,11 +234,12 @@ def layer_time_model(model, batch: int, n_tokens: int, device: str) -> dict:
     return {"call_s": max(t1 - token_s, 0.0), "token_s": token_s}
 
 
-def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
+def bench_sampling(batches: list, repeats: int, device: str, out: str = "", dtype: str = "auto"):
     """Generated tokens/s and network calls of E2D2 (with and without cache), BD3-LM, MDLM
     and AR at the same sizes, on random weights (speed does not depend on training), with
-    the [EOS] stop off so that every run generates exactly `answer` tokens. Each timing is
-    the median of `repeats` runs after a warm-up run."""
+    the [EOS] stop off so that every run generates exactly `answer` tokens, in the precision
+    `dtype` (models.autocast_for). Each timing is the median of `repeats` runs after a
+    warm-up run."""
     P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
     models = {}
     for name in ("e2d2", "bd3lm", "mdlm", "ar"):
@@ -237,7 +247,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
         cfg = ModelConfig(model=name, seq_len=P + A, d_model=BENCH["d_model"], n_heads=BENCH["n_heads"],
                           n_enc=BENCH["n_enc"], n_dec=BENCH["n_dec"], block_len=B)
         models[name] = build_model(cfg).to(device).eval()
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, dtype)
     g = torch.Generator().manual_seed(0)
     rows, fits = [], {}
     for batch in batches:
@@ -261,7 +271,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
                          "predicted_s_per_token": fits[batch]["call_s"] * calls + fits[batch]["token_s"] * ops})
     print(f"sampling {A} tokens after a {P}-token prompt; width {BENCH['d_model']}, N_enc={BENCH['n_enc']}, "
           f"N_dec={BENCH['n_dec']} (baselines N={BENCH['n_enc']}), block {B}, {T} steps per block; "
-          f"device={device}; median of {repeats}")
+          f"device={device}, dtype={dtype}; median of {repeats}")
     for batch in batches:
         f = fits[batch]
         print(f"batch {batch}: one layer call costs {f['call_s'] * 1e3:.3f} ms + {f['token_s'] * 1e6:.1f} us "
@@ -283,7 +293,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = ""):
           "layer calls (what a latency-bound one pays), and both weighted by the timed cost of one "
           "layer call and of one token")
     if out:
-        write_json(out, {"device": device, "threads": torch.get_num_threads(), "sizes": BENCH,
+        write_json(out, {"device": device, "dtype": dtype, "threads": torch.get_num_threads(), "sizes": BENCH,
                          "layer_time": fits, "rows": rows})
     return rows
 
@@ -529,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["train", "sample", "speedup", "compare"], help="which benchmark")
     p.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="train, sample: precision, bf16 autocast on CUDA and float32 on the CPU (auto), or float32, "
+                        "or bfloat16; compare passes it to train.py; speedup times float32 (default auto)")
     p.add_argument("--out", default="", help="also write the figures to this JSON file (default: none)")
     p.add_argument("--batch", type=int, default=8, help="train: sequences per step, >= 1 (default 8)")
     p.add_argument("--batches", default="1,8", help="sample: batch sizes >= 1, comma-separated (default 1,8)")
@@ -553,6 +566,8 @@ def main(argv=None):
         rest.append(f"--device={args.device}")  # train.py picks the device of each run
     if args.what == "compare" and args.threads:
         rest.append(f"--threads={args.threads}")  # and sets the threads of each run
+    if args.what == "compare" and args.dtype != "auto":
+        rest.append(f"--dtype={args.dtype}")  # and its precision
     try:
         try:
             batches = [int(b) for b in args.batches.split(",")]
@@ -569,15 +584,18 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         if args.what == "train":
-            return bench_training(args.batch, args.repeats or 5, device, out=args.out)
+            return bench_training(args.batch, args.repeats or 5, device, out=args.out, dtype=args.dtype)
         if args.what == "speedup":
             if not args.against:
                 raise ValueError("speedup needs --against=COMMIT (a git commit of this repository)")
             if device != "cpu":
                 raise ValueError(f"speedup measures the CPU (threads, memory bandwidth); got --device={args.device}")
+            if args.dtype == "bfloat16":
+                raise ValueError("speedup times the float32 samplers (its limits assume float32 weights); "
+                                 "drop --dtype=bfloat16")
             return bench_speedup(args.against, batches, args.repeats or 5, args.out, args.compile)
         if args.what == "sample":
-            return bench_sampling(batches, args.repeats or 3, device, args.out)
+            return bench_sampling(batches, args.repeats or 3, device, args.out, args.dtype)
         return compare(rest, args.out_dir, args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")

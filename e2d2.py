@@ -327,8 +327,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
 
     def forward(self, x):  # torch's fused rms_norm: one call, not five small ops
         x_f = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -351,7 +350,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x: (b, n, ..., hd), position on dim 1; cos, sin: (n, hd) from rope_table."""
     shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # (n, 1, ..., hd): broadcast
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) in every pair
-    return x * cos.view(shape) + swapped * sin.view(shape)
+    return (x * cos.view(shape) + swapped * sin.view(shape)).to(x.dtype)  # bf16 keys under autocast, as values
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (b, H, n, hd), RoPE applied
@@ -421,6 +420,9 @@ class Layer(nn.Module):
         a, kv = self.attn(self.norm1(x), cos, sin, mask, past_kv, write_kv)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x))), kv
+
+    def flops(self, keys: int) -> int:  # forward matmul FLOPs per query: 2 per weight, 4 d per key (q.k, sum of v)
+        return 2 * sum(p.numel() for p in self.parameters() if p.dim() == 2) + 4 * keys * self.attn.d
 
 
 class TokenModel(nn.Module):
@@ -528,6 +530,11 @@ class E2D2Network(TokenModel):  # [E2D2]
         dec_mask = decoder_mask(valid, self.cfg.block_len)  # (b, L, 2L)
         return self.decode(x_t, positions, dec_mask, clean_kv)  # N_dec layers, L queries, 2L keys
 
+    def flops_per_token(self, L: int) -> int:  # matmul FLOPs of logits() per token of a (b, L) batch (models.py: MFU)
+        c, kv_of_h = self.cfg, 4 * self.cfg.d_model**2 * (self.cfg.decoder == "hidden")  # "hidden" projects h: 2 x 2d^2
+        layers = c.n_enc * self.encoder[0].flops(L) + c.n_dec * (self.decoder[0].flops(2 * L) + kv_of_h)  # L, 2L keys
+        return layers + 2 * c.d_model * c.vocab_size  # and the tied head
+
 
 def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
                       eval_t_sampler=None) -> Loss:
@@ -617,9 +624,7 @@ class KVCache:
 def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
     """The prompt_mask a (left-padded) prompt (b, P') is read with, as in training: every
     real token (seq2seq, "bidirectional"), or none (plain text: read block-causally)."""
-    if cfg.prompt_attention == "bidirectional":
-        return prompt != cfg.pad_id
-    return torch.zeros_like(prompt, dtype=torch.bool)
+    return (prompt != cfg.pad_id) & (cfg.prompt_attention == "bidirectional")  # (b, P')
 
 
 class Runner:
@@ -718,9 +723,8 @@ class E2D2(E2D2Network):  # [E2D2]
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, eval_t_sampler)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None) -> Runner:
-        if use_cache:
-            return CachedE2D2(self, prompt, max_new_tokens)
-        return UncachedRunner(self, prompt, max_new_tokens, runs_encoder=True)
+        return (CachedE2D2(self, prompt, max_new_tokens) if use_cache
+                else UncachedRunner(self, prompt, max_new_tokens, runs_encoder=True))
 
 
 # ---------------------------------------------------------------------------------------

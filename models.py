@@ -1,6 +1,7 @@
 """
 What the scripts (train.py, sample.py, bench.py) do with any model: build it by name,
-reload it from a checkpoint, estimate its NELBO on held-out data, and pick the device.
+reload it from a checkpoint, estimate its NELBO on held-out data, pick the device and the
+precision, and count its training FLOPs (for MFU).
 
 This file exists so that e2d2.py can tell E2D2 alone: the registry has to see all four
 models, and e2d2.py must not import baselines.py (which imports e2d2.py).
@@ -325,7 +326,7 @@ def compile_for_sampling(model: TokenModel) -> TokenModel:
 
 
 # ---------------------------------------------------------------------------------------
-# Devices: one parser of the --device flag and one autocast rule for every script.
+# Devices: one parser of the --device flag and one precision rule (--dtype) for every script.
 # ---------------------------------------------------------------------------------------
 
 
@@ -354,6 +355,62 @@ def is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def autocast_for(device):
-    """bf16 autocast on any CUDA device ("cuda", "cuda:0", ...); plain float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda(device) else nullcontext()
+DTYPES = ("auto", "float32", "bfloat16")  # the values of every script's --dtype flag
+
+
+def autocast_for(device, dtype: str = "auto"):
+    """The precision the model runs in (--dtype), as a context manager to wrap its calls in.
+    "bfloat16": bf16 autocast on the device (CUDA or a CPU): matrix multiplies and attention
+    run in bf16, while the weights, the residual stream, the norms, the softmax of the output
+    and the loss stay float32 (the model upcasts where it matters, see e2d2.py). "float32":
+    plain float32. "auto": bf16 on any CUDA device ("cuda", "cuda:0", ...), whose tensor
+    cores multiply bf16 many times faster than float32; float32 on the CPU, where bf16 is
+    often emulated and slower (--dtype=bfloat16 still runs it there, for checks)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if is_cuda(device) else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------
+# Model FLOPs utilisation (MFU, as in PaLM and nanoGPT): the FLOPs the model needs per
+# second of training, over the most the device can do. The first are counted on paper
+# (train_flops_per_token), the second is the maker's figure (PEAK_BF16_TFLOPS).
+# ---------------------------------------------------------------------------------------
+
+
+def train_flops_per_token(model: TokenModel, L: int) -> float:
+    """The model FLOPs of one training step per token of a (b, L) batch: 3 x the forward's
+    matrix multiplies (model.flops_per_token), since the backward pass multiplies twice as
+    much (one product for the gradient of each layer's input, one for its weights'). Counted:
+    every linear layer (2 FLOPs per weight per token: a multiply and an add), attention's
+    scores and weighted sum (4 d per query-key pair, dense: masked-out pairs are computed
+    too) and the tied head (2 d V). Left out: norms, softmax, RoPE, SiLU, the other
+    elementwise ops (a few FLOPs per activation: under 1% of the total at width 512) and the
+    optimizer. A test checks the count against torch's FlopCounterMode around a real forward
+    and backward: they agree exactly."""
+    return 3 * model.flops_per_token(L)
+
+
+# The peak: the device's dense bf16 tensor-core throughput as NVIDIA's datasheets give it,
+# the figure WITHOUT structured sparsity (the datasheets also print one "with sparsity",
+# twice as large, which dense training never reaches). A100 (SXM and PCIe): 312 TFLOP/s;
+# H100 SXM and H200 SXM: 989; H100 PCIe: 756; H100 NVL and H200 NVL: 835; L40S: 362; L40:
+# 181; L4: 121. The first name found in the device's wins, so the more specific come first
+# (an SXM part's name carries no "SXM": "NVIDIA H100 80GB HBM3"). Any other device:
+# train.py --peak_tflops gives its peak.
+
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
+
+
+def peak_bf16_tflops(device) -> Optional[float]:
+    """The dense bf16 peak (TFLOP/s) of a CUDA device, by its name; None for a CPU or a
+    device the table does not know."""
+    if not is_cuda(device):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)

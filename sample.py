@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 from e2d2 import STRATEGIES, generate
-from models import (MODEL_TYPES, autocast_for, compile_for_sampling, eval_nelbo, is_cuda, load_checkpoint,
+from models import (DTYPES, MODEL_TYPES, autocast_for, compile_for_sampling, eval_nelbo, is_cuda, load_checkpoint,
                     model_from_checkpoint, pick_device)
 
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out examples when no prompt is given, >= 1 (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the held-out examples (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="precision: bf16 autocast on CUDA and float32 on the CPU (auto), or float32, or bfloat16 "
+                        "(default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default, 1 on a busy or shared machine (default 0)")
     return p
@@ -123,7 +126,9 @@ def main(argv=None):
         check_args(args)
         if args.threads:  # torch's default (every core) crawls when other processes are busy
             torch.set_num_threads(args.threads)
-        run(args, pick_device(args.device))
+        device = pick_device(args.device)
+        with autocast_for(device, args.dtype):  # every model call below runs in this precision
+            run(args, device)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -247,9 +252,8 @@ def evaluate_file(model, path: str, args, device: str, tok=None) -> dict:
     g = torch.Generator(device=device).manual_seed(args.seed)
     batches = [data.TextData.collate(windows[i:i + args.batch_size], cfg.block_len, cfg.seq_len).to(device)
                for i in range(0, len(windows), args.batch_size)]
-    with autocast_for(device):
-        est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], args.eval_draws, g,
-                         tok.bytes_per_token(), progress=True)
+    est = eval_nelbo(model, [(b.x0, b.prompt_mask) for b in batches], args.eval_draws, g,
+                     tok.bytes_per_token(), progress=True)
     f = est.figures()
     kind = "NLL" if model.exact_likelihood else "NELBO"
     draws = "exact" if model.exact_likelihood else f"{args.eval_draws} draws per window"

@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 import data
 from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
-from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
-                    load_checkpoint, pick_device, upgrade_optimizer_state, upgrade_state_dict, weights_checksum)
+from models import (DTYPES, MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
+                    load_checkpoint, peak_bf16_tflops, pick_device, train_flops_per_token, upgrade_optimizer_state,
+                    upgrade_state_dict, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # Training settings. The model's settings are e2d2.ModelConfig; both are flags.
@@ -82,7 +83,9 @@ class TrainConfig:
     sample_steps: int = 0  # denoising steps per block when evaluating (>= 0; 0 = block_len)
     # system
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
+    dtype: str = "auto"  # precision: "auto" (bf16 autocast on CUDA, float32 on the CPU), "float32" or "bfloat16"
     compile: bool = False  # torch.compile the model (GPU)
+    peak_tflops: float = 0.0  # the device's dense bf16 peak, TFLOP/s, for MFU (>= 0; 0 = NVIDIA's figure, known GPUs)
     threads: int = 0  # CPU threads for torch (>= 0; 0 = torch's default; 1 on a busy or shared machine)
 
 
@@ -90,13 +93,14 @@ class TrainConfig:
 # how often to evaluate and save, and where/how to run. Everything else (the data, the seed,
 # the optimiser, the batch) is restored, so a resumed run keeps training the same thing.
 MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_every", "eval_examples",
-                        "eval_batches", "eval_draws", "sample_steps", "device", "compile", "threads")
+                        "eval_batches", "eval_draws", "sample_steps", "device", "dtype", "compile", "threads",
+                        "peak_tflops")
 
 # Allowed values of the string flags (argparse lists them in --help and refuses others).
 CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": SCHEDULES,
            "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS),
            "data_format": ("auto", "pairs", "text"), "too_long": ("skip", "error"),
-           "train_loss": ("masked_ce", "nelbo"), "tokenizer": data.TOKENIZERS}
+           "train_loss": ("masked_ce", "nelbo"), "tokenizer": data.TOKENIZERS, "dtype": DTYPES}
 
 
 # -----------------------------------------------------------------------------
@@ -192,6 +196,7 @@ def validate_train_config(tc: TrainConfig) -> None:
              ("eval_examples", tc.eval_examples >= 1, ">= 1"), ("eval_batches", tc.eval_batches >= 1, ">= 1"),
              ("eval_draws", tc.eval_draws >= 1, ">= 1"), ("sample_steps", tc.sample_steps >= 0, ">= 0"),
              ("threads", tc.threads >= 0, ">= 0 (0 = torch's default)"),
+             ("peak_tflops", tc.peak_tflops >= 0, ">= 0 (0 = the figure of a known GPU)"),
              ("bpe_vocab", tc.bpe_vocab >= 260, ">= 260 (256 bytes + 4 special tokens)")]
     bad = [f"--{name}={getattr(tc, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:
@@ -327,14 +332,30 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics, best_val_nelbo=ma
         raise ValueError(f"cannot write the checkpoint {path}: {e.strerror or e} ({kept})") from None
 
 
-def format_metrics(m: dict) -> str:
-    """One evaluation line: every NELBO figure with its standard error."""
+def format_metrics(m: dict, speed: bool = False) -> str:
+    """One evaluation line: every NELBO figure with its standard error; with `speed` (on a
+    GPU, or given --peak_tflops) also the training speed so far, and MFU if the peak is known."""
     s = f"val_nelbo={m['val_nelbo']:.4f} ± {m['val_nelbo_se']:.4f} nats/token"
     if "val_nelbo_per_byte" in m:
         s += (f", {m['val_nelbo_per_byte']:.4f} ± {m['val_nelbo_per_byte_se']:.4f} nats/byte, "
               f"{m['val_bits_per_byte']:.4f} ± {m['val_bits_per_byte_se']:.4f} bits/byte, "
               f"perplexity <= {m['val_ppl_bound']:.3f} ± {m['val_ppl_bound_se']:.3f}")
-    return s + f" exact_match={m['exact_match']:.3f}"
+    s += f" exact_match={m['exact_match']:.3f}"
+    if speed:
+        s += f"; training {m['train_tokens_per_s']:.0f} tokens/s, {m['train_tflops_per_s']:.3g} model TFLOP/s"
+        if "mfu" in m:
+            s += f", MFU {100 * m['mfu']:.2f}% (of {m['peak_tflops']:g} TFLOP/s per device)"
+    return s
+
+
+def speed_metrics(tokens: int, flops: float, seconds: float, world: int, peak) -> dict:
+    """Training speed over `seconds` of training steps (all processes together): tokens/s,
+    the model's TFLOP/s (models.train_flops_per_token) and, where the device's bf16 peak is
+    known (TFLOP/s), MFU = model FLOP/s / (processes x peak)."""
+    out = {"train_tokens_per_s": tokens / max(seconds, 1e-9), "train_tflops_per_s": flops / max(seconds, 1e-9) / 1e12}
+    if peak:
+        out.update(mfu=out["train_tflops_per_s"] / (world * peak), peak_tflops=peak)
+    return out
 
 
 def now_utc() -> str:
@@ -477,9 +498,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
         keep_log_until(log_path, step)  # a resumed run rewrites what came after its checkpoint
         with open(os.path.join(tc.out_dir, "config.json"), "w") as f:  # what this run is, readable
             json.dump({"model": asdict(cfg), "train": asdict(tc)}, f, indent=2)
-    # mixed precision: bf16 autocast on a GPU (the weights stay float32; norms, softmax and the
-    # loss are computed in float32 inside the model); plain float32 on the CPU
-    autocast = autocast_for(device)
+    # precision (--dtype): by default bf16 autocast on a GPU (the weights stay float32; norms,
+    # softmax and the loss are computed in float32 inside the model), plain float32 on the CPU
+    autocast = autocast_for(device, tc.dtype)
     # `fwd` is what the loop calls: the model, maybe compiled, maybe wrapped in DDP; `model`
     # stays the plain module that is evaluated and saved
     fwd = torch.compile(model) if tc.compile else model
@@ -491,19 +512,29 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     if main_process:  # one line that says what is being trained
         layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
         source = tc.data or f"task={tc.task}"
+        backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""  # under torchrun: nccl or gloo
         print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
-              f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}")
+              f"seq_len={cfg.seq_len}, {source}, device={device}, processes={world}{backend}")
+    # the speed it reports: tokens/s, the model's FLOP/s (models.train_flops_per_token) and MFU,
+    # against the device's dense bf16 peak: NVIDIA's figure for a known GPU, or --peak_tflops
+    peak = tc.peak_tflops or peak_bf16_tflops(device)
+    speed = bool(peak) or is_cuda(device)  # in every evaluation line then (the bar always has tokens/s)
+    if main_process and speed:
+        where = torch.cuda.get_device_name(torch.device(device)) if is_cuda(device) else "the CPU"
+        source = "--peak_tflops" if tc.peak_tflops else "NVIDIA's datasheet figure, dense bf16"
+        print(f"MFU against a peak of {peak:g} TFLOP/s per device ({source}) on {where}" if peak else
+              f"MFU: the dense bf16 peak of {where} is not known here; give it with --peak_tflops")
 
     # the loop's state: the noise generator (seeded per micro-batch below, so that runs with
     # other numbers of processes draw the same x_t), the stop flag, and what is reported
     noise = torch.Generator(device=device)
     stop = stop or StopRequest(install=False)  # never requested unless main() installed it
-    losses, train_tokens, train_seconds = [], 0, 0.0
+    losses, train_tokens, train_flops, train_seconds = [], 0, 0.0, 0.0
     micro = tc.batch_size // (world * tc.grad_accum)  # examples per micro-batch
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
                **({} if main_process else {"disable": True}))  # (TQDM_DISABLE=1 hides it too)
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     if main_process and step == 0:  # where training starts: the first point of every curve
         # (logged only: no checkpoint, and best.pt stays for weights that have trained)
         start = evaluate(model, dataset, tc, device, autocast)
@@ -519,7 +550,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
         # 1. the global batch is a pure function of (seed, step); it is cut into
         #    world * grad_accum micro-batches and this process takes grad_accum of them
         examples = dataset.train_examples(tc.batch_size, tc.seed, step)
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens, step_flops = 0.0, 0, 0.0
         for a in range(tc.grad_accum):
             j = rank * tc.grad_accum + a  # global index of the micro-batch
             batch = dataset.collate(examples[j * micro:(j + 1) * micro], cfg.block_len, cfg.seq_len).to(device)
@@ -532,6 +563,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             (out.loss / tc.grad_accum).backward()
             step_loss += out.loss.detach().float() / (tc.grad_accum * world)
             step_tokens += batch.x0.numel()
+            step_flops += batch.x0.numel() * train_flops_per_token(model, batch.x0.shape[1])
         if world > 1:  # the loss of the global batch, the same number on every process
             dist.all_reduce(step_loss)
         # a NaN/inf loss would poison the weights: stop before the update, keep the checkpoint
@@ -547,24 +579,30 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(step_loss.item())
+        if is_cuda(device):
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait for the step before reading the clock
         train_seconds += time.perf_counter() - t_step
         train_tokens += step_tokens * world
+        train_flops += step_flops * world
         # 4. progress bar, log, evaluation, checkpoint (rank 0). The log has one line per
         #    step and one per evaluation; a checkpoint is written after every evaluation.
         if main_process:
             bar.update(1)
             tokens_since += step_tokens * world
+            flops_since += step_flops * world
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "time": now_utc(), "loss": losses[-1],
                                     "lr": lr_at(step - 1, tc)}) + "\n")
-            if step % 10 == 0:  # the bar shows the loss and training tokens/s of the last 10 steps
+            if step % 10 == 0:  # the bar shows the loss, training tokens/s and MFU of the last 10 steps
                 now = time.perf_counter()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
-                t_last, tokens_since = now, 0
+                last = speed_metrics(tokens_since, flops_since, now - t_last, world, peak)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{last['train_tokens_per_s']:.0f}",
+                                **({"mfu": f"{100 * last['mfu']:.1f}%"} if peak else {}))
+                t_last, tokens_since, flops_since = now, 0, 0.0
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 metrics = evaluate(model, dataset, tc, device, autocast)
-                metrics["train_tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)  # so far
-                bar.write(f"step {step}: {format_metrics(metrics)}")
+                metrics.update(speed_metrics(train_tokens, train_flops, train_seconds, world, peak))  # so far
+                bar.write(f"step {step}: {format_metrics(metrics, speed)}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "time": now_utc(), **metrics}) + "\n")
                 # the evaluation's noise is fixed, so val_nelbo compares across evaluations
@@ -587,7 +625,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     if main_process and not metrics:  # nothing trained in this run, no metrics in the checkpoint
         metrics = evaluate(model, dataset, tc, device, autocast)
     return {"step": step, "metrics": metrics, "losses": losses, "model": model, "stopped": False,
-            "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9)}
+            **speed_metrics(train_tokens, train_flops, train_seconds, world, peak)}
 
 
 # -----------------------------------------------------------------------------

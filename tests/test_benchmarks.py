@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import models
 from conftest import LayerCounter
 from e2d2 import ModelConfig, generate
 from models import build_model
@@ -38,6 +39,39 @@ def test_training_cost_counts_layer_passes(name):
     prompt[:, :4] = True
     model(x0, prompt)
     assert counter.tokens == bench.training_cost(cfg) * 16
+
+
+@pytest.mark.parametrize("name,decoder", [("e2d2", "hidden"), ("e2d2", "shared_kv"), ("ar", "hidden"),
+                                          ("mdlm", "hidden"), ("bd3lm", "hidden")])
+def test_flops_count_equals_torchs_flop_counter(name, decoder):
+    # The analytic count (models.train_flops_per_token, for MFU) against an independent one:
+    # torch's FlopCounterMode around a real forward and backward, which counts every matrix
+    # multiply as it is dispatched (2 FLOPs per multiply-add) and nothing else. Both leave
+    # out the same things (norms, softmax, RoPE, SiLU, elementwise ops), so they must agree
+    # exactly. The CPU's fused attention kernel has no FLOP formula in FlopCounterMode, so
+    # attention runs on the "math" backend: the same scores and weighted sum as two batched
+    # matmuls, which it counts (dense: masked-out pairs too, as the analytic count does).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(model=name, decoder=decoder, seq_len=24, block_len=4, d_model=32, n_heads=4, n_enc=3, n_dec=2)
+    model = build_model(cfg)
+    x0 = torch.randint(0, 200, (2, 16))  # L = 16 < seq_len: MDLM pads to its 24-token canvas
+    prompt = torch.zeros_like(x0, dtype=torch.bool)
+    prompt[:, :4] = True
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss = model(x0, prompt).loss
+        forward = counter.get_total_flops()
+        loss.backward()
+    tokens = x0.numel()
+    assert forward == model.flops_per_token(16) * tokens > 0  # tolerance: none
+    # the backward multiplies twice what the forward did, in every layer that reaches the loss
+    # (train_flops_per_token: 3 x forward). shared_kv's top encoder layer reaches it through its
+    # keys/values only: its attention, output projection and MLP run forward, nothing reads them,
+    # and autograd skips their backward (the fused q/k/v product is used, so it is not skipped)
+    top = model.encoder[-1] if decoder == "shared_kv" else None
+    skipped = 0 if top is None else 2 * (top.flops(16) - 2 * top.attn.qkv.weight.numel()) * tokens
+    assert counter.get_total_flops() == models.train_flops_per_token(model, 16) * tokens - skipped
 
 
 def test_training_benchmark_runs(tmp_path, capsys):

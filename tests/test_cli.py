@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 import bench
 import data
+import models
 import sample
 import train
 from conftest import ENV, ROOT, SMALL, run, script_error
@@ -177,6 +179,8 @@ def test_config_json_and_a_timestamp_in_every_log_row(tmp_path):
     ("--save_every=-1", "--save_every=-1 must be >= 0"),
     ("--threads=-2", "--threads=-2 must be >= 0"),
     ("--device=mps", "--device must be auto, cpu, cuda or cuda:N"),
+    ("--dtype=fp16", "argument --dtype: invalid choice: 'fp16' (choose from 'auto', 'float32', 'bfloat16')"),
+    ("--peak_tflops=-1", "--peak_tflops=-1.0 must be >= 0"),
     ("--max_step=3", "unrecognized arguments: --max_step=3"),  # no prefix matching
 ])
 def test_train_flags_are_checked_before_the_first_step(tmp_path, capsys, flag, message):
@@ -203,6 +207,7 @@ def test_a_cuda_device_on_a_build_without_cuda_is_a_clear_error(tmp_path, capsys
     (["--threshold=1.5"], "--threshold=1.5 must be in (0, 1]"),
     (["--num_example=3"], "unrecognized arguments: --num_example=3"),
     (["--compile", "--eval=pairs.jsonl"], "--compile speeds up answering prompts; leave it out with --eval"),
+    (["--dtype=half"], "argument --dtype: invalid choice: 'half' (choose from 'auto', 'float32', 'bfloat16')"),
 ])
 def test_sample_flags_are_checked(capsys, flags, message):
     # checked before the checkpoint is read: no checkpoint is needed to see the error
@@ -215,6 +220,8 @@ def test_sample_flags_are_checked(capsys, flags, message):
     (["sample", "--batches=1,x"], "--batches=1,x must be batch sizes >= 1"),
     (["train", "--repeats=0"], "--repeats=0 must be >= 1"),
     (["train", "--repeat=3"], "unrecognized arguments: --repeat=3"),
+    (["sample", "--dtype=bf16"], "argument --dtype: invalid choice: 'bf16' (choose from 'auto', 'float32', 'bfloat16')"),
+    (["speedup", "--against=HEAD", "--dtype=bfloat16"], "speedup times the float32 samplers"),
 ])
 def test_bench_flags_are_checked(capsys, flags, message):
     assert message in script_error(bench.main, flags, capsys)
@@ -237,6 +244,52 @@ def test_threads_flag_of_every_script(tmp_path, capsys):
     # the scripts the tests start run with one thread too
     r = run("-c", "import torch; print(torch.get_num_threads())")
     assert r.stdout.strip() == "1"
+
+
+# --- precision ------------------------------------------------------------------------
+
+
+def test_dtype_flag_of_every_script(tmp_path, monkeypatch, capsys, addition_checkpoint):
+    # --dtype=bfloat16 runs every model call of a script under bf16 autocast, on the CPU too;
+    # the default (auto) runs the CPU in float32. Seen from inside: a hook on every module
+    # call records the precision autocast is set to at that moment.
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.add(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32))
+    monkeypatch.setattr(bench, "BENCH_MODEL", dict(d_model=32, n_heads=4, n_enc=2, n_dec=1, block_len=4, seq_len=24))
+    try:
+        for dtype, want in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+            flag = f"--dtype={dtype}"
+            scripts = {"train.py": lambda: train_in(tmp_path / dtype, flag),
+                       "sample.py": lambda: sample.main([f"--ckpt={addition_checkpoint}", "1+1=", flag]),
+                       "bench.py": lambda: bench.main(["train", "--batch=2", "--repeats=1", flag])}
+            for name, script in scripts.items():
+                seen.clear()
+                script()
+                assert seen == {want}, (name, flag)
+    finally:
+        hook.remove()
+    assert "dtype=bfloat16" in capsys.readouterr().out  # bench.py says which precision it timed
+
+
+def test_training_reports_model_flops_and_mfu_against_a_given_peak(tmp_path, capsys):
+    # On a GPU of known peak train.py reports MFU by itself; --peak_tflops gives the peak of
+    # any device (the CPU here): every evaluation line then carries the speed and MFU so far
+    train_in(tmp_path, "--peak_tflops=0.5")
+    out = capsys.readouterr().out
+    assert "MFU against a peak of 0.5 TFLOP/s per device (--peak_tflops) on the CPU" in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 1 and re.search(r"; training \d+ tokens/s, [\d.e-]+ model TFLOP/s, MFU [\d.]+% "
+                                         r"\(of 0.5 TFLOP/s per device\)$", lines[0]), lines
+    with open(tmp_path / "log.jsonl") as f:
+        m = [json.loads(line) for line in f][-1]  # the evaluation's row
+    assert m["mfu"] == pytest.approx(m["train_tflops_per_s"] / 0.5) and m["train_tflops_per_s"] > 0
+    # tokens/s and FLOP/s are of the same steps: their ratio is the FLOPs per token of batches
+    # of the addition task's lengths (whole blocks of 4, at most seq_len = 12)
+    per_token = m["train_tflops_per_s"] * 1e12 / m["train_tokens_per_s"]
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path / "ckpt.pt"), "cpu"), "cpu")
+    lengths = [models.train_flops_per_token(model, L) for L in (4, 8, 12)]
+    assert min(lengths) * (1 - 1e-9) <= per_token <= max(lengths) * (1 + 1e-9)  # (float rounding of the ratio)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")

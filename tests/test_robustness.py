@@ -15,7 +15,8 @@ import data
 import sample
 import train
 from conftest import ENV, ROOT, SMALL, log_losses, run, script_error, weights
-from models import autocast_for, config_from_dict, load_checkpoint, model_from_checkpoint, pick_device
+from models import (autocast_for, config_from_dict, load_checkpoint, model_from_checkpoint, peak_bf16_tflops,
+                    pick_device)
 
 
 # --- user data ------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(root, tm
     two = run("--standalone", "--nproc_per_node=2", "train.py", f"--out_dir={tmp_path}/two",
               *common, cmd=[sys.executable, "-m", "torch.distributed.run"])
     assert two.returncode == 0, two.stderr
-    assert "processes=2" in two.stdout and two.stdout.count("final step=6") == 1  # rank 0 only
+    assert "processes=2 (gloo)" in two.stdout and two.stdout.count("final step=6") == 1  # rank 0 only
     a, b = log_losses(tmp_path / "one"), log_losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-5)
@@ -277,11 +278,28 @@ def test_device_flag_parsing(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*CUDA is not available")
-def test_every_cuda_device_gets_bf16_autocast():
+def test_dtype_picks_the_autocast_of_every_device():
+    # --dtype=auto: bf16 autocast on every CUDA device, float32 on the CPU; bfloat16 asks for
+    # bf16 autocast on either, float32 for none; anything else is a clear error
+    def is_bf16(ac, device_type):
+        return isinstance(ac, torch.autocast) and ac.device == device_type and ac.fast_dtype == torch.bfloat16
     for device in ("cuda", "cuda:0", "cuda:1"):
-        ac = autocast_for(device)
-        assert isinstance(ac, torch.autocast) and ac.device == "cuda" and ac.fast_dtype == torch.bfloat16
-    assert not isinstance(autocast_for("cpu"), torch.autocast)
+        assert is_bf16(autocast_for(device), "cuda") and is_bf16(autocast_for(device, "bfloat16"), "cuda")
+        assert not isinstance(autocast_for(device, "float32"), torch.autocast)
+    assert is_bf16(autocast_for("cpu", "bfloat16"), "cpu")
+    assert not any(isinstance(autocast_for("cpu", dtype), torch.autocast) for dtype in ("auto", "float32"))
+    with pytest.raises(ValueError, match="--dtype must be one of auto, float32, bfloat16, got 'fp16'"):
+        autocast_for("cpu", "fp16")
+
+
+def test_mfu_peak_of_known_gpus(monkeypatch):
+    # NVIDIA's dense bf16 figures, found by the name torch reports; an unknown GPU has none
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+                       ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312),
+                       ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert peak_bf16_tflops("cuda:0") == peak, name
+    assert peak_bf16_tflops("cpu") is None
 
 
 def test_train_called_from_code_leaves_the_signal_handlers_alone(tmp_path):

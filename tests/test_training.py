@@ -14,20 +14,6 @@ from e2d2 import generate
 from models import build_model
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small E2D2 trained in-process on 2-digit addition (about 2.5 min on one thread).
-    1500 steps: on this project's current CPU machine 1000 steps reached held-out exact
-    match 0.53 (val NELBO 0.30) and 1500 steps 1.00 (0.037); the margin is for machines
-    whose kernels round differently."""
-    out = tmp_path_factory.mktemp("tiny")
-    tc = train.TrainConfig(task="addition", digits=2, out_dir=str(out), batch_size=64,
-                           max_steps=1500, lr=2e-3, warmup_steps=30, eval_every=1500,
-                           eval_examples=64, eval_batches=2)
-    cfg, _, _ = train.setup(tc, dict(d_model=96, n_heads=4, n_enc=4, n_dec=1, block_len=4, seq_len=20), "cpu")
-    return train.train(cfg, tc, "cpu")
-
-
 @pytest.mark.slow
 def test_tiny_training_loss_falls_and_answers_become_correct(trained):
     losses = trained["losses"]
