@@ -279,8 +279,9 @@ def test_training_reports_model_flops_and_mfu_against_a_given_peak(tmp_path, cap
     out = capsys.readouterr().out
     assert "MFU against a peak of 0.5 TFLOP/s per device (--peak_tflops) on the CPU" in out
     lines = [line for line in out.splitlines() if line.startswith("step ")]
-    assert len(lines) == 1 and re.search(r"; training \d+ tokens/s, [\d.e-]+ model TFLOP/s, MFU [\d.]+% "
-                                         r"\(of 0.5 TFLOP/s per device\)$", lines[0]), lines
+    assert len(lines) == 2 and lines[0].startswith("step 0: ") and "tokens/s" not in lines[0]  # before training
+    assert re.search(r"; training \d+ tokens/s, [\d.e-]+ model TFLOP/s, MFU [\d.]+% "
+                     r"\(of 0.5 TFLOP/s per device\)$", lines[1]), lines
     with open(tmp_path / "log.jsonl") as f:
         m = [json.loads(line) for line in f][-1]  # the evaluation's row
     assert m["mfu"] == pytest.approx(m["train_tflops_per_s"] / 0.5) and m["train_tflops_per_s"] > 0
