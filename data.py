@@ -362,14 +362,54 @@ class TaskData:
     collate = staticmethod(collate)
 
 
-def read_pairs(path: str) -> list:
-    """(source, target) string pairs from a .jsonl file ({"source": ..., "target": ...} per
-    line) or a .tsv file (source<TAB>target per line). Blank lines are skipped; anything
-    else that is not an example is an error naming the file and the line."""
-    ext = path.rsplit(".", 1)[-1].lower()
-    if ext not in ("jsonl", "tsv"):
-        raise ValueError(f"{path}: unknown seq2seq file type '.{ext}' (use .jsonl or .tsv; "
+def jsonl_pair(line: str) -> tuple:
+    """One line of a .jsonl pairs file: {"source": ..., "target": ...}."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) or not isinstance(obj.get("target"), str):
+        raise ValueError("expected an object with string fields \"source\" and \"target\"")
+    return obj["source"], obj["target"]
+
+
+def tsv_pair(line: str) -> tuple:
+    """One line of a .tsv pairs file: source<TAB>target."""
+    cols = line.split("\t")
+    if len(cols) != 2:
+        raise ValueError(f"expected 2 tab-separated columns (source, target), found {len(cols)}")
+    return cols[0], cols[1]
+
+
+# The file formats of (source, target) pairs: extension -> the reader of one line. A new
+# format (say .csv) is one reader and one entry here; data_format() and so training,
+# sample.py --eval and the tests take it from this dict.
+PAIR_FORMATS = {".jsonl": jsonl_pair, ".tsv": tsv_pair}
+DATA_FORMATS = ("auto", "pairs", "text")  # --data_format: by extension, pairs, or plain text
+
+
+def data_format(path: str, flag: str = "auto") -> str:
+    """What a data file is: one of PAIR_FORMATS' extensions (pairs) or "text". The ONE place
+    this is decided. flag (--data_format): "auto" goes by the extension (anything that is not
+    a pairs extension is plain text), "pairs" requires a pairs extension, "text" is text."""
+    if flag not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {flag!r}")
+    ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    if flag == "text" or (flag == "auto" and ext not in PAIR_FORMATS):
+        return "text"
+    if ext not in PAIR_FORMATS:
+        raise ValueError(f"{path}: unknown pairs file type '{ext}' (use one of {', '.join(PAIR_FORMATS)}; "
                          f"any other file is read as plain text with --data_format=text)")
+    return ext
+
+
+def read_pairs(path: str, flag: str = "pairs") -> list:
+    """(source, target) string pairs from a pairs file (see PAIR_FORMATS). Blank lines are
+    skipped; anything else that is not an example is an error naming the file and the line."""
+    fmt = data_format(path, flag)
+    if fmt == "text":
+        raise ValueError(f"{path}: not a pairs file (use one of {', '.join(PAIR_FORMATS)})")
+    parse = PAIR_FORMATS[fmt]
     try:
         with open(path, encoding="utf-8") as f:
             # lines end at "\n" only (str.splitlines would also split at U+2028 and other
@@ -381,26 +421,17 @@ def read_pairs(path: str) -> list:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     pairs = []
     for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if ext == "tsv":
-            cols = line.split("\t")
-            if len(cols) != 2:
-                raise ValueError(f"{path}:{n}: expected 2 tab-separated columns (source, target), "
-                                 f"found {len(cols)}")
-            pairs.append((cols[0], cols[1]))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) \
-                or not isinstance(obj.get("target"), str):
-            raise ValueError(f"{path}:{n}: expected an object with string fields \"source\" and \"target\"")
-        pairs.append((obj["source"], obj["target"]))
+        if line.strip():
+            try:
+                pairs.append(parse(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
     if not pairs:
         raise ValueError(f"{path}: the file has no examples")
     return pairs
+
+
+TOO_LONG = ("skip", "error")  # --too_long: what to do with an example longer than seq_len
 
 
 class PairsData:
@@ -413,8 +444,8 @@ class PairsData:
     def __init__(self, pairs: list, block_len: int, seq_len: int, val_fraction: float = 0.1,
                  too_long: str = "skip", path: str = "", tok=None):
         self.tok = tok or ByteTokenizer()  # what `pairs` were encoded with
-        if too_long not in ("skip", "error"):
-            raise ValueError(f"too_long must be 'skip' or 'error', got {too_long!r}")
+        if too_long not in TOO_LONG:
+            raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
         keep = []
         for i, (p, a) in enumerate(pairs):
             need = example_length(len(p), len(a), block_len)
@@ -444,14 +475,9 @@ class PairsData:
         return collate(examples, block_len, seq_len, self.tok.pad_id, self.tok.eos_id)
 
 
-def data_kind(path: str, data_format: str = "auto") -> str:
-    """"seq2seq" (pairs) or "text" for a data file: by --data_format, or with "auto" by
-    its extension (.jsonl / .tsv are pairs, anything else plain text)."""
-    if data_format not in ("auto", "pairs", "text"):
-        raise ValueError(f"data_format must be auto, pairs or text, got {data_format!r}")
-    if data_format == "auto":
-        data_format = "pairs" if path.lower().endswith((".jsonl", ".tsv")) else "text"
-    return "seq2seq" if data_format == "pairs" else "text"
+def data_kind(path: str, flag: str = "auto") -> str:
+    """"seq2seq" (a pairs file) or "text" for a data file (see data_format)."""
+    return "text" if data_format(path, flag) == "text" else "seq2seq"
 
 
 # How the clean stream reads a prompt after training on each kind of data (the

@@ -42,8 +42,6 @@ from einops import rearrange
 # ---------------------------------------------------------------------------------------
 # 1. Config
 
-SCHEDULES = ("linear", "cosine", "log", "power")
-STRATEGIES = ("remask", "ancestral")  # how a denoising step picks the tokens it reveals (section 8)
 DECODER_VARIANTS = ("hidden", "shared_kv")
 PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
@@ -63,7 +61,7 @@ class ModelConfig:
     n_enc: int = 4  # N_enc encoder layers (baselines: N layers)
     n_dec: int = 2  # [E2D2] N_dec decoder layers
     decoder: str = "hidden"  # [E2D2] the decoder's clean keys/values: hidden (from h) or shared_kv (encoder layers')
-    schedule: str = "linear"  # noise schedule alpha(t)
+    schedule: str = "linear"  # noise schedule alpha(t), one of SCHEDULES (section 2)
     t_min: float = 1e-3  # training draws t ~ U[t_min, t_max]; 0 < t_min < t_max
     t_max: float = 1.0  # upper end of the training range of t, <= 1
     dropout: float = 0.0  # dropout probability, in [0, 1)
@@ -95,7 +93,7 @@ def validate_config(cfg: ModelConfig) -> None:
     for name, allowed in (("decoder", DECODER_VARIANTS), ("schedule", SCHEDULES),
                           ("prompt_attention", PROMPT_ATTENTION)):
         if getattr(cfg, name) not in allowed:
-            problems.append(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+            problems.append(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.t_min < cfg.t_max <= 1.0:  # t = 0 would give the weight 1/(1-alpha(0)) = inf
         problems.append(f"need 0 < t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -111,20 +109,22 @@ def validate_config(cfg: ModelConfig) -> None:
 
 COSINE_EPS = 1e-3  # cosine: alpha(0) = 1 - eps, as in MDLM
 POWER = 2  # "power": mask probability t^p (the authors' code calls this schedule "exp")
+# Every schedule, name -> t -> (alpha(t), alpha'(t)) elementwise. A new schedule is one entry
+# here: the flags, the tests and the evaluation (models.sample_t_eval) read this dict.
+SCHEDULES = {
+    "linear": lambda t: (1.0 - t, -torch.ones_like(t)),  # alpha = 1 - t
+    "cosine": lambda t: ((1.0 - COSINE_EPS) * torch.cos(math.pi * t / 2),  # alpha = (1 - eps) cos(pi t / 2)
+                         -(1.0 - COSINE_EPS) * (math.pi / 2) * torch.sin(math.pi * t / 2)),
+    "log": lambda t: (1.0 - torch.log1p(t) / math.log(2.0), -1.0 / ((1.0 + t) * math.log(2.0))),  # 1 - log2(1 + t)
+    "power": lambda t: (1.0 - t**POWER, -POWER * t ** (POWER - 1)),  # alpha = 1 - t^p
+}
 
 
 def noise_schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha(t), alpha'(t)) of the named schedule, elementwise over t (any shape)."""
-    if name == "linear":  # alpha = 1 - t
-        return 1.0 - t, -torch.ones_like(t)
-    if name == "cosine":  # alpha = (1 - eps) cos(pi t / 2)
-        alpha = (1.0 - COSINE_EPS) * torch.cos(math.pi * t / 2)
-        return alpha, -(1.0 - COSINE_EPS) * (math.pi / 2) * torch.sin(math.pi * t / 2)
-    if name == "log":  # alpha = 1 - log(1 + t) / log 2
-        return 1.0 - torch.log1p(t) / math.log(2.0), -1.0 / ((1.0 + t) * math.log(2.0))
-    if name == "power":  # alpha = 1 - t^p
-        return 1.0 - t**POWER, -POWER * t ** (POWER - 1)
-    raise ValueError(f"unknown noise schedule {name!r}; choose one of {SCHEDULES}")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {tuple(SCHEDULES)}")
+    return SCHEDULES[name](t)
 
 
 def sample_t(batch: int, n_blocks: int, t_min: float, t_max: float, generator=None, device=None):
@@ -536,6 +536,9 @@ class E2D2Network(TokenModel):  # [E2D2]
         return layers + 2 * c.d_model * c.vocab_size  # and the tied head
 
 
+TRAIN_LOSSES = ("masked_ce", "nelbo")  # what training minimises (section 3)
+
+
 def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
                       eval_t_sampler=None) -> Loss:
     """The training step of E2D2 (and BD3-LM, MDLM): one t per block, x_t ~ q(x_t | x_0), every
@@ -543,8 +546,8 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
     section 3, or "nelbo"). eval_t_sampler (models.eval_nelbo): (b, K, generator, device) ->
     (t, 1/p(t)) over all of [0, 1]; x_t then comes from q exactly (no re-masking of blocks)."""
     cfg = model.cfg
-    if train_loss not in ("masked_ce", "nelbo"):
-        raise ValueError(f"train_loss must be 'masked_ce' or 'nelbo', got {train_loss!r}")
+    if train_loss not in TRAIN_LOSSES:
+        raise ValueError(f"train_loss must be one of {TRAIN_LOSSES}, got {train_loss!r}")
     b, L = x0.shape
     check_length(cfg, L, block_len)
     target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
@@ -764,16 +767,36 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+def remask(is_mask, confidence, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
+    """Predict and remask: reveal the most confident [MASK], so that floor((1 - alpha_s) n)
+    stay masked (n = n_fill, the positions of each row), but at least one is revealed."""
+    n_stay = torch.floor((1.0 - alpha_s) * n_fill.double() + 1e-6).long()  # (b,)
+    n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
+    rank = confidence.masked_fill(~is_mask, math.inf).argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least sure
+    return is_mask & (rank >= n_stay[:, None])  # (decoded tokens rank last: never re-masked)
+
+
+def ancestral(is_mask, confidence, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
+    """x_s ~ q(x_s | x_t, x_theta): each [MASK] revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)."""
+    u = torch.rand(is_mask.shape, generator=generator, device=is_mask.device)
+    return is_mask & (u < (alpha_s - alpha_t) / (1.0 - alpha_t))
+
+
+# How a denoising step picks the [MASK] it reveals: name -> function of (is_mask, confidence
+# (b, B), alpha_t, alpha_s, n_fill (b,), generator) -> reveal (b, B). A new one is one entry here.
+STRATEGIES = {"remask": remask, "ancestral": ancestral}
+
+
 def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strategy: str = "remask",
                  temperature: float = 0.0, top_p: float = 1.0, confidence_threshold: Optional[float] = None,
                  generator=None, final: bool = False, n_fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) ->
     x_s. x_theta: the argmax of p_theta (temperature 0) or a sample of softmax(logits /
     temperature) (top_p < 1: of its nucleus). Which [MASK] it fills: "remask" keeps the most
-    confident, so that floor((1 - alpha_s) n) stay masked ("predict and remask");
-    "ancestral" draws x_s ~ q(x_s | x_t, x_theta); confidence_threshold also reveals every
-    [MASK] more likely than it; `final` reveals all. Decoded tokens never change (SUBS
-    carry-over). n_fill (b,): the n positions each row fills (default B; MDLM: its own)."""
+    confident ("predict and remask"), "ancestral" draws x_s ~ q(x_s | x_t, x_theta) (see
+    STRATEGIES); confidence_threshold also reveals every [MASK] more likely than it; `final`
+    reveals all. Decoded tokens never change (SUBS carry-over). n_fill (b,): the positions
+    each row fills (default B; MDLM: its own)."""
     is_mask = x == mask_id  # (b, B)
     # Only [MASK] positions need SUBS probabilities: the final torch.where keeps decoded
     # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
@@ -784,18 +807,10 @@ def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strate
     else:
         pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape)
     confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
-    if final:  # the last step reveals every remaining [MASK]
-        reveal = is_mask
-    elif strategy == "ancestral":  # q(x_s | x_t, x_theta): reveal w.p. (alpha_s - alpha_t) / (1 - alpha_t)
-        u = torch.rand(x.shape, generator=generator, device=x.device)
-        reveal = is_mask & (u < (alpha_s - alpha_t) / (1.0 - alpha_t))
-    else:  # remask: the least confident stay masked, but one [MASK] at least is revealed
-        n = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_fill is None else n_fill
-        n_stay = torch.floor((1.0 - alpha_s) * n.double() + 1e-6).long()  # (b,)
-        n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
-        conf = confidence.masked_fill(~is_mask, math.inf)  # decoded tokens never re-mask
-        rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
-        reveal = is_mask & (rank >= n_stay[:, None])
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
+    n_fill = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_fill is None else n_fill
+    reveal = is_mask if final else STRATEGIES[strategy](is_mask, confidence, alpha_t, alpha_s, n_fill, generator)
     if confidence_threshold is not None:  # Fast-dLLM style: every confident [MASK] too
         reveal = reveal | (is_mask & (confidence > confidence_threshold))
     return torch.where(reveal, pred, x)
@@ -811,7 +826,7 @@ def check_sampling_args(cfg, prompts, prompt_width, max_new_tokens, steps, strat
             (max_new_tokens is None or 1 <= max_new_tokens <= room, f"max_new_tokens={max_new_tokens} must be "
              f"between 1 and {room} (seq_len={cfg.seq_len} minus the {prompt_width} aligned prompt positions)"),
             (steps is None or steps >= 1, f"steps must be >= 1, got {steps}"),
-            (strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {strategy!r}"),
+            (strategy in STRATEGIES, f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}"),
             (temperature >= 0, f"temperature must be >= 0, got {temperature}"),
             (0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")]:
         if not ok:

@@ -11,6 +11,7 @@ weights, and for training the optimizer state and the step. The model is rebuilt
 the saved config, so a checkpoint needs no flags to be read back.
 """
 
+import functools
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from baselines import AR, BD3LM, MDLM
-from e2d2 import E2D2, ModelConfig, TokenModel
+from e2d2 import E2D2, ModelConfig, TokenModel, noise_schedule
 
 MODELS = {"e2d2": E2D2, "ar": AR, "mdlm": MDLM, "bd3lm": BD3LM}  # ModelConfig.model -> class
 MODEL_TYPES = tuple(MODELS)
@@ -207,23 +208,44 @@ def init_from_ar(model: TokenModel, ar_ckpt: dict, tokenizer: Optional[dict] = N
 
 
 # The bound integrates over ALL of t in [0, 1] (training may clip t to [t_min, t_max]).
-# Near t = 0 a token is masked with probability ~t and then weighted by ~1/t, so t ~ U[0, 1]
-# has an unbounded variance. So: importance sampling t = v^2, v ~ U[0, 1] (density
-# 1 / (2 sqrt t), more draws near 0), each term times 1 / p(t) = 2v: unbiased, and the
-# variance is finite (int_0^1 dt / (t p(t)) = int_0^1 2 / sqrt(t) dt = 4); and t floored
-# at EVAL_T_FLOOR (keeps the weight finite; it changes the NELBO by about 1e-5 of itself).
-EVAL_T_FLOOR = 1e-5
+# Written in the mask probability u = 1 - alpha(t) (du = -alpha'(t) dt), it is the integral
+# over u of the masked tokens' summed NLL, a bounded integrand, for EVERY schedule: the NELBO
+# weight -alpha'/(1 - alpha) times the ~L u masked tokens is -alpha' times their NLL. But a
+# draw at small u masks a token with probability u and weighs it by ~1/u, so u ~ U[0, 1] has
+# an unbounded variance. So, in u: importance sampling u = u0 + (u1 - u0) v^2, v ~ U[0, 1]
+# (u0, u1: the mask probabilities at t = 0 and 1; density 1 / (2 v (u1 - u0)) in u, more
+# draws near u0), t the time with 1 - alpha(t) = u, and each term times 1 / p(t) =
+# 2 v (u1 - u0) / (-alpha'(t)): unbiased, and the variance is finite (it grows like
+# int dv / v^2 * v^2 = 1 per token). v^2 floored at EVAL_FLOOR keeps the weight finite; it
+# changes the NELBO by about EVAL_FLOOR of itself (the integrand is bounded). For the linear
+# schedule this is t = v^2 with weight 2v.
+EVAL_FLOOR = 1e-5
 
 
-def sample_t_eval(batch: int, n_blocks: int, generator=None, device=None):
-    """Evaluation times and importance weights 1 / p(t), each (b, K), float64. The b*K
-    values v = (i + u) / n share ONE u ~ U[0, 1) and are shuffled over the blocks: each is
-    U[0, 1] alone (unbiased), together they cover [0, 1] evenly (as in MDLM)."""
+def time_at_mask_probability(schedule: str, u: torch.Tensor) -> torch.Tensor:
+    """The t in [0, 1] with 1 - alpha(t) = u, elementwise: alpha falls with t, so bisection
+    (60 halvings of [0, 1]: float64's precision) finds it for any schedule."""
+    lo, hi = torch.zeros_like(u), torch.ones_like(u)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        below = 1.0 - noise_schedule(schedule, mid)[0] < u  # masks less than u: t is above mid
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def sample_t_eval(schedule: str, batch: int, n_blocks: int, generator=None, device=None):
+    """Evaluation times and importance weights 1 / p(t), each (b, K), float64, drawn through
+    the mask probability as above. The b*K values v = (i + r) / n share ONE r ~ U[0, 1) and
+    are shuffled over the blocks: each is U[0, 1] alone (unbiased), together they cover
+    [0, 1] evenly (as in MDLM)."""
     n = batch * n_blocks
-    u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
-    v = (torch.arange(n, device=device, dtype=torch.float64) + u) / n  # (n,) one per stratum
+    r = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+    v = (torch.arange(n, device=device, dtype=torch.float64) + r) / n  # (n,) one per stratum
     v = v[torch.randperm(n, generator=generator, device=device)].view(batch, n_blocks)
-    return (v * v).clamp(min=EVAL_T_FLOOR), 2.0 * v
+    ends = 1.0 - noise_schedule(schedule, torch.tensor([0.0, 1.0], dtype=torch.float64, device=device))[0]
+    u0, u1 = ends.tolist()  # the mask probabilities at t = 0 and t = 1
+    t = time_at_mask_probability(schedule, u0 + (u1 - u0) * (v * v).clamp(min=EVAL_FLOOR))
+    return t, 2.0 * v * (u1 - u0) / -noise_schedule(schedule, t)[1]
 
 
 def ratio_estimate(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
@@ -287,7 +309,8 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
     for x0, prompt_mask in tqdm(batches, desc="nelbo", leave=False, disable=not progress):
         seq = 0.0
         for _ in range(draws):
-            out = model(x0, prompt_mask, generator=generator, eval_t_sampler=sample_t_eval)
+            out = model(x0, prompt_mask, generator=generator,
+                        eval_t_sampler=functools.partial(sample_t_eval, model.cfg.schedule))
             seq = seq + out.row_nats.double() / draws  # (b,)
         scored = out.target_ids != model.cfg.pad_id  # the same targets in every draw
         nats.append(seq.cpu())

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--eval on text: draws of (t, x_t) per window for the NELBO estimate, >= 1 (default 4)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per block, >= 1 (default block_len)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="remask",
+    p.add_argument("--strategy", choices=tuple(STRATEGIES), default="remask",
                    help="predict and remask the least confident, or ancestral posterior sampling (default remask)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, >= 0; 0 = greedy (default 0)")
     p.add_argument("--top_p", type=float, default=1.0,

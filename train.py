@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
+from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, TRAIN_LOSSES, ModelConfig, generate
 from models import (DTYPES, MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
                     load_checkpoint, peak_bf16_tflops, pick_device, train_flops_per_token, upgrade_optimizer_state,
                     upgrade_state_dict, weights_checksum)
@@ -53,7 +53,7 @@ class TrainConfig:
     task: str = "addition"  # built-in task (data.TASKS)
     digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
     data: str = ""  # your data file instead of a task: .jsonl / .tsv pairs, else plain text
-    data_format: str = "auto"  # "auto" (by extension), "pairs" or "text"
+    data_format: str = "auto"  # "auto" (a pairs file by its extension, data.PAIR_FORMATS, else text), "pairs", "text"
     val_fraction: float = 0.1  # the share at the end of the data file held out, in (0, 1)
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
     tokenizer: str = "bytes"  # "bytes" (needs nothing) or "bpe" (trained on the data file; pip install tokenizers)
@@ -97,10 +97,10 @@ MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_ev
                         "peak_tflops")
 
 # Allowed values of the string flags (argparse lists them in --help and refuses others).
-CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": SCHEDULES,
-           "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS),
-           "data_format": ("auto", "pairs", "text"), "too_long": ("skip", "error"),
-           "train_loss": ("masked_ce", "nelbo"), "tokenizer": data.TOKENIZERS, "dtype": DTYPES}
+# Each list is defined once, where the values are used; this only collects them.
+CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": tuple(SCHEDULES),
+           "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS), "data_format": data.DATA_FORMATS,
+           "too_long": data.TOO_LONG, "train_loss": TRAIN_LOSSES, "tokenizer": data.TOKENIZERS, "dtype": DTYPES}
 
 
 # -----------------------------------------------------------------------------
@@ -173,9 +173,10 @@ def training_config(train_over: dict) -> TrainConfig:
     out_dir = train_over.get("out_dir", TrainConfig.out_dir)
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "cpu")
     known = {f.name for f in fields(TrainConfig)}
-    saved = {k: v for k, v in (ckpt.get("train_config") or {}).items() if k in known}
+    # a flag the checkpoint predates was its default then: that is the value it trained with
+    saved = {**asdict(TrainConfig()), **{k: v for k, v in (ckpt.get("train_config") or {}).items() if k in known}}
     clash = [f"--{k}={v!r} (the checkpoint has {saved[k]!r})" for k, v in train_over.items()
-             if k in saved and saved[k] != v and k not in MAY_CHANGE_ON_RESUME]
+             if saved[k] != v and k not in MAY_CHANGE_ON_RESUME]
     if clash:
         raise ValueError("--resume continues the checkpoint's training config; these flags differ "
                          "from it: " + ", ".join(clash) + ". Only these may change on resume: "

@@ -71,6 +71,20 @@ def test_resume_restores_the_whole_training_config(tmp_path, capsys):
     assert all(f"--{name}" in resume_help for name in train.MAY_CHANGE_ON_RESUME if name != "resume")
 
 
+def test_resume_of_a_checkpoint_older_than_a_flag_keeps_the_flags_default(tmp_path, capsys):
+    # a checkpoint written before --train_loss existed trained with the default objective:
+    # resuming it with another value is the usual clash, never a silent change of objective
+    out = tmp_path / "run"
+    train_in(out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    del ckpt["train_config"]["train_loss"], ckpt["train_config"]["too_long"]  # as an older run saved it
+    torch.save(ckpt, out / "ckpt.pt")
+    message = script_error(train.main, [f"--out_dir={out}", "--resume", "--max_steps=3", "--train_loss=nelbo"], capsys)
+    assert "--train_loss='nelbo' (the checkpoint has 'masked_ce')" in message
+    train.main([f"--out_dir={out}", "--resume", "--max_steps=3", "--train_loss=masked_ce", "--too_long=skip"])
+    assert load_checkpoint(str(out / "ckpt.pt"), "cpu")["train_config"]["train_loss"] == "masked_ce"
+
+
 def flip_a_weight_byte(path):
     """Flip one byte in the middle of the largest stored tensor of a checkpoint file (its
     bytes are stored as they are in memory inside the zip archive)."""

@@ -83,3 +83,22 @@ def test_collate_errors():
         collate([], 4, 16)
     # a long prompt and a long answer fit in one batch when each fits alone
     assert collate([([1] * 8, [2]), ([1], [2] * 7)], 4, 12).x0.shape == (2, 12)
+
+
+@pytest.mark.parametrize("ext", data.PAIR_FORMATS)  # every pairs format there is
+def test_the_data_format_is_decided_in_one_place(ext, tmp_path):
+    # data.data_format decides what a file is for training, sample.py --eval and data_kind
+    # alike: a pairs extension is pairs under "auto" and "pairs", text under "text"
+    path = str(tmp_path / f"some.file{ext}")
+    assert data.data_format(path) == data.data_format(path, "pairs") == ext
+    assert data.data_kind(path) == "seq2seq" and data.data_kind(path, "text") == "text"
+    with open(path, "w") as f:
+        f.write("\n\n")
+    with pytest.raises(ValueError, match="the file has no examples"):  # the format's reader ran
+        data.read_pairs(path)
+    # anything else is plain text under "auto", and an error naming the formats under "pairs"
+    assert data.data_format(str(tmp_path / "book.txt")) == data.data_format(str(tmp_path / "notes")) == "text"
+    with pytest.raises(ValueError, match=r"unknown pairs file type '\.csv' \(use one of " + ", ".join(data.PAIR_FORMATS)):
+        data.data_format(str(tmp_path / "x.csv"), "pairs")
+    with pytest.raises(ValueError, match="data_format must be one of"):
+        data.data_format(path, "xml")

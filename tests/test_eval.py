@@ -2,7 +2,8 @@
 t in [0, 1], with an honest standard error. Known value: a model whose logits are all
 equal predicts uniformly over the V - 1 tokens that are not [MASK] (SUBS), so its NELBO is
 (alpha(0) - alpha(1)) * log(V - 1) per token, i.e. log(V - 1) exactly for the linear, log
-and exp schedules and (1 - eps) log(V - 1) for cosine, whose alpha(0) = 1 - eps."""
+and power schedules and (1 - eps) log(V - 1) for cosine, whose alpha(0) = 1 - eps. Every
+schedule in e2d2.SCHEDULES is checked, so a new one is tested the moment it is added."""
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import data
 import e2d2
-from e2d2 import ModelConfig, noise_schedule
+from e2d2 import SCHEDULES, ModelConfig, noise_schedule
 from models import build_model, eval_nelbo, ratio_estimate
 
 
@@ -36,7 +37,7 @@ def exact_uniform_nelbo(schedule, V=260):
     return (a(0.0) - a(1.0)) * math.log(V - 1)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "log", "power", "cosine"])
+@pytest.mark.parametrize("schedule", SCHEDULES)  # every schedule there is
 @pytest.mark.parametrize("name", ["e2d2", "bd3lm", "mdlm"])
 def test_uniform_logits_give_log_v_minus_1(name, schedule):
     model = uniform_model(name, schedule)
@@ -73,8 +74,10 @@ def test_clipped_training_range_still_evaluates_the_full_bound(monkeypatch):
     t = torch.cat([s[0].flatten() for s in seen])
     assert not any(s[1] for s in seen)  # never re-masked
     assert t.min() < 1e-3 and t.max() > 0.99  # the whole range, not [0.3, 0.8]
-    # t = v^2 with v stratified over [0, 1]: P(t < 0.09) = P(v < 0.3) = 0.3
-    assert (t < 0.09).double().mean().item() == pytest.approx(0.3, abs=0.01)
+    # the mask probability u = 1 - alpha(t) = v^2 with v stratified over [0, 1] (the log
+    # schedule masks from u = 0 to 1): P(t < 0.09) = P(v < sqrt(1 - alpha(0.09)))
+    expected = math.sqrt(1 - noise_schedule("log", torch.tensor(0.09, dtype=torch.float64))[0].item())
+    assert (t < 0.09).double().mean().item() == pytest.approx(expected, abs=0.01)
     value, se = est.per_token()
     assert abs(value - math.log(259)) < 3 * se
     # ... while training keeps to its range

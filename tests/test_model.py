@@ -5,7 +5,7 @@ import torch
 
 import data
 from conftest import random_layout, tiny
-from e2d2 import E2D2, CachedE2D2, ModelConfig, Runner, generate
+from e2d2 import STRATEGIES, E2D2, CachedE2D2, ModelConfig, Runner, generate
 from models import upgrade_optimizer_state, upgrade_state_dict
 
 
@@ -343,3 +343,19 @@ def test_compiled_sampler_gives_the_eager_tokens():
         got = generate(compiled, batch, max_new_tokens=16, steps=4)
         assert got.tokens == want.tokens and got.network_calls == want.network_calls
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # it did compile
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)  # every strategy there is
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_strategy_samples_the_same_tokens_with_and_without_the_cache(strategy, temperature):
+    # a strategy added to e2d2.STRATEGIES is run here at once: the cached sampler gives the
+    # uncached reference's tokens (the same draws in the same order), every [MASK] is filled
+    model = tiny()
+    prompts = [[1, 2, 3, 4, 5], [9] * 9]
+    kw = dict(max_new_tokens=12, steps=3, strategy=strategy, temperature=temperature, stop_at_eos=False)
+    cached = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kw)
+    uncached = generate(model, prompts, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
+    assert cached.tokens == uncached.tokens and all(len(t) == 12 for t in cached.tokens)
+    assert all(model.cfg.mask_id not in t for t in cached.tokens)  # every [MASK] filled by the last step
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        generate(model, prompts, strategy=strategy + "x")

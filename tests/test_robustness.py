@@ -333,7 +333,8 @@ def test_prompt_attention_follows_the_data_and_old_checkpoints(tmp_path):
         train.setup(train.TrainConfig(data=text), {"seq_len": 64, "prompt_attention": "bidirectional"}, "cpu")
     # a checkpoint saved before the field existed: from its training config
     assert data.prompt_attention_of({"data": text}) == "block_causal"
-    assert data.prompt_attention_of({"data": text, "data_format": "pairs"}) == "bidirectional"
+    with pytest.raises(ValueError, match="unknown pairs file type '.txt'"):  # pairs need a pairs extension
+        data.prompt_attention_of({"data": text, "data_format": "pairs"})
     assert data.prompt_attention_of({"data": pairs}) == data.prompt_attention_of({}) == "bidirectional"
     assert config_from_dict({}, "block_causal").prompt_attention == "block_causal"
     assert config_from_dict({"prompt_attention": "bidirectional"}, "block_causal").prompt_attention == "bidirectional"
