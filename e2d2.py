@@ -44,6 +44,7 @@ from einops import rearrange
 SCHEDULES = ("linear", "cosine", "log", "power")
 STRATEGIES = ("remask", "ancestral")  # how a denoising step picks the tokens it reveals (section 8)
 DECODER_VARIANTS = ("hidden", "shared_kv")
+DECODER_LAYERS = ("top", "bottom")
 PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
 
@@ -62,6 +63,8 @@ class ModelConfig:
     n_enc: int = 4  # N_enc encoder layers (baselines: N layers)
     n_dec: int = 2  # [E2D2] N_dec decoder layers
     decoder: str = "hidden"  # [E2D2] the decoder's clean keys/values: hidden (from h) or shared_kv (encoder layers')
+    decoder_layers: str = "top"  # [E2D2] decoder layer j pairs with encoder layer N_enc - N_dec + j (top) or j (bottom)
+    tie_decoder: bool = False  # [E2D2] decoder layer j IS its paired encoder layer (shared weights, no new parameters)
     schedule: str = "linear"  # noise schedule alpha(t)
     t_min: float = 1e-3  # training draws t ~ U[t_min, t_max]; 0 < t_min < t_max
     t_max: float = 1.0  # upper end of the training range of t, <= 1
@@ -88,12 +91,15 @@ def validate_config(cfg: ModelConfig) -> None:
             problems.append(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         elif (cfg.d_model // cfg.n_heads) % 2 != 0:  # RoPE rotates pairs of dimensions
             problems.append(f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)")
-        if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:  # [E2D2]
-            problems.append(f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it "
+        paired = [w for w, on in (("decoder='shared_kv'", cfg.decoder == "shared_kv"), ("tie_decoder", cfg.tie_decoder)) if on]
+        if cfg.model == "e2d2" and paired and cfg.n_dec > cfg.n_enc:  # [E2D2] one encoder layer per decoder layer
+            problems.append(f"{' and '.join(paired)} pairs each decoder layer with an encoder layer, so it "
                             f"needs n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
         problems += [f"{name}={getattr(cfg, name)} is outside the vocabulary" for name in ("pad_id", "eos_id", "mask_id")
                      if not 0 <= getattr(cfg, name) < cfg.vocab_size]
-    for name, allowed in (("decoder", DECODER_VARIANTS), ("schedule", SCHEDULES),
+    if not isinstance(cfg.tie_decoder, bool):
+        problems.append(f"tie_decoder must be True or False, got {cfg.tie_decoder!r}")
+    for name, allowed in (("decoder", DECODER_VARIANTS), ("decoder_layers", DECODER_LAYERS), ("schedule", SCHEDULES),
                           ("prompt_attention", PROMPT_ATTENTION)):
         if getattr(cfg, name) not in allowed:
             problems.append(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -492,13 +498,20 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
 # ---------------------------------------------------------------------------------------
 # 6. The E2D2 network (an encoder over clean tokens, a decoder over noisy ones) and its training step.
 
+def paired_layers(cfg: ModelConfig) -> list:  # [E2D2]
+    """The encoder layer that decoder layer j pairs with: shared_kv reads its keys/values,
+    tie_decoder makes the two one layer, and an init from an AR model copies that AR layer."""
+    return [cfg.n_enc - cfg.n_dec + j if cfg.decoder_layers == "top" else j for j in range(cfg.n_dec)]
+
+
 class E2D2Network(TokenModel):  # [E2D2]
     """Encode the clean tokens, decode the noisy ones (class E2D2, section 7, adds the rest)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)  # self.embed is shared by encoder and decoder
         self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # N_enc layers on x_0
-        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # N_dec layers on x_t
+        self.pairs = paired_layers(cfg)  # tied: decoder layer j is the module encoder[pairs[j]] itself
+        self.decoder = nn.ModuleList(self.encoder[i] if cfg.tie_decoder else Layer(cfg) for i in self.pairs)
         self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
         self.init_weights()
 
@@ -512,10 +525,10 @@ class E2D2Network(TokenModel):  # [E2D2]
     def clean_kv(self, h, positions, enc_kv) -> list:
         """What decoder layer l sees of the clean tokens (N_dec KVs): "hidden" passes h through
         layer l's OWN input norm and K/V projection (in BD3-LM each layer's clean keys come
-        from its own clean hidden state instead); "shared_kv" reuses encoder layer
-        N_enc - N_dec + l's keys/values (no projection at all)."""
+        from its own clean hidden state instead); "shared_kv" reuses the keys/values of its
+        paired encoder layer (no projection at all), as a layer of an AR model reads its own depth."""
         if self.cfg.decoder == "shared_kv":
-            return list(enc_kv[len(enc_kv) - self.cfg.n_dec:])
+            return [enc_kv[i] for i in self.pairs]
         cos, sin = self.rope(positions)
         return [layer.attn.project_kv(layer.norm1(h), cos, sin) for layer in self.decoder]
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -38,9 +39,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
-from models import (MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
-                    load_checkpoint, pick_device, upgrade_optimizer_state, upgrade_state_dict, weights_checksum)
+from e2d2 import DECODER_LAYERS, DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, ModelConfig, generate
+from models import (E2D2_INIT_FIELDS, MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo,
+                    init_from_checkpoint, init_source_error, is_cuda, load_checkpoint, pick_device,
+                    upgrade_optimizer_state, upgrade_state_dict, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # Training settings. The model's settings are e2d2.ModelConfig; both are flags.
@@ -57,12 +59,13 @@ class TrainConfig:
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
     tokenizer: str = "bytes"  # "bytes" (needs nothing) or "bpe" (trained on the data file; pip install tokenizers)
     bpe_vocab: int = 1024  # --tokenizer=bpe: vocabulary size, the 4 special tokens included
-    init_from: str = ""  # an AR checkpoint to start an e2d2/bd3lm/mdlm from (same width and tokenizer)
+    init_from: str = ""  # start from a checkpoint: an AR one (any model) or one of the same kind; see INIT_RECIPE
     # where checkpoints and the log go
     out_dir: str = "out"  # ckpt.pt (last), best.pt (lowest val NELBO), log.jsonl, config.json
     resume: bool = False  # continue from out_dir/ckpt.pt with the training config saved there
     overwrite: bool = False  # a new run may replace the checkpoint and log already in out_dir
     save_every: int = 0  # steps between checkpoints besides those at evaluations (>= 0; 0 = none)
+    keep_evals: bool = False  # also keep each evaluation's checkpoint as ckpt_<step>.pt (to study training)
     seed: int = 1337  # every step is a pure function of (seed, step): data, noise, dropout
     # optimisation: AdamW, linear warmup then cosine decay, gradient clipping
     batch_size: int = 128  # the global batch (>= 1): split over processes and accumulation steps
@@ -89,11 +92,37 @@ class TrainConfig:
 # Flags that may differ from the checkpoint's training config on --resume: how long to go on,
 # how often to evaluate and save, and where/how to run. Everything else (the data, the seed,
 # the optimiser, the batch) is restored, so a resumed run keeps training the same thing.
-MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_every", "eval_examples",
+MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_every", "keep_evals", "eval_examples",
                         "eval_batches", "eval_draws", "sample_steps", "device", "compile", "threads")
 
+# The fine-tuning recipe: a run started from an AR checkpoint (--init_from, without --resume)
+# takes these values for the flags it leaves out, per model kind (n_dec at most the AR's N).
+# Measured on the vowels task (docs/finetuning.md, bench.py finetune): PLACEHOLDER.
+INIT_RECIPE = {
+    "e2d2": {"decoder": "shared_kv", "tie_decoder": True, "decoder_layers": "top", "n_dec": 2, "lr": 1e-3},
+    "bd3lm": {"lr": 1e-3}, "mdlm": {"lr": 1e-3}, "ar": {"lr": 1e-3},
+}
+
+
+def with_init_recipe(model_over: dict, train_over: dict):
+    """The flags of a run that starts from an AR checkpoint: those given, then INIT_RECIPE's
+    for the rest. Returns (model_over, train_over, the recipe's flags that were used)."""
+    if not train_over.get("init_from") or train_over.get("resume"):
+        return model_over, train_over, {}
+    src = config_from_dict(load_checkpoint(train_over["init_from"], "cpu")["config"])
+    if src.model != "ar":  # a model of its own kind keeps its own settings (see setup)
+        return model_over, train_over, {}
+    recipe = dict(INIT_RECIPE.get(model_over.get("model", ModelConfig.model), {}))
+    if "n_dec" in recipe:
+        recipe["n_dec"] = min(recipe["n_dec"], src.n_enc)
+    used = {k: v for k, v in recipe.items() if k not in model_over and k not in train_over}
+    model_names = {f.name for f in fields(ModelConfig)}
+    return ({**model_over, **{k: v for k, v in used.items() if k in model_names}},
+            {**train_over, **{k: v for k, v in used.items() if k not in model_names}}, used)
+
+
 # Allowed values of the string flags (argparse lists them in --help and refuses others).
-CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": SCHEDULES,
+CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "decoder_layers": DECODER_LAYERS, "schedule": SCHEDULES,
            "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS),
            "data_format": ("auto", "pairs", "text"), "too_long": ("skip", "error"),
            "train_loss": ("masked_ce", "nelbo"), "tokenizer": data.TOKENIZERS}
@@ -244,15 +273,21 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
         # a new model: the defaults, then the tokenizer's special ids, a seq_len that fits
         # the data (the dataset decides it unless --seq_len does) and how its prompts are
         # read (seq2seq: bidirectionally; text: block-causally), then the flags
-        block_len = model_over.get("block_len", ModelConfig.block_len)
         tok, arch = None, {}
-        if tc.init_from:  # start from an AR model: its tokenizer, and its width and depth by default
-            ar = load_checkpoint(tc.init_from, "cpu")
-            tok = data.tokenizer_from_dict(ar.get("tokenizer"))
+        if tc.init_from:  # start from a trained model: its tokenizer, its width and depth by default
+            src_ckpt = load_checkpoint(tc.init_from, "cpu")
+            src, target = config_from_dict(src_ckpt["config"]), model_over.get("model", ModelConfig.model)
+            error = init_source_error(src.model, target)
+            if error:
+                raise ValueError(error)
+            tok = data.tokenizer_from_dict(src_ckpt.get("tokenizer"))
             if tok.to_dict()["kind"] != tc.tokenizer:
                 raise ValueError(f"--init_from={tc.init_from} was trained with --tokenizer="
                                  f"{tok.to_dict()['kind']}, not --tokenizer={tc.tokenizer}")
-            arch = {k: ar["config"][k] for k in ("d_model", "n_heads", "n_enc", "rope_base")}
+            # a model of its own kind also keeps its blocks, and an E2D2 its decoder
+            inherit = ("d_model", "n_heads", "n_enc", "rope_base") + (("block_len",) if src.model == target else ())
+            arch = {k: getattr(src, k) for k in inherit + (E2D2_INIT_FIELDS if src.model == target == "e2d2" else ())}
+        block_len = model_over.get("block_len", arch.get("block_len", ModelConfig.block_len))
         dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"), tok)
         prompt_attention = data.PROMPT_ATTENTION[dataset.kind]
         if model_over.get("prompt_attention", prompt_attention) != prompt_attention:
@@ -461,9 +496,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                                   weight_decay=tc.weight_decay)
     step, metrics, best = 0, {}, math.inf  # best: the lowest validation NELBO so far
     if ckpt is None and tc.init_from:  # the paper's recipe: start from an AR model's weights
-        init_from_ar(model, load_checkpoint(tc.init_from, device), dataset.tok.to_dict())
+        copied = init_from_checkpoint(model, load_checkpoint(tc.init_from, device), dataset.tok.to_dict())
         if main_process:
-            print(f"initialised from the AR model {tc.init_from}")
+            print(f"initialised from {tc.init_from}: {copied}")
     if ckpt is not None:
         model.load_state_dict(upgrade_state_dict(ckpt["model"]))
         optimizer.load_state_dict(upgrade_optimizer_state(ckpt["optimizer"], list(ckpt["model"]),
@@ -565,6 +600,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 improved = metrics["val_nelbo"] < best
                 best = min(best, metrics["val_nelbo"])
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best, dataset.tok)
+                if tc.keep_evals:  # a copy that the next evaluation does not replace
+                    shutil.copyfile(ckpt_path, os.path.join(tc.out_dir, f"ckpt_{step}.pt"))
                 if improved:  # best.pt: the weights with the lowest validation NELBO so far
                     save_checkpoint(best_path, model, optimizer, step, tc, metrics, best, dataset.tok)
             elif tc.save_every and step % tc.save_every == 0:  # a checkpoint between evaluations
@@ -622,6 +659,9 @@ def main(argv=None):
     printed once (under torchrun by rank 0 only; the other processes exit quietly)."""
     model_over, train_over = parse_args(argv)
     try:
+        model_over, train_over, recipe = with_init_recipe(model_over, train_over)
+        if recipe and os.environ.get("RANK", "0") == "0":
+            print("--init_from: the fine-tuning recipe sets " + " ".join(f"--{k}={v}" for k, v in recipe.items()))
         tc = training_config(train_over)  # with --resume: the checkpoint's, plus the flags
         validate_train_config(tc)
         if tc.threads:  # on a busy machine torch's default (all cores) thrashes: see README
