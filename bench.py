@@ -515,7 +515,7 @@ FT_STEPS = 300  # the short fine-tuning budget, in steps of batch 32
 # The AR pretrained on the text; every fine-tuned model takes its width and depth. N = 8, so
 # that E2D2 with N_dec = 2 can decode up to (T N + N) / (T N_dec + N_enc) = 3x faster than
 # BD3-LM per block at B = T = 8 (N = 4 would allow 1.8x at most).
-FT_PRETRAIN = ["--model=ar", "--data={dir}/topics.txt", "--seq_len=96", "--block_len=8", "--d_model=128",
+FT_PRETRAIN = ["--model=ar", "--data={dir}/topics.txt", "--seq_len=96", "--d_model=128",
                "--n_heads=4", "--n_enc=8", "--batch_size=32", "--max_steps=1200", "--warmup_steps=100", "--lr=2e-3",
                "--eval_every=200", "--eval_batches=4", "--eval_draws=1"]
 FT_COMMON = ["--data={dir}/vowels_train.jsonl", "--seq_len=96", "--batch_size=32", "--warmup_steps=30",
@@ -678,7 +678,7 @@ def ft_eval(d: str, names: list, quick: bool) -> dict:
             tests[str(T or "default")] = {k: r[k] for k in ("exact_match", "bleu", "chrf", "rouge_l")}
             answers = r["answers"][:3]
         with open(os.path.join(run_dir(d, name), "log.jsonl")) as f:
-            curve = [(e["step"], e["val_nelbo"]) for e in map(json.loads, f) if "val_nelbo" in e]
+            curve = [(e["step"], e["val_nelbo"], e["val_nelbo_se"]) for e in map(json.loads, f) if "val_nelbo" in e]
         rows[name] = {"model": cfg.model, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "decoder": cfg.decoder,
                       "decoder_layers": cfg.decoder_layers, "tie_decoder": cfg.tie_decoder, "block_len": B,
                       "params": model.num_params(), "lr": tc["lr"], "steps": ckpt["step"],

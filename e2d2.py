@@ -91,16 +91,13 @@ def validate_config(cfg: ModelConfig) -> None:
             problems.append(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         elif (cfg.d_model // cfg.n_heads) % 2 != 0:  # RoPE rotates pairs of dimensions
             problems.append(f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)")
-        paired = [w for w, on in (("decoder='shared_kv'", cfg.decoder == "shared_kv"), ("tie_decoder", cfg.tie_decoder)) if on]
-        if cfg.model == "e2d2" and paired and cfg.n_dec > cfg.n_enc:  # [E2D2] one encoder layer per decoder layer
-            problems.append(f"{' and '.join(paired)} pairs each decoder layer with an encoder layer, so it "
-                            f"needs n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
+        if cfg.model == "e2d2" and (cfg.decoder == "shared_kv" or cfg.tie_decoder) and cfg.n_dec > cfg.n_enc:  # [E2D2]
+            problems.append(f"decoder={cfg.decoder!r}, tie_decoder={cfg.tie_decoder} pairs each decoder layer with an "
+                            f"encoder layer, so it needs n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
         problems += [f"{name}={getattr(cfg, name)} is outside the vocabulary" for name in ("pad_id", "eos_id", "mask_id")
                      if not 0 <= getattr(cfg, name) < cfg.vocab_size]
-    if not isinstance(cfg.tie_decoder, bool):
-        problems.append(f"tie_decoder must be True or False, got {cfg.tie_decoder!r}")
     for name, allowed in (("decoder", DECODER_VARIANTS), ("decoder_layers", DECODER_LAYERS), ("schedule", SCHEDULES),
-                          ("prompt_attention", PROMPT_ATTENTION)):
+                          ("tie_decoder", (False, True)), ("prompt_attention", PROMPT_ATTENTION)):
         if getattr(cfg, name) not in allowed:
             problems.append(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.t_min < cfg.t_max <= 1.0:  # t = 0 would give the weight 1/(1-alpha(0)) = inf
@@ -498,19 +495,14 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
 # ---------------------------------------------------------------------------------------
 # 6. The E2D2 network (an encoder over clean tokens, a decoder over noisy ones) and its training step.
 
-def paired_layers(cfg: ModelConfig) -> list:  # [E2D2]
-    """The encoder layer that decoder layer j pairs with: shared_kv reads its keys/values,
-    tie_decoder makes the two one layer, and an init from an AR model copies that AR layer."""
-    return [cfg.n_enc - cfg.n_dec + j if cfg.decoder_layers == "top" else j for j in range(cfg.n_dec)]
-
-
 class E2D2Network(TokenModel):  # [E2D2]
     """Encode the clean tokens, decode the noisy ones (class E2D2, section 7, adds the rest)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)  # self.embed is shared by encoder and decoder
         self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # N_enc layers on x_0
-        self.pairs = paired_layers(cfg)  # tied: decoder layer j is the module encoder[pairs[j]] itself
+        # decoder layer j pairs with encoder layer pairs[j]: shared_kv reads its keys/values; tied, it IS that module
+        self.pairs = [cfg.n_enc - cfg.n_dec + j if cfg.decoder_layers == "top" else j for j in range(cfg.n_dec)]
         self.decoder = nn.ModuleList(self.encoder[i] if cfg.tie_decoder else Layer(cfg) for i in self.pairs)
         self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
         self.init_weights()
@@ -550,8 +542,7 @@ class E2D2Network(TokenModel):  # [E2D2]
         return self.decode(x_t, positions, dec_mask, clean_kv)  # N_dec layers, L queries, 2L keys
 
 
-def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
-                      eval_t_sampler=None) -> Loss:
+def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss, eval_t_sampler=None) -> Loss:
     """The training step of E2D2 (and BD3-LM, MDLM): one t per block, x_t ~ q(x_t | x_0), the
     logits of every noisy token in ONE model.logits call, the losses. train_loss: what `loss`
     is, "masked_ce" (default, see section 3) or "nelbo". eval_t_sampler (evaluation,
@@ -612,9 +603,7 @@ class KVCache:
     def key_mask(self, n_new: int) -> Optional[torch.Tensor]:
         """The keys n_new new queries may see: every real cached token and all n_new new ones,
         the same for every query: (b, 1, n + n_new), or None (everything) without padding."""
-        if not self.padded:
-            return None
-        return F.pad(self.real, (0, n_new), value=True)[:, None, :]
+        return F.pad(self.real, (0, n_new), value=True)[:, None, :] if self.padded else None
 
     def select(self, rows):
         """Keep only these sequences (a bool (b,) or index tensor): the others finished."""
@@ -625,9 +614,7 @@ class KVCache:
 def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
     """The prompt_mask a (left-padded) prompt (b, P') is read with, as in training: every
     real token (seq2seq, "bidirectional"), or none (plain text: read block-causally)."""
-    if cfg.prompt_attention == "bidirectional":
-        return prompt != cfg.pad_id
-    return torch.zeros_like(prompt, dtype=torch.bool)
+    return (prompt != cfg.pad_id) & (cfg.prompt_attention == "bidirectional")
 
 
 class Runner:
@@ -638,10 +625,9 @@ class Runner:
     only these rows go on. encoder_calls / decoder_calls: passes over clean / noisy tokens."""
 
     def __init__(self, model, prompt: torch.Tensor, max_new_tokens: Optional[int], block_len: int = 0):
-        cfg = model.cfg
-        self.model, self.mask_id = model, cfg.mask_id
-        self.block_len = block_len or cfg.block_len
-        answer = max_new_tokens or cfg.seq_len - prompt.shape[1]  # default: all the room left
+        self.model, self.mask_id = model, model.cfg.mask_id
+        self.block_len = block_len or model.cfg.block_len
+        answer = max_new_tokens or model.cfg.seq_len - prompt.shape[1]  # default: all the room left
         self.answer_len = torch.full((prompt.shape[0],), answer, device=prompt.device)
         self.encoder_calls = self.decoder_calls = 0
 

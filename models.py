@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 from baselines import AR, BD3LM, MDLM
-from e2d2 import E2D2, ModelConfig, TokenModel, generate, paired_layers
+from e2d2 import E2D2, ModelConfig, TokenModel, generate
 
 MODELS = {"e2d2": E2D2, "ar": AR, "mdlm": MDLM, "bd3lm": BD3LM}  # ModelConfig.model -> class
 MODEL_TYPES = tuple(MODELS)
@@ -161,7 +161,7 @@ def init_from_checkpoint(model: TokenModel, ckpt: dict, tokenizer: Optional[dict
     - AR, BD3-LM, MDLM: layer i = AR layer i (AR into AR: plain fine-tuning on new data,
       the baseline the paper compares with);
     - E2D2: encoder layer i = AR layer i (N_enc = N), the encoder's final norm enc_norm =
-      the AR's final norm, and decoder layer j = AR layer e2d2.paired_layers(cfg)[j] (top:
+      the AR's final norm, and decoder layer j = AR layer model.pairs[j] (top:
       N - N_dec + j; bottom: j). An untied decoder gets copies of those layers; a tied one
       (tie_decoder) IS those encoder layers, so it gets them with the encoder.
     From a checkpoint of the model's own kind: every weight as it is (the same logits).
@@ -196,7 +196,7 @@ def init_from_checkpoint(model: TokenModel, ckpt: dict, tokenizer: Optional[dict
     if src.model == cfg.model:  # the same kind: every weight as it is
         model.load_state_dict(weights)
         return f"every weight of the {cfg.model} checkpoint"
-    pairs = paired_layers(cfg) if cfg.model == "e2d2" else []
+    pairs = model.pairs if cfg.model == "e2d2" else []  # decoder layer j <- AR layer pairs[j]
     new = {}
     for name in model.state_dict():  # the AR's state dict: embed.*, norm.*, layers.<i>.*
         if name.startswith(("embed.", "norm.", "layers.")):  # AR, BD3-LM, MDLM: the same stack

@@ -3,12 +3,13 @@ benchmarks run end to end at tiny sizes (their speed is measured by running them
 asserted here)."""
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench
-from conftest import LayerCounter
+from conftest import ROOT, LayerCounter, random_layout, tiny
 from e2d2 import ModelConfig, generate
 from models import build_model
 
@@ -96,3 +97,72 @@ def test_speedup_benchmark_against_a_commit(tmp_path, monkeypatch, root):
     assert saved["against"] == "HEAD" and len(saved["commit"]) == 40 and len(saved["rows"]) == len(rows)
     with pytest.raises(ValueError, match="--against=no-such-commit"):
         bench.load_code_at("no-such-commit")
+
+
+# --- the fine-tuning walk-through (bench.py finetune) ----------------------------------
+
+def test_attention_weights_are_what_the_layer_attends_with():
+    # the weights recomputed by hand, times the values, through the output projection, give
+    # the layer's own attention output (which F.scaled_dot_product_attention computes)
+    model = tiny()
+    layer, g = model.decoder[0], torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 32, generator=g, dtype=torch.float64)
+    past = tuple(torch.randn(2, 4, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))  # (b, H, 3, hd)
+    mask = torch.rand(2, 5, 8, generator=g) < 0.7
+    mask[:, :, -5:] |= torch.eye(5, dtype=torch.bool)  # every query sees itself
+    cos, sin = model.rope(slice(3, 8))
+    with torch.no_grad():
+        out, (_, v) = layer.attn(layer.norm1(x), cos, sin, mask, past)
+        w = bench.attention_weights(layer, x, cos, sin, mask, past)  # (b, H, 5, 8)
+        assert torch.allclose(w.sum(-1), torch.ones(2, 4, 5, dtype=torch.float64))
+        assert not w[~mask[:, None].expand_as(w)].any()  # nothing where the mask says no
+        y = w @ torch.cat([past[1], v], 2)  # (b, H, 5, hd)
+        torch.testing.assert_close(layer.attn.out(y.transpose(1, 2).flatten(2)), out)
+
+
+@pytest.mark.parametrize("kind", ["e2d2", "bd3lm"])
+def test_read_the_prompt_splits_all_attention_and_scores_every_block(kind):
+    model = tiny(kind)
+    _, x0, _, prompt_mask, P = random_layout(model, n_answer_blocks=3)
+    r = bench.read_the_prompt(model, x0, prompt_mask, torch.Generator().manual_seed(0))
+    n_layers = model.cfg.n_dec if kind == "e2d2" else model.cfg.n_enc
+    masses = r["attention"]
+    assert all(len(v) == n_layers for v in masses.values())
+    assert min(masses["own_block"]) > 0  # a [MASK] query always sees its own block (the noisy queries were read)
+    for layer in range(n_layers):  # a [MASK] query sees the prompt, earlier blocks and its own block: nothing else
+        assert sum(masses[k][layer] for k in masses) == pytest.approx(1.0)
+    assert len(r["loss_by_block"]) == 3 and all(v > 0 for v in r["loss_by_block"])
+    # a model that cannot see the prompt puts no weight on it: its prompt rows all padding
+    x0[:, :P] = model.cfg.pad_id
+    r = bench.read_the_prompt(model, x0, prompt_mask, torch.Generator().manual_seed(0))
+    assert max(r["attention"]["prompt"]) == 0.0
+
+
+def test_finetune_runs_are_train_flags_that_build_their_models():
+    import train  # the runs are train.py command lines: each must parse and build its model
+    state = {"best_lr": {fam: lrs[0] for fam, (_, lrs) in bench.FT_SWEPT.items()},
+             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": 700}
+    names = []
+    for stage in ("pretrain", "sweep", "variants", "long", "frontier"):
+        for name, flags in bench.ft_runs(stage, "D", state, quick=False).items():
+            model_over, train_over = train.parse_args(flags)
+            assert train_over["data"] in ("D/topics.txt", "D/vowels_train.jsonl"), name
+            assert (train_over.get("init_from") == "D/ar-pre/ckpt.pt") == (name not in ("ar-pre", "ar-scratch"))
+            ModelConfig(**{**model_over, "vocab_size": 260})
+            names.append(name)
+    assert len(names) == len(set(names))
+    assert {"e2d2-recipe-equal-time", "frontier-bd3lm-B4", "frontier-ndec4-B4", "frontier-ndec1-B8"} <= set(names)
+
+
+@pytest.mark.slow
+def test_finetune_walkthrough_runs_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "bench.py", "finetune", "--quick", f"--out_dir={tmp_path / 'runs'}",
+                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "finetune.json").read_text())
+    assert results["task"]["vowels"]["copy_chrf"] > 20 and results["task"]["spaces"]["copy_chrf"] == 100
+    assert "e2d2-recipe-equal-time" in results["runs"] and "frontier-bd3lm-B4" in results["runs"]
+    speed = json.loads((tmp_path / "finetune_speed.json").read_text())
+    assert set(speed["train_step_s"]) >= {"ar", "bd3lm", "mdlm", *bench.FT_DECODERS}
+    probe = json.loads((tmp_path / "finetune_probe.json").read_text())
+    assert all(rows[0]["step"] == 0 for rows in probe.values())

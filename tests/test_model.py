@@ -178,13 +178,13 @@ def test_bad_config_gives_clear_errors():
         ModelConfig(seq_len=30, block_len=4)
     with pytest.raises(ValueError, match="not divisible by n_heads"):
         ModelConfig(d_model=30, n_heads=4)
-    with pytest.raises(ValueError, match="decoder='shared_kv' pairs each decoder layer .* needs n_dec <= n_enc"):
+    with pytest.raises(ValueError, match="decoder='shared_kv', tie_decoder=False pairs each decoder layer .* needs n_dec <= n_enc"):
         ModelConfig(decoder="shared_kv", n_enc=2, n_dec=3)
-    with pytest.raises(ValueError, match="tie_decoder pairs each decoder layer .* needs n_dec <= n_enc"):
+    with pytest.raises(ValueError, match="decoder='hidden', tie_decoder=True pairs each decoder layer .* needs n_dec <= n_enc"):
         ModelConfig(tie_decoder=True, n_enc=2, n_dec=3)
     with pytest.raises(ValueError, match="decoder_layers must be one of"):
         ModelConfig(decoder_layers="middle")
-    with pytest.raises(ValueError, match="tie_decoder must be True or False"):
+    with pytest.raises(ValueError, match="tie_decoder must be one of"):
         ModelConfig(tie_decoder="yes")
     with pytest.raises(ValueError, match="schedule must be one of"):
         ModelConfig(schedule="quadratic")

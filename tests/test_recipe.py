@@ -3,6 +3,7 @@ E2D2 (and BD3-LM, MDLM) initialised from an AR model, and nucleus (top-p) sampli
 import os
 import random
 import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -239,6 +240,10 @@ SAME_KIND = [dict(model="e2d2"), dict(model="e2d2", decoder="shared_kv", tie_dec
 @pytest.mark.parametrize("over", SAME_KIND, ids=lambda o: "-".join(map(str, o.values())))
 def test_a_checkpoint_into_a_model_of_its_own_kind_gives_identical_logits(over):
     old = tiny(**over)
+    with torch.no_grad():  # norm gains away from their initial 1, so a norm left out shows
+        for p in old.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
     ckpt = {"config": vars(old.cfg), "model": old.state_dict(), "tokenizer": {"kind": "bytes"}}
     torch.manual_seed(9)
     new = build_model(ModelConfig(**{**vars(old.cfg), "t_min": 0.1})).double().eval()  # training settings may differ
@@ -314,6 +319,48 @@ def test_init_from_through_train_script(tmp_path, capsys):
     err = script_error(train.main, [*common, f"--init_from={tmp_path / 'nothing.pt'}",
                                     f"--out_dir={tmp_path / 'z'}"], capsys)
     assert "no checkpoint at" in err
+
+
+def test_init_from_recipe_own_kind_and_kept_checkpoints_through_train_script(tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_bytes(TEXT.encode() * 3)
+    common = [f"--data={text}", "--seq_len=32", "--batch_size=8", "--eval_batches=1", "--eval_draws=1", "--threads=1"]
+    ar_dir, e_dir = tmp_path / "ar", tmp_path / "e"
+    train.main([*common, "--model=ar", "--d_model=32", "--n_enc=3", "--max_steps=1", f"--out_dir={ar_dir}"])
+    capsys.readouterr()
+    # 1. from an AR checkpoint, the flags left out take the recipe, which the run says
+    recipe, train_fields = train.INIT_RECIPE["e2d2"], {f.name for f in fields(train.TrainConfig)}
+    train.main([*common, f"--init_from={ar_dir / 'ckpt.pt'}", "--max_steps=2", "--eval_every=1", "--keep_evals",
+                f"--out_dir={e_dir}"])
+    said = capsys.readouterr().out
+    assert "--init_from: the fine-tuning recipe sets " + " ".join(f"--{k}={v}" for k, v in recipe.items()) in said
+    ckpt = load_checkpoint(str(e_dir / "ckpt.pt"), "cpu")
+    for k, v in recipe.items():
+        assert (ckpt["train_config"] if k in train_fields else ckpt["config"])[k] == v, k
+    assert (ckpt["config"]["d_model"], ckpt["config"]["n_enc"]) == (32, 3)  # the AR's width and depth
+    # --keep_evals: every evaluation's checkpoint stays, as it was at that step
+    kept = [load_checkpoint(str(e_dir / f"ckpt_{s}.pt"), "cpu") for s in (1, 2)]
+    assert [k["step"] for k in kept] == [1, 2]
+    assert all(torch.equal(kept[1]["model"][n], ckpt["model"][n]) for n in ckpt["model"])
+    assert not all(torch.equal(kept[0]["model"][n], ckpt["model"][n]) for n in ckpt["model"])
+    # 2. a flag given wins over the recipe
+    train.main([*common, f"--init_from={ar_dir / 'ckpt.pt'}", "--max_steps=1", "--decoder=hidden", "--lr=5e-4",
+                f"--out_dir={tmp_path / 'e2'}"])
+    assert "--decoder=" not in capsys.readouterr().out.split("recipe sets")[1].splitlines()[0]
+    c2 = load_checkpoint(str(tmp_path / "e2" / "ckpt.pt"), "cpu")
+    assert (c2["config"]["decoder"], c2["train_config"]["lr"], c2["config"]["tie_decoder"]) == ("hidden", 5e-4, recipe["tie_decoder"])
+    # 3. from a model of its own kind: its decoder and blocks, no recipe (there is nothing to choose)
+    cfg, _, _ = train.setup(train.TrainConfig(data=str(text), init_from=str(e_dir / "ckpt.pt"), batch_size=8,
+                                              out_dir=str(tmp_path / "e3")), {"seq_len": 32}, "cpu")
+    saved = ckpt["config"]
+    assert all(getattr(cfg, k) == saved[k] for k in ("n_dec", "decoder", "decoder_layers", "tie_decoder", "block_len"))
+    assert train.with_init_recipe({}, {"init_from": str(e_dir / "ckpt.pt")})[2] == {}
+    assert train.with_init_recipe({}, {"init_from": str(ar_dir / "ckpt.pt"), "resume": True})[2] == {}
+    # 4. from another kind than AR or its own: one line that says what is allowed
+    err = script_error(train.main, [*common, "--model=bd3lm", f"--init_from={e_dir / 'ckpt.pt'}",
+                                    f"--out_dir={tmp_path / 'b'}"], capsys)
+    assert "error: --init_from takes an AR checkpoint (into any model) or a checkpoint of the model's own kind; " \
+           "this one holds a 'e2d2' model and the new model is 'bd3lm'" in err
 
 
 # --- nucleus (top-p) sampling ---------------------------------------------------------
