@@ -25,14 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from e2d2 import Layer, ModelConfig, apply_rope, generate
-from models import (DTYPES, MODEL_TYPES, autocast_for, build_model, compile_for_sampling, is_cuda, load_checkpoint,
-                    model_from_checkpoint, peak_bf16_tflops, pick_device, train_flops_per_token, upgrade_state_dict)
+import data
+from e2d2 import Layer, ModelConfig, apply_rope, generate, q_sample, sample_t, subs_log_probs
+from models import (DTYPES, MODEL_TYPES, MODELS, answer_pairs, autocast_for, build_model, compile_for_sampling,
+                    config_from_dict, init_from_checkpoint, is_cuda, load_checkpoint, model_from_checkpoint, model_spec,
+                    peak_bf16_tflops, pick_device, train_flops_per_token, upgrade_state_dict)
 
 
 def timed(fn, device: str):
@@ -80,10 +83,11 @@ BENCH_PROMPT = 16
 
 
 def training_cost(cfg: ModelConfig) -> int:
-    """Analytic cost of one training forward, in layer passes per data token: E2D2 runs
-    N_enc layers over x_0 and N_dec over x_t; BD3-LM its N layers over [x_0 ; x_t] (2L
-    tokens); MDLM and AR N layers over L. (Attention and the backward pass are left out.)"""
-    return {"e2d2": cfg.n_enc + cfg.n_dec, "bd3lm": 2 * cfg.n_enc}.get(cfg.model, cfg.n_enc)
+    """Analytic cost of one training forward, in layer passes per data token, as the model's
+    registry entry counts it (models.MODELS): E2D2 runs N_enc layers over x_0 and N_dec over
+    x_t; BD3-LM its N layers over [x_0 ; x_t] (2L tokens); MDLM and AR N layers over L.
+    (Attention and the backward pass are left out.)"""
+    return model_spec(cfg.model).training_cost(cfg)
 
 
 def saved_activation_bytes(model, x0, prompt_mask, autocast) -> int:
@@ -140,7 +144,7 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
             torch.cuda.reset_peak_memory_stats()
         times = [timed(step, device)[1] for _ in tqdm(range(repeats), desc=f"bench {name}", leave=False)]
         step_s = statistics.median(times)
-        row = {"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
+        row = {"model": name, "layers": model_spec(name).depth(cfg),
                "params": model.num_params(), "step_s": step_s,
                "tokens_per_s": batch * L / step_s,
                "tflops_per_s": batch * L * train_flops_per_token(model, L) / step_s / 1e12,
@@ -160,12 +164,12 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
           f"width {cfg0.d_model}, N_enc={cfg0.n_enc}, N_dec={cfg0.n_dec}, B={cfg0.block_len}, "
           f"device={device}, dtype={dtype}, median of {repeats}")
     mem = "peak MiB" if is_cuda(device) else "activations MiB"
-    print(f"{'model':8} {'layers':>6} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'step ms':>9} {mem:>16} "
+    print(f"{'model':8} {'layers':>17} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'step ms':>9} {mem:>16} "
           f"{'E2D2 speed-up':>14} {'analytic':>9}")
     for r in rows:
         m = r.get("peak_mib", r["activation_mib"])
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['model']:8} {r['layers']:>6} {r['tokens_per_s']:>10.0f} {r['tflops_per_s']:>8.3g} {mfu:>6} "
+        print(f"{r['model']:8} {r['layers']:>17} {r['tokens_per_s']:>10.0f} {r['tflops_per_s']:>8.3g} {mfu:>6} "
               f"{r['step_s'] * 1e3:>9.1f} {m:>16.1f} {r['ratio_e2d2_over_model']:>13.2f}x {r['analytic_ratio']:>8.2f}x")
     print("E2D2 speed-up = E2D2 tokens/s / model tokens/s; analytic = layer passes per token of the "
           "model / of E2D2 (linear layers only). TFLOP/s: the model's FLOPs (models.train_flops_per_token); "
@@ -182,37 +186,45 @@ def bench_training(batch: int, repeats: int, device: str, model_over: dict = Non
 
 # prompt 16, answer 128, width 256, N_enc=12, N_dec=2, B=8, T=8
 BENCH = dict(prompt=16, answer=128, d_model=256, n_heads=4, n_enc=12, n_dec=2, block_len=8, steps=8)
-# (label, model type, use_cache)
-BENCH_VARIANTS = [("e2d2 cached", "e2d2", True), ("e2d2 no cache", "e2d2", False),
-                  ("bd3lm cached", "bd3lm", True), ("mdlm", "mdlm", False), ("ar cached", "ar", True)]
+# (label, model type, use_cache): every model in the registry, with its cache where it has one,
+# and E2D2 without (the reference every cached sampler must match, to show what the cache saves)
+BENCH_VARIANTS = [(f"{name} cached" if spec.has_cache else name, name, spec.has_cache) for name, spec in MODELS.items()]
+BENCH_VARIANTS.insert(1, ("e2d2 no cache", "e2d2", False))
 
 
 def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n_enc: int, n_dec: int):
     """Analytic cost per generated token of sampling A tokens after a P-token prompt, with
-    T steps per block of B (no early stop). Returns (layer-token passes, layer calls):
-    the first is what compute-bound hardware pays (linear layers; attention left out),
-    the second what a latency-bound one pays (one call per layer, whatever its width).
+    T steps per block of B (no early stop), as the model's registry entry counts it
+    (models.MODELS[model].sampling_cost). Returns (layer-token passes, layer calls): the
+    first is what compute-bound hardware pays (linear layers; attention left out), the
+    second what a latency-bound one pays (one call per layer, whatever its width).
       E2D2 cached:   prompt through the encoder; per block T decoder calls on B tokens, then
                      the encoder on the finished block (not after the last one).
       E2D2 no cache: every step re-runs encoder + decoder over prompt + blocks so far.
       BD3-LM cached: as E2D2 cached, but all N layers at every step.
       MDLM:          K * T steps (as many as the block models take), all N layers over P + A.
       AR cached:     the prompt, then one token per call."""
-    K = A // B  # blocks
-    if model == "e2d2" and use_cache:
-        tokens = P * n_enc + K * T * B * n_dec + (K - 1) * B * n_enc
-        calls = n_enc + K * T * n_dec + (K - 1) * n_enc
-    elif model == "e2d2":
-        tokens = sum(T * (P + k * B) * (n_enc + n_dec) for k in range(1, K + 1))
-        calls = K * T * (n_enc + n_dec)
-    elif model == "bd3lm":
-        tokens = P * n_enc + K * T * B * n_enc + (K - 1) * B * n_enc
-        calls = n_enc + K * T * n_enc + (K - 1) * n_enc
-    elif model == "mdlm":
-        tokens, calls = K * T * (P + A) * n_enc, K * T * n_enc
-    else:  # ar
-        tokens, calls = (P + A - 1) * n_enc, A * n_enc
+    cfg = ModelConfig(model=model, n_enc=n_enc, n_dec=n_dec, block_len=B, seq_len=B * math.ceil((P + A) / B))
+    tokens, calls = model_spec(model).sampling_cost(cfg, use_cache, P, A, B, T)
     return tokens / A, calls / A
+
+
+def block_steps(model) -> list:
+    """The steps per block a quality table shows: T = B and B/2 for a model that samples in
+    blocks of its block_len (E2D2, BD3-LM), its default alone otherwise (AR: one token per
+    step, MDLM: one block of the whole answer)."""
+    B = model.cfg.block_len  # asked of its runner, for an answer of two blocks: its own block length
+    own = model.make_runner(torch.zeros(1, B, dtype=torch.long, device=model.embed.weight.device), False, 2 * B)
+    return [B, B // 2] if own.block_len == B > 1 else [None]
+
+
+def steps_per_own_block(model, P: int, A: int, B: int, T: int) -> int:
+    """The steps per block that give `model`'s own sampler as many denoising steps in all as
+    T per block of B: T for the block models, A / B * T for MDLM (one block of A tokens),
+    1 for AR (its runner takes one step per token whatever it is given)."""
+    own_block = model.make_runner(torch.zeros(1, P, dtype=torch.long, device=model.embed.weight.device),
+                                  False, A).block_len
+    return max(1, T * own_block // B)
 
 
 def layer_time_model(model, batch: int, n_tokens: int, device: str) -> dict:
@@ -242,7 +254,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = "", dtyp
     warm-up run."""
     P, A, B, T = BENCH["prompt"], BENCH["answer"], BENCH["block_len"], BENCH["steps"]
     models = {}
-    for name in ("e2d2", "bd3lm", "mdlm", "ar"):
+    for name in MODELS:
         torch.manual_seed(0)
         cfg = ModelConfig(model=name, seq_len=P + A, d_model=BENCH["d_model"], n_heads=BENCH["n_heads"],
                           n_enc=BENCH["n_enc"], n_dec=BENCH["n_dec"], block_len=B)
@@ -255,7 +267,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = "", dtyp
         with autocast:
             fits[batch] = layer_time_model(models["mdlm"], batch, P + A, device)
         for label, name, use_cache in BENCH_VARIANTS:
-            steps = A // B * T if name == "mdlm" else T  # MDLM: one block of A tokens, as many steps
+            steps = steps_per_own_block(models[name], P, A, B, T)
             kw = dict(max_new_tokens=A, steps=steps, use_cache=use_cache, stop_at_eos=False)
             with autocast:
                 generate(models[name], prompts, **kw)  # warm-up
@@ -303,7 +315,7 @@ def bench_sampling(batches: list, repeats: int, device: str, out: str = "", dtyp
 # ---------------------------------------------------------------------------------------
 
 CODE_FILES = ("e2d2.py", "baselines.py", "models.py", "data.py")  # what a model and its sampler need
-CACHED = [("e2d2", "e2d2"), ("bd3lm", "bd3lm"), ("ar", "ar")]  # (label, model type): the cached samplers
+CACHED = [(name, name) for name, spec in MODELS.items() if spec.has_cache]  # (label, model type): the cached samplers
 
 
 def load_code_at(commit: str):
@@ -515,7 +527,7 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
         ckpt = load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "cpu")
         model = model_from_checkpoint(ckpt, "cpu")
         cfg, m = model.cfg, ckpt["metrics"]
-        rows.append({"model": name, "layers": cfg.n_enc + (cfg.n_dec if name == "e2d2" else 0),
+        rows.append({"model": name, "layers": model_spec(name).depth(cfg),
                      "params": model.num_params(), **m})
     tc = ckpt["train_config"]
     print(f"\n{tc['data'] or tc['task']}, {tc['max_steps']} steps of batch {tc['batch_size']}")
@@ -531,12 +543,378 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
     return rows
 
 
+# ---------------------------------------------------------------------------------------
+# Fine-tuning from a pretrained AR model, on a conditional task (docs/finetuning.md):
+# restore the vowels of a phrase of the Python documentation (data.write_pydoc_task). An AR
+# model is pretrained on the documentation's text, then every model is fine-tuned from it
+# with the same budget, each at the learning rate of a small sweep that gives it the lowest
+# validation NELBO; the figures go to bench/finetune*.json, which the notebook reads.
+#   python bench.py finetune --stage=all --jobs=2 --threads=1   # every stage below, in order
+#   python bench.py finetune --stage=steptime                   # a timing (stages steptime, decode: run them alone)
+# ---------------------------------------------------------------------------------------
+
+FT_STAGES = ("pretrain", "sweep", "variants", "steptime", "long", "frontier", "eval", "decode", "probe")
+FT_STEPS = 300  # the short fine-tuning budget, in steps of batch 32
+# The AR pretrained on the text; every fine-tuned model takes its width and depth. N = 8, so
+# that E2D2 with N_dec = 2 can decode up to (T N + N) / (T N_dec + N_enc) = 3x faster than
+# BD3-LM per block at B = T = 8 (N = 4 would allow 1.8x at most).
+FT_PRETRAIN = ["--model=ar", "--data={dir}/topics.txt", "--seq_len=96", "--d_model=128",
+               "--n_heads=4", "--n_enc=8", "--batch_size=32", "--max_steps=1200", "--warmup_steps=100", "--lr=2e-3",
+               "--eval_every=200", "--eval_batches=4", "--eval_draws=1"]
+FT_COMMON = ["--data={dir}/vowels_train.jsonl", "--seq_len=96", "--batch_size=32", "--warmup_steps=30",
+             "--eval_every=75", "--eval_examples=64", "--eval_batches=2", "--eval_draws=1", "--keep_evals"]
+
+def e2d2_decoder(decoder: str, tie: bool, where: str) -> tuple:
+    """(run name, flags) of an E2D2 whose N_dec = 2 decoder layers come from the AR this way."""
+    name = f"e2d2-{decoder}-{'tied' if tie else 'untied'}-{where}"
+    return name, ["--model=e2d2", f"--decoder={decoder}", f"--tie_decoder={tie}", f"--decoder_layers={where}", "--n_dec=2"]
+
+
+# The decoders compared: the paper's fine-tuning recipe (shared_kv, tied, top), each of its
+# three choices changed alone, and the decoder --init_from gave before (hidden, untied, top).
+FT_DECODERS = dict(e2d2_decoder(*v) for v in [("shared_kv", True, "top"), ("hidden", False, "top"),
+                                              ("shared_kv", True, "bottom"), ("shared_kv", False, "top")])
+# the models whose learning rate is swept (min_lr = lr / 10): the paper's E2D2 over three
+# values (3e-4 was clearly the worst, so the others start at 1e-3), the others over two; the
+# other decoders train at the paper's best
+FT_SWEPT = {"e2d2-paper": (FT_DECODERS["e2d2-shared_kv-tied-top"], (3e-4, 1e-3, 3e-3)),
+            "bd3lm": (["--model=bd3lm"], (1e-3, 3e-3)),
+            "ar": (["--model=ar"], (1e-3,)), "mdlm": (["--model=mdlm"], (3e-3,))}
+# a tiny version of all of it, for the tests (every stage runs in seconds)
+FT_QUICK = {"pretrain": ["--d_model=32", "--n_enc=2", "--max_steps=4", "--eval_every=4", "--batch_size=8"],
+            "common": ["--max_steps=3", "--eval_every=3", "--batch_size=8", "--eval_examples=4", "--eval_batches=1"],
+            "lrs": (1e-3,), "test_examples": 4, "repeats": 1}
+
+
+def ft_lrs(family: str, quick: bool) -> tuple:
+    return FT_QUICK["lrs"] if quick else FT_SWEPT[family][1]
+
+
+def ft_runs(stage: str, d: str, state: dict, quick: bool) -> dict:
+    """The train.py runs of a stage: name -> flags. `state` holds what earlier stages chose
+    (the best learning rates, the equal-time step count)."""
+    def run(flags, lr, steps=FT_STEPS, block_len=8, init=True):
+        extra = FT_QUICK["common"] if quick else []
+        return [f.format(dir=d) for f in FT_COMMON] + flags + [
+            f"--lr={lr:g}", f"--min_lr={lr / 10:g}", f"--max_steps={steps}", f"--block_len={block_len}",
+            *([f"--init_from={d}/ar-pre/ckpt.pt"] if init else []), *extra]
+    if stage == "pretrain":
+        return {"ar-pre": [f.format(dir=d) for f in FT_PRETRAIN] + (FT_QUICK["pretrain"] if quick else [])}
+    if stage == "sweep":  # every swept model x lr, then an AR from scratch (what pretraining is worth)
+        runs = {f"{fam}-lr{lr:g}": run(flags, lr) for fam, (flags, _) in FT_SWEPT.items() for lr in ft_lrs(fam, quick)}
+        return {**runs, "ar-scratch": run(["--model=ar"], 3e-3, init=False)}
+    best = state["best_lr"]
+    if stage == "variants":  # every other decoder at the paper recipe's learning rate
+        return {name: run(flags, best["e2d2-paper"]) for name, flags in FT_DECODERS.items()
+                if name != "e2d2-shared_kv-tied-top"}
+    recipe, lr = FT_DECODERS[state["recipe"]], best["e2d2-paper"]
+    if stage == "long":  # E2D2 for as long as BD3-LM's FT_STEPS take (each with its own schedule)
+        return {"e2d2-recipe-equal-time": run(recipe, lr, steps=state["equal_time_steps"])}
+    if stage == "frontier":  # the recipe at N_dec 1, 2, N/2 and blocks of 4, 8 (N_dec 2 at 8: the recipe's
+        half = (2 if quick else 8) // 2  # own run); BD3-LM at 4. Blocks of 8 first, then of 4
+        grid = [(k, 8) for k in sorted({1, half} - {2})] + [(2, 4), (0, 4)] + [(k, 4) for k in sorted({1, half} - {2})]
+        return {f"frontier-ndec{k}-B{B}" if k else "frontier-bd3lm-B4":
+                run([*recipe[:-1], f"--n_dec={k}"], lr, block_len=B) if k else run(["--model=bd3lm"], best["bd3lm"], block_len=4)
+                for k, B in grid}
+    raise ValueError(f"no runs in stage {stage}")
+
+
+def run_dir(d: str, name: str) -> str:
+    return os.path.join(d, "runs", name) if name != "ar-pre" else os.path.join(d, name)
+
+
+def ft_train(runs: dict, d: str, jobs: int, threads: int) -> None:
+    """Train every run that has not finished, `jobs` at a time: a finished run (its
+    checkpoint at max_steps) is kept, an unfinished one resumed."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    todo = []
+    for name, flags in runs.items():
+        out = run_dir(d, name)
+        steps = int(next(f for f in flags[::-1] if f.startswith("--max_steps=")).split("=")[1])
+        ckpt = os.path.join(out, "ckpt.pt")
+        if os.path.exists(ckpt) and load_checkpoint(ckpt, "cpu")["step"] >= steps:
+            continue
+        go_on = ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
+        todo.append((name, [sys.executable, os.path.join(root, "train.py"), *flags, f"--out_dir={out}", *go_on,
+                            *([f"--threads={threads}"] if threads else [])]))
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            name, cmd = todo.pop(0)
+            os.makedirs(run_dir(d, name), exist_ok=True)
+            log = open(run_dir(d, name) + ".log", "w")
+            print(f"training {name}", flush=True)
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})))
+        time.sleep(1)
+        for name, proc in [r for r in running if r[1].poll() is not None]:
+            running.remove((name, proc))
+            if proc.returncode != 0:
+                raise ValueError(f"train.py for {name} failed (exit code {proc.returncode}); see {run_dir(d, name)}.log")
+            print(f"finished {name}", flush=True)
+
+
+def ft_val_nelbo(d: str, name: str) -> float:
+    return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["metrics"]["val_nelbo"]
+
+
+def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
+    """What the finished stages chose: each swept model's learning rate (the lowest
+    validation NELBO at the end of its run: the training file's held-out pairs, never the
+    test set), the recipe (the decoder of the lowest validation NELBO among FT_DECODERS at
+    the paper's learning rate) and, once the speeds are known, the step count E2D2 trains
+    for in the time BD3-LM trains FT_STEPS."""
+    state = {"best_lr": {}}
+    for fam in FT_SWEPT:
+        lrs = ft_lrs(fam, quick)
+        if all(os.path.exists(os.path.join(run_dir(d, f"{fam}-lr{lr:g}"), "ckpt.pt")) for lr in lrs):
+            state["best_lr"][fam] = min(lrs, key=lambda lr: ft_val_nelbo(d, f"{fam}-lr{lr:g}"))
+    if "e2d2-paper" in state["best_lr"]:
+        lr = state["best_lr"]["e2d2-paper"]
+        names = {n: f"e2d2-paper-lr{lr:g}" if n == "e2d2-shared_kv-tied-top" else n for n in FT_DECODERS}
+        state["decoder_runs"] = names  # variant -> the run that trained it at that lr
+        if all(os.path.exists(os.path.join(run_dir(d, r), "ckpt.pt")) for r in names.values()):
+            state["recipe"] = min(names, key=lambda n: ft_val_nelbo(d, names[n]))
+    if speed and "recipe" in state:  # fixed by the first step timing (a later one leaves the run as it is)
+        step = speed["train_step_s"]
+        state["equal_time_steps"] = speed.get("equal_time_steps") or round(
+            FT_STEPS * step["bd3lm"]["median"] / step[state["recipe"]]["median"])
+    return state
+
+
+def ft_task(d: str, quick: bool) -> dict:
+    """Write the text and the task's files into d (once), and what a model that answers
+    nothing but the prompt scores on each candidate task: why the vowels task was chosen."""
+    if not os.path.exists(os.path.join(d, "vowels_test.jsonl")):
+        os.makedirs(d, exist_ok=True)
+        data.write_pydoc_task(os.path.join(d, "vowels_train.jsonl"), os.path.join(d, "vowels_test.jsonl"),
+                              os.path.join(d, "topics.txt"))
+    out = {}
+    for task in data.PYDOC_TASKS:  # the copy-the-prompt baseline of every candidate (in memory)
+        with tempfile.TemporaryDirectory() as tmp:
+            n_train, n_test = data.write_pydoc_task(os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "b.jsonl"), task=task)
+            pairs = data.read_pairs(os.path.join(tmp, "b.jsonl"))
+        src, ref = [s for s, _ in pairs], [t for _, t in pairs]
+        out[task] = {"train": n_train, "test": n_test, "copy_chrf": 100 * data.chrf(src, ref),
+                     "copy_bleu": 100 * data.corpus_bleu(src, ref), "example": pairs[0]}
+    return out
+
+
+def ft_test_pairs(d: str, quick: bool) -> list:
+    pairs = data.read_pairs(os.path.join(d, "vowels_test.jsonl"))
+    return pairs[:FT_QUICK["test_examples"]] if quick else pairs
+
+
+def ft_eval(d: str, names: list, quick: bool) -> dict:
+    """Every finished run on the test pairs: exact match, BLEU, chrF at T = B steps per block
+    (and T = B/2 for the block models), its validation curve and three answers."""
+    pairs, tok = ft_test_pairs(d, quick), data.ByteTokenizer()
+    rows = {}
+    for name in tqdm(names, desc="eval"):
+        ckpt = load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")
+        model, tc = model_from_checkpoint(ckpt, "cpu"), ckpt["train_config"]
+        cfg = model.cfg
+        B = cfg.block_len
+        tests = {}
+        for T in block_steps(model):
+            r = answer_pairs(model, pairs, tok, steps=T)
+            tests[str(T or "default")] = {k: r[k] for k in ("exact_match", "bleu", "chrf", "rouge_l")}
+            answers = r["answers"][:3]
+        with open(os.path.join(run_dir(d, name), "log.jsonl")) as f:
+            curve = [(e["step"], e["val_nelbo"], e["val_nelbo_se"]) for e in map(json.loads, f) if "val_nelbo" in e]
+        rows[name] = {"model": cfg.model, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "decoder": cfg.decoder,
+                      "decoder_layers": cfg.decoder_layers, "tie_decoder": cfg.tie_decoder, "block_len": B,
+                      "params": model.num_params(), "lr": tc["lr"], "steps": ckpt["step"],
+                      "init_from": bool(tc["init_from"]), "val_nelbo": ckpt["metrics"]["val_nelbo"],
+                      "val_curve": curve, "test": tests, "answers": list(zip([s for s, _ in pairs[:3]], answers))}
+    return rows
+
+
+def ft_steptime(d: str, quick: bool, repeats: int) -> dict:
+    """Seconds per training step (batch 32 of the task, forward + backward + AdamW) of each
+    model at the sizes of the runs, on random weights: alternating rounds, the median and
+    the spread of `repeats`. Training time = steps x this (runs made side by side on a shared
+    machine have no clean wall time)."""
+    ckpt = load_checkpoint(os.path.join(d, "ar-pre", "ckpt.pt"), "cpu")
+    arch = {k: ckpt["config"][k] for k in ("d_model", "n_heads", "n_enc")}
+    ds, _ = data.load_dataset({**FT_SETTINGS, "data": os.path.join(d, "vowels_train.jsonl")}, 8, 96)
+    batch = ds.collate(ds.train_examples(8 if quick else 32, 0, 0), 8, 96)
+    kinds = {"ar": dict(model="ar"), "mdlm": dict(model="mdlm"), "bd3lm": dict(model="bd3lm"),
+             **{name: flags_to_config(flags) for name, flags in FT_DECODERS.items()}}
+    steps = {}
+    for name, over in kinds.items():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**{**arch, **over, "seq_len": 96, "block_len": 8}))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+
+        def step(model=model, opt=opt, g=g):
+            model(batch.x0, batch.prompt_mask, generator=g).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # warm-up
+        steps[name] = step
+    order, times = list(steps), {name: [] for name in steps}
+    for r in tqdm(range(repeats), desc="step time"):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(timed(steps[name], "cpu")[1])
+    return {name: spread(t) for name, t in times.items()}
+
+
+def flags_to_config(flags: list) -> dict:
+    """ModelConfig fields from train.py flags ["--n_dec=2", "--tie_decoder=True", ...]."""
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    out = {}
+    for flag in flags:
+        k, v = flag[2:].split("=", 1)
+        out[k] = v == "True" if types[k] is bool else types[k](v)
+    return out
+
+
+def spread(times: list) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+def ft_decode(d: str, names: list, quick: bool, repeats: int) -> dict:
+    """Decoding tokens/s of each trained run on the first 8 test prompts, one prompt at a
+    time (batch 1, as the paper measures) and all 8 in one batch, T = B and T = B/2 steps
+    per block (block models), greedy, stopping at [EOS]: alternating rounds, median and spread."""
+    prompts = [data.ByteTokenizer().encode(s) for s, _ in ft_test_pairs(d, quick)[:8]]
+    jobs = {}
+    for name in names:
+        model = model_from_checkpoint(load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu"), "cpu")
+        B = model.cfg.block_len
+        for T in block_steps(model):
+            def one_by_one(model=model, T=T):
+                return sum(generate(model, [p], steps=T).new_tokens for p in prompts)
+
+            def batched(model=model, T=T):
+                return generate(model, prompts, steps=T).new_tokens
+            jobs[(name, str(T or "default"), 1)], jobs[(name, str(T or "default"), len(prompts))] = one_by_one, batched
+    for fn in jobs.values():
+        fn()  # warm-up
+    order, rates = list(jobs), {key: [] for key in jobs}
+    for r in tqdm(range(repeats), desc="decode"):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            tokens, s = timed(jobs[key], "cpu")
+            rates[key].append(tokens / s)
+    out = {}
+    for (name, T, batch), r in rates.items():
+        out.setdefault(name, {}).setdefault(T, {})[f"batch{batch}"] = spread(r)
+    return out
+
+
+FT_SETTINGS = dict(task="", digits=0, data_format="auto", val_fraction=0.1, too_long="skip", tokenizer="bytes")
+
+
+@torch.no_grad()
+def read_the_prompt(model, x0, prompt_mask, generator) -> dict:
+    """Where the noisy tokens look, and how well they are predicted, for an E2D2 or a BD3-LM
+    model on a batch (x0, prompt_mask) noised as in training: per layer that reads the noisy
+    tokens (E2D2: the decoder; BD3-LM: all N), the attention mass that a [MASK] query puts on
+    the prompt's keys, on earlier answer blocks and on its own block (averaged over heads and
+    queries); and the masked cross-entropy by answer block (0 = the first after the prompt)."""
+    cfg, B = model.cfg, model.cfg.block_len
+    b, L = x0.shape
+    target = (x0 != cfg.pad_id) & ~prompt_mask
+    t = sample_t(b, L // B, cfg.t_min, cfg.t_max, generator)
+    noised = q_sample(x0, target, t, B, cfg.mask_id, cfg.schedule, generator=generator)
+    calls = []  # every Layer call: (layer, its arguments)
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, args))) for m in model.modules()
+             if isinstance(m, Layer)]
+    try:
+        logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the calls that hold the noisy queries: E2D2's last N_dec (the decoder runs after the
+    # encoder; queries = the L noisy tokens); BD3-LM's N, whose queries L..2L are the noisy half
+    reads = calls[-cfg.n_dec:] if cfg.model == "e2d2" else calls
+    keys_prompt = torch.cat([prompt_mask, torch.zeros_like(prompt_mask)], 1)  # (b, 2L): clean prompt keys
+    keys_answer = torch.cat([target, torch.zeros_like(target)], 1)  # clean answer keys
+    keys_own = torch.cat([torch.zeros_like(target), torch.ones_like(target)], 1)  # noisy keys (own block)
+    queries = noised.masked  # (b, L): [MASK] queries only
+    mass = {"prompt": [], "earlier_blocks": [], "own_block": []}
+    for layer, args in reads:
+        w = attention_weights(layer, *args).mean(1)  # (b, n, 2L), heads averaged
+        w = w[:, -L:]  # BD3-LM: the noisy half of its queries
+        for key, cols in (("prompt", keys_prompt), ("earlier_blocks", keys_answer), ("own_block", keys_own)):
+            mass[key].append(((w * cols[:, None, :]).sum(-1)[queries].mean()).item())
+    nll = -subs_log_probs(logits, noised.x_t, cfg.mask_id).gather(-1, x0[..., None]).squeeze(-1)  # (b, L)
+    block = (torch.arange(L) - prompt_mask.sum(1, keepdim=True)).div(B, rounding_mode="floor")  # answer block index
+    by_block = [nll[queries & (block == k)].mean().item() for k in range(int(block.max()) + 1)
+                if (queries & (block == k)).any()]
+    return {"attention": mass, "loss_by_block": by_block}
+
+
+def ft_probe(d: str, names: list, quick: bool) -> dict:
+    """read_the_prompt along training: at the initialisation (the AR's weights, step 0) and
+    at every kept checkpoint, on 64 held-out pairs of the training file, 4 draws of the noise."""
+    ds, _ = data.load_dataset({**FT_SETTINGS, "data": os.path.join(d, "vowels_train.jsonl")}, 8, 96)
+    out = {}
+    for name in names:
+        folder = run_dir(d, name)
+        steps = sorted(int(f[5:-3]) for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))
+        last = load_checkpoint(os.path.join(folder, "ckpt.pt"), "cpu")
+        rows = []
+        for step in [0, *steps]:
+            if step == 0:  # the model as --init_from made it
+                torch.manual_seed(last["train_config"]["seed"])
+                model = build_model(config_from_dict(last["config"])).eval()
+                init_from_checkpoint(model, load_checkpoint(last["train_config"]["init_from"], "cpu"))
+            else:
+                model = model_from_checkpoint(load_checkpoint(os.path.join(folder, f"ckpt_{step}.pt"), "cpu"), "cpu")
+            batch = ds.collate(ds.val_examples(8 if quick else 64), model.cfg.block_len, model.cfg.seq_len)
+            g = torch.Generator().manual_seed(0)
+            draws = [read_the_prompt(model, batch.x0, batch.prompt_mask, g) for _ in range(1 if quick else 4)]
+            mean = lambda xs: [sum(v) / len(v) for v in zip(*xs)]  # noqa: E731  (over the draws)
+            rows.append({"step": step, "attention": {k: mean([r["attention"][k] for r in draws]) for k in draws[0]["attention"]},
+                         "loss_by_block": mean([r["loss_by_block"] for r in draws])})
+        out[name] = rows
+    return out
+
+
+def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int) -> dict:
+    """Run one stage of the walk-through (or all of them, in FT_STAGES order); each training
+    stage skips the runs already finished. The figures go to json_dir/finetune.json (the
+    task, the choices, every run on the test set), finetune_speed.json (step times, decoding
+    tokens/s) and finetune_probe.json (read_the_prompt along training)."""
+    if stage != "all" and stage not in FT_STAGES:
+        raise ValueError(f"--stage must be all or one of {FT_STAGES}, got {stage!r}")
+    paths = {k: os.path.join(json_dir, f"finetune{k}.json") for k in ("", "_speed", "_probe")}
+    load = lambda p: json.load(open(p)) if os.path.exists(p) else {}  # noqa: E731
+    task = ft_task(d, quick)
+    for st in (FT_STAGES if stage == "all" else [stage]):
+        speed = load(paths["_speed"])
+        state = ft_state(d, quick, speed if speed.get("train_step_s") else None)
+        print(f"--- stage {st}; so far: {state}", flush=True)
+        if st in ("pretrain", "sweep", "variants", "long", "frontier"):
+            if st == "long" and "equal_time_steps" not in speed:  # the step count the long run was given
+                write_json(paths["_speed"], {**speed, "equal_time_steps": state["equal_time_steps"]})
+            ft_train(ft_runs(st, d, state, quick), d, jobs, threads)
+            continue
+        done = sorted(n for n in os.listdir(os.path.join(d, "runs")) if os.path.exists(os.path.join(d, "runs", n, "ckpt.pt")))
+        if st == "steptime":
+            write_json(paths["_speed"], {**speed, "train_step_s": ft_steptime(d, quick, repeats),
+                                         "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
+        elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
+            shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
+            shown = sorted(set(shown) | {n for n in done if n.startswith(("frontier", "e2d2-recipe"))})
+            write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
+                                         "threads": torch.get_num_threads()})
+        elif st == "eval":
+            write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "runs": ft_eval(d, done, quick)})
+        elif st == "probe":
+            names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values()]
+            write_json(paths["_probe"], ft_probe(d, sorted(set(names)), quick))
+    return ft_state(d, quick, load(paths["_speed"]) or None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix (--repeat) is not taken for a flag; for compare it is
     # passed on to train.py, which refuses it by name
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("what", choices=["train", "sample", "speedup", "compare"], help="which benchmark")
+    p.add_argument("what", choices=["train", "sample", "speedup", "compare", "finetune"], help="which benchmark")
     p.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -547,7 +925,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,8", help="sample: batch sizes >= 1, comma-separated (default 1,8)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs (median), >= 1 (default: train 5, sample 3)")
-    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes (default out-compare)")
+    p.add_argument("--out_dir", default="", help="compare, finetune: where each model's run goes "
+                   "(default out-compare, out-finetune)")
+    p.add_argument("--stage", default="all", help=f"finetune: all, or one of {', '.join(FT_STAGES)} (default all)")
+    p.add_argument("--jobs", type=int, default=1, help="finetune: training runs at a time, >= 1 (default 1)")
+    p.add_argument("--json_dir", default="bench", help="finetune: where its figures go (default bench)")
+    p.add_argument("--quick", action="store_true", help="finetune: tiny models and a few steps (a test of the code)")
     p.add_argument("--against", default="", help="speedup: the git commit whose samplers this code is timed against")
     p.add_argument("--compile", action="store_true",
                    help="speedup: also time E2D2 after models.compile_for_sampling (sample.py --compile)")
@@ -577,6 +960,7 @@ def main(argv=None):
             ("batch", args.batch, args.batch >= 1, ">= 1"),
             ("batches", args.batches, batches and min(batches) >= 1, "batch sizes >= 1, comma-separated"),
             ("repeats", args.repeats, args.repeats is None or args.repeats >= 1, ">= 1"),
+            ("jobs", args.jobs, args.jobs >= 1, ">= 1"),
             ("threads", args.threads, args.threads >= 0, ">= 0 (0 = torch's default)")] if not ok]
         if bad:
             raise ValueError("; ".join(bad))
@@ -596,7 +980,10 @@ def main(argv=None):
             return bench_speedup(args.against, batches, args.repeats or 5, args.out, args.compile)
         if args.what == "sample":
             return bench_sampling(batches, args.repeats or 3, device, args.out, args.dtype)
-        return compare(rest, args.out_dir, args.out)
+        if args.what == "finetune":
+            return finetune(args.stage, args.out_dir or "out-finetune", args.jobs, args.threads, args.quick,
+                            args.json_dir, args.repeats or (FT_QUICK["repeats"] if args.quick else 7))
+        return compare(rest, args.out_dir or "out-compare", args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")
 

@@ -23,6 +23,7 @@ A plain-text row is a window of the file, all target, no prompt.
 import json
 import math
 import random
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -614,6 +615,78 @@ def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 
         with open(heldout_path, "wb") as f:
             f.write(split_text(raw, val_fraction)[1])
     return len(raw)
+
+
+# A conditional task from the same text: each example is a phrase of the Python documentation
+# (consecutive words of its prose), the prompt a damaged copy of it, the answer the phrase.
+# "vowels" (the default) removes a, e, i, o, u: the consonants say which words they were, only
+# someone who knows English (and these documents) can put the vowels back, and every answer
+# differs. "spaces" removes the spaces (chrF ignores whitespace, so it cannot score it);
+# "shuffle" shuffles the words (copying the prompt already scores a high chrF).
+PYDOC_TASKS = {
+    "vowels": lambda phrase, rng: re.sub("[aeiouAEIOU]", "", phrase),
+    "spaces": lambda phrase, rng: phrase.replace(" ", ""),
+    "shuffle": lambda phrase, rng: " ".join(rng.sample(phrase.split(), len(phrase.split()))),
+}
+
+
+def pydoc_phrases(text: str, fits, min_chars: int, every_word: bool) -> list:
+    """Phrases of the prose of `text` (paragraphs with no indented line: no code, no tables;
+    heading underlines dropped): the longest runs of whole words that fits(phrase) accepts,
+    at least min_chars long, one starting at every word (every_word) or one after the other."""
+    phrases = []
+    for para in text.split("\n\n"):
+        lines = [line for line in para.split("\n") if line.strip(" *=-~")]
+        if not lines or any(line[0].isspace() for line in lines):
+            continue
+        words = " ".join(lines).split()
+        i = 0
+        while i < len(words):
+            j = i  # the longest run of words from i that fits max_chars
+            while j < len(words) and fits(" ".join(words[i:j + 1])):
+                j += 1
+            phrase = " ".join(words[i:j])
+            if len(phrase) >= min_chars:
+                phrases.append(phrase)
+            i = i + 1 if every_word else max(j, i + 1)
+    return phrases
+
+
+def write_pydoc_task(train_path: str, test_path: str, text_path: str = "", task: str = "vowels",
+                     seq_len: int = 96, block_len: int = 8, min_chars: int = 30, val_fraction: float = 0.1) -> tuple:
+    """Write a seq2seq task built from pydoc_data.topics (see PYDOC_TASKS): train and test
+    JSON Lines files of {"source": damaged phrase, "target": phrase}, and (text_path) the
+    text to pretrain an AR model on, as write_pydoc_topics writes it. The test phrases come
+    from the part of the text that pretraining on text_path holds out (its last
+    val_fraction), the training phrases from the rest: no test phrase was ever seen. Training
+    phrases start at every word (overlapping), test phrases follow one another. Only
+    examples that fit seq_len with blocks of block_len (data.example_length) are made.
+    Returns (training examples, test examples).
+        python -c "import data; data.write_pydoc_task('vowels_train.jsonl', 'vowels_test.jsonl', 'topics.txt')"
+    """
+    if task not in PYDOC_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PYDOC_TASKS)}")
+    from pydoc_data.topics import topics
+    raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
+    if text_path:
+        write_pydoc_topics(text_path, val_fraction=val_fraction)
+    damage = PYDOC_TASKS[task]
+
+    def example(phrase):  # the same phrase always gets the same damage (shuffle: its own seed)
+        return {"source": damage(phrase, random.Random(phrase)), "target": phrase}
+
+    def fits(phrase):
+        ex = example(phrase)
+        return example_length(len(ex["source"].encode()), len(phrase.encode()), block_len) <= seq_len
+
+    counts = []
+    for path, part, every_word in zip((train_path, test_path), split_text(raw, val_fraction), (True, False)):
+        phrases = pydoc_phrases(part.decode("utf-8", errors="ignore"), fits, min_chars, every_word)
+        pairs = [example(phrase) for phrase in phrases]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+        counts.append(len(pairs))
+    return tuple(counts)
 
 
 # --- metrics for seq2seq answers -------------------------------------------------------

@@ -43,6 +43,7 @@ from einops import rearrange
 # 1. Config
 
 DECODER_VARIANTS = ("hidden", "shared_kv")
+DECODER_LAYERS = ("top", "bottom")
 PROMPT_ATTENTION = ("bidirectional", "block_causal")
 
 
@@ -61,6 +62,8 @@ class ModelConfig:
     n_enc: int = 4  # N_enc encoder layers (baselines: N layers)
     n_dec: int = 2  # [E2D2] N_dec decoder layers
     decoder: str = "hidden"  # [E2D2] the decoder's clean keys/values: hidden (from h) or shared_kv (encoder layers')
+    decoder_layers: str = "top"  # [E2D2] decoder layer j pairs with encoder layer N_enc - N_dec + j (top) or j (bottom)
+    tie_decoder: bool = False  # [E2D2] decoder layer j IS its paired encoder layer (shared weights, no new parameters)
     schedule: str = "linear"  # noise schedule alpha(t), one of SCHEDULES (section 2)
     t_min: float = 1e-3  # training draws t ~ U[t_min, t_max]; 0 < t_min < t_max
     t_max: float = 1.0  # upper end of the training range of t, <= 1
@@ -71,35 +74,30 @@ class ModelConfig:
     def __post_init__(self):
         """Raise a ValueError that says what is wrong, before torch sees a bad shape.
         (Whether cfg.model is a known model is checked by models.build_model.)"""
-        validate_config(self)
-
-
-def validate_config(cfg: ModelConfig) -> None:
-    problems = [f"{name} must be a positive integer, got {getattr(cfg, name)!r}"
-                for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec")
-                if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1]
-    if not problems:
-        if cfg.seq_len % cfg.block_len != 0:
-            problems.append(f"seq_len={cfg.seq_len} is not a multiple of block_len={cfg.block_len}")
-        if cfg.d_model % cfg.n_heads != 0:
-            problems.append(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
-        elif (cfg.d_model // cfg.n_heads) % 2 != 0:  # RoPE rotates pairs of dimensions
-            problems.append(f"head size d_model/n_heads={cfg.d_model // cfg.n_heads} must be even (RoPE)")
-        if cfg.model == "e2d2" and cfg.decoder == "shared_kv" and cfg.n_dec > cfg.n_enc:  # [E2D2]
-            problems.append(f"decoder='shared_kv' gives each decoder layer an encoder layer's keys, so it "
-                            f"needs n_dec <= n_enc (got n_dec={cfg.n_dec}, n_enc={cfg.n_enc})")
-        problems += [f"{name}={getattr(cfg, name)} is outside the vocabulary" for name in ("pad_id", "eos_id", "mask_id")
-                     if not 0 <= getattr(cfg, name) < cfg.vocab_size]
-    for name, allowed in (("decoder", DECODER_VARIANTS), ("schedule", SCHEDULES),
-                          ("prompt_attention", PROMPT_ATTENTION)):
-        if getattr(cfg, name) not in allowed:
-            problems.append(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
-    if not 0.0 < cfg.t_min < cfg.t_max <= 1.0:  # t = 0 would give the weight 1/(1-alpha(0)) = inf
-        problems.append(f"need 0 < t_min < t_max <= 1, got t_min={cfg.t_min}, t_max={cfg.t_max}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        problems.append(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if problems:
-        raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
+                    for name in ("vocab_size", "seq_len", "block_len", "d_model", "n_heads", "n_enc", "n_dec")
+                    if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        if not problems:
+            if self.seq_len % self.block_len != 0:
+                problems.append(f"seq_len={self.seq_len} is not a multiple of block_len={self.block_len}")
+            if self.d_model % self.n_heads != 0:
+                problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            elif (self.d_model // self.n_heads) % 2 != 0:  # RoPE rotates pairs of dimensions
+                problems.append(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even (RoPE)")
+            if self.model == "e2d2" and (self.decoder == "shared_kv" or self.tie_decoder) and self.n_dec > self.n_enc:
+                problems.append(f"decoder={self.decoder!r}, tie_decoder={self.tie_decoder} pairs each decoder layer "
+                                f"with an encoder layer: needs n_dec <= n_enc ({self.n_dec} > {self.n_enc})")  # [E2D2]
+            problems += [f"{name}={getattr(self, name)} is outside the vocabulary"
+                         for name in ("pad_id", "eos_id", "mask_id") if not 0 <= getattr(self, name) < self.vocab_size]
+        problems += [f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}" for name, allowed in (
+            ("decoder", DECODER_VARIANTS), ("decoder_layers", DECODER_LAYERS), ("tie_decoder", (False, True)),
+            ("schedule", SCHEDULES), ("prompt_attention", PROMPT_ATTENTION)) if getattr(self, name) not in allowed]
+        if not 0.0 < self.t_min < self.t_max <= 1.0:  # t = 0 would give the weight 1/(1-alpha(0)) = inf
+            problems.append(f"need 0 < t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,8 +157,8 @@ def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block
         got = rearrange(masked, "b (k B) -> b k B", B=block_len)
         n_targets = targets.sum(-1)  # (b, K)
         empty = (n_targets > 0) & (got.sum(-1) == 0)  # blocks that need a re-mask
-        m = 1 + (torch.rand(n_targets.shape, generator=generator, device=x0.device) * n_targets).long()
-        m = torch.minimum(m, n_targets.clamp(min=1))  # how many targets to mask
+        m = torch.minimum(1 + (torch.rand(n_targets.shape, generator=generator, device=x0.device) * n_targets).long(),
+                          n_targets.clamp(min=1))  # how many targets to mask: m ~ U{1..n_targets}
         # a random order of the targets inside each block (non-targets sort last)
         score = torch.rand(targets.shape, generator=generator, device=x0.device).masked_fill(~targets, 2.0)
         rank = score.argsort(-1).argsort(-1)  # rank of each position in its block
@@ -226,9 +224,8 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
     if importance is not None:
         w = w * importance
     n_targets = target_mask.sum().clamp(min=1)
-    zero = torch.zeros_like(nll)
-    masked_ce = torch.where(target_mask, nll, zero).sum() / n_targets
-    row_nats = torch.where(target_mask, w * nll, zero).sum(1)  # (b,)
+    masked_ce = torch.where(target_mask, nll, 0.0).sum() / n_targets
+    row_nats = torch.where(target_mask, w * nll, 0.0).sum(1)  # (b,)
     return row_nats.sum() / n_targets, masked_ce, n_targets, row_nats
 
 
@@ -477,10 +474,9 @@ class TokenModel(nn.Module):
 
 def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
     """Clear errors for a training input the model cannot take."""
-    if L % block_len != 0:
-        raise ValueError(f"sequence length {L} is not a multiple of block_len={block_len}")
-    if L > cfg.seq_len:
-        raise ValueError(f"sequence length {L} exceeds the model's seq_len={cfg.seq_len}")
+    if L % block_len != 0 or L > cfg.seq_len:
+        raise ValueError(f"sequence length {L} must be a multiple of block_len={block_len} "
+                         f"and at most seq_len={cfg.seq_len}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,24 +488,25 @@ class E2D2Network(TokenModel):  # [E2D2]
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)  # self.embed is shared by encoder and decoder
         self.encoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))  # N_enc layers on x_0
-        self.decoder = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_dec))  # N_dec layers on x_t
+        # decoder layer j pairs with encoder layer pairs[j]: shared_kv reads its keys/values; tied, it IS that module
+        self.pairs = [cfg.n_enc - cfg.n_dec + j if cfg.decoder_layers == "top" else j for j in range(cfg.n_dec)]
+        self.decoder = nn.ModuleList(self.encoder[i] if cfg.tie_decoder else Layer(cfg) for i in self.pairs)
         self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
         self.init_weights()
 
     def encode(self, x0, positions, mask, cache=None):
-        """The N_enc encoder layers over clean tokens x0 (b, n), after the cached ones (cache:
-        sampling's encoder KVCache). Returns h = enc_norm(hidden) (b, n, d) and x0's
-        keys/values in every encoder layer."""
+        """The N_enc encoder layers over clean tokens x0 (b, n), after the cached ones (cache: sampling's encoder
+        KVCache). Returns h = enc_norm(hidden) (b, n, d) and x0's keys/values in every encoder layer."""
         x, enc_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, cache=cache)
         return self.enc_norm(x), enc_kv
 
     def clean_kv(self, h, positions, enc_kv) -> list:
         """What decoder layer l sees of the clean tokens (N_dec KVs): "hidden" passes h through
         layer l's OWN input norm and K/V projection (in BD3-LM each layer's clean keys come
-        from its own clean hidden state instead); "shared_kv" reuses encoder layer
-        N_enc - N_dec + l's keys/values (no projection at all)."""
+        from its own clean hidden state instead); "shared_kv" reuses the keys/values of its
+        paired encoder layer (no projection at all), as a layer of an AR model reads its own depth."""
         if self.cfg.decoder == "shared_kv":
-            return list(enc_kv[len(enc_kv) - self.cfg.n_dec:])
+            return [enc_kv[i] for i in self.pairs]
         cos, sin = self.rope(positions)
         return [layer.attn.project_kv(layer.norm1(h), cos, sin) for layer in self.decoder]
 
@@ -539,8 +536,7 @@ class E2D2Network(TokenModel):  # [E2D2]
 TRAIN_LOSSES = ("masked_ce", "nelbo")  # what training minimises (section 3)
 
 
-def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss,
-                      eval_t_sampler=None) -> Loss:
+def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss, eval_t_sampler=None) -> Loss:
     """The training step of E2D2 (and BD3-LM, MDLM): one t per block, x_t ~ q(x_t | x_0), every
     noisy token's logits in ONE model.logits call, the losses (train_loss: "masked_ce", see
     section 3, or "nelbo"). eval_t_sampler (models.eval_nelbo): (b, K, generator, device) ->
@@ -619,8 +615,7 @@ class KVCache:
 
     def select(self, rows):
         """Keep only these sequences (a bool (b,) or index tensor): the others finished."""
-        self.k = [None if k is None else k[rows] for k in self.k]
-        self.v = [None if v is None else v[rows] for v in self.v]
+        self.k, self.v = ([None if t is None else t[rows] for t in ts] for ts in (self.k, self.v))
         self.real = self.real[rows]
 
 
@@ -631,10 +626,9 @@ def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
 
 
 class Runner:
-    """What the block loop (section 8) asks of a model's sampler (its make_runner returns one):
-    block_len B; answer_len (b,) positions per row; logits(x_block) -> (b, B, V), one network
-    call; commit(block): a finished block joins the context; select(rows): only these rows go
-    on; encoder_calls / decoder_calls: passes over clean / noisy tokens."""
+    """What the block loop (section 8) asks of a model's sampler (its make_runner returns one): block_len B;
+    answer_len (b,) positions per row; logits(x_block) -> (b, B, V), one network call; commit(block): a finished
+    block joins the context; select(rows): only these rows go on; encoder/decoder_calls: passes over clean/noisy."""
 
     def __init__(self, model, prompt: torch.Tensor, max_new_tokens: Optional[int], block_len: int = 0):
         self.model, self.mask_id, self.block_len = model, model.cfg.mask_id, block_len or model.cfg.block_len
@@ -667,8 +661,7 @@ class CachedE2D2(Runner):  # [E2D2]
 
     def encode(self, tokens, mask):
         """Encode new clean tokens (b, n) after the cached ones; both caches grow by n."""
-        n = self.enc.n
-        positions = slice(n, n + tokens.shape[1])  # RoPE continues after the cache
+        positions = slice(self.enc.n, self.enc.n + tokens.shape[1])  # RoPE continues after the cache
         h, enc_kv = self.model.encode(tokens, positions, mask, self.enc)  # keys/values written into enc
         self.enc.commit(tokens, self.model.cfg.pad_id)
         clean_kv = self.model.clean_kv(h, positions, enc_kv)  # projected ONCE per clean token
@@ -749,9 +742,8 @@ def left_pad(prompts: list, block_len: int, pad_id: int, device=None) -> torch.T
     n = max((len(p) for p in prompts), default=0)
     width = block_len * math.ceil(n / block_len)
     out = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        if len(p):
-            out[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # (an empty prompt writes an empty slice)
+        out[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
     return out
 
 
@@ -790,22 +782,18 @@ STRATEGIES = {"remask": remask, "ancestral": ancestral}
 def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strategy: str = "remask",
                  temperature: float = 0.0, top_p: float = 1.0, confidence_threshold: Optional[float] = None,
                  generator=None, final: bool = False, n_fill: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) ->
-    x_s. x_theta: the argmax of p_theta (temperature 0) or a sample of softmax(logits /
-    temperature) (top_p < 1: of its nucleus). Which [MASK] it fills: "remask" keeps the most
-    confident ("predict and remask"), "ancestral" draws x_s ~ q(x_s | x_t, x_theta) (see
-    STRATEGIES); confidence_threshold also reveals every [MASK] more likely than it; `final`
-    reveals all. Decoded tokens never change (SUBS carry-over). n_fill (b,): the positions
-    each row fills (default B; MDLM: its own)."""
+    """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) -> x_s. x_theta: the
+    argmax of p_theta (temperature 0) or a sample of softmax(logits / temperature) (top_p < 1: of its nucleus).
+    Which [MASK] it fills: "remask" keeps the most confident ("predict and remask"), "ancestral" draws x_s ~
+    q(x_s | x_t, x_theta) (see STRATEGIES); confidence_threshold also reveals every [MASK] more likely than it;
+    `final` reveals all. Decoded tokens never change (SUBS carry-over). n_fill (b,): positions each row fills."""
     is_mask = x == mask_id  # (b, B)
     # Only [MASK] positions need SUBS probabilities: the final torch.where keeps decoded
     # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
     probs = masked_log_probs(logits if temperature == 0 else logits / temperature, mask_id).exp()
     probs = nucleus(probs, top_p)  # (b, B, V)
-    if temperature == 0:  # x_theta: the argmax, or a sample of probs
-        pred = probs.argmax(-1)  # (b, B)
-    else:
-        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape)
+    pred = (probs.argmax(-1) if temperature == 0  # x_theta (b, B): the argmax, or a sample of probs
+            else torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape))
     confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
@@ -841,11 +829,10 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
              stop_at_eos: bool = True) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
-    Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer; AR one token),
-    from all [MASK], T = `steps` (default B) denoise_steps per block (t from 1 to 0; see there
-    for strategy etc.) on the runner's logits; an unchanged block reuses the last logits. A
-    finished block is committed (encoded, cached); a row stops after the block where it wrote
-    [EOS] (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (--show)."""
+    Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer; AR one token), from all [MASK],
+    T = `steps` (default B) denoise_steps per block (t from 1 to 0; see there for strategy etc.) on the runner's
+    logits; an unchanged block reuses the last logits. A finished block is committed (encoded, cached); a row
+    stops after the block where it wrote [EOS] (stop_at_eos). on_step(block, step, rows, x_block): after each step."""
     cfg, device = model.cfg, model.embed.weight.device
     prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
     check_sampling_args(cfg, prompts, prompt.shape[1], max_new_tokens, steps, strategy, temperature, top_p)

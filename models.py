@@ -17,7 +17,7 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch._dynamo
@@ -25,17 +25,94 @@ from tqdm import tqdm
 
 import data
 from baselines import AR, BD3LM, MDLM
-from e2d2 import E2D2, ModelConfig, TokenModel, noise_schedule
+from e2d2 import E2D2, ModelConfig, TokenModel, generate, noise_schedule
 
-MODELS = {"e2d2": E2D2, "ar": AR, "mdlm": MDLM, "bd3lm": BD3LM}  # ModelConfig.model -> class
+# ---------------------------------------------------------------------------------------
+# The model registry: what the scripts need of each model type, in ONE entry per type
+# (ModelConfig.model -> ModelSpec). Adding a model is adding an entry: a field left out is a
+# TypeError at import, and the tests run every entry (build, train, sample, costs, --init_from).
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    cls: type  # the TokenModel subclass: logits, forward -> Loss, make_runner
+    depth: Callable  # cfg -> how train.py and bench.py describe its layers ("N_enc=4, N_dec=2")
+    training_cost: Callable  # cfg -> layer passes per data token of one training forward (bench.py)
+    sampling_cost: Callable  # (cfg, use_cache, P, A, B, T) -> (layer-token passes, layer calls), whole answer
+    has_cache: bool  # whether make_runner(use_cache=True) caches anything (MDLM: nothing can be)
+    ar_weight: Callable  # (model, parameter name) -> the AR weight that --init_from copies into it, or None
+    unused_parameters: Callable = lambda cfg: False  # cfg -> some parameters get no gradient (DDP must be told)
+
+
+def same_stack(model, name: str) -> Optional[str]:
+    """AR, BD3-LM, MDLM: one stack of N layers named as the AR's: every weight is the AR's own."""
+    return name if name.startswith(("embed.", "norm.", "layers.")) else None
+
+
+def e2d2_ar_weight(model, name: str) -> Optional[str]:  # [E2D2]
+    """Encoder layer i <- AR layer i; decoder layer j <- AR layer model.pairs[j] (tied: the same
+    tensor); enc_norm (h = enc_norm(encoder output)) <- the AR's final norm."""
+    if name.startswith("encoder."):
+        return "layers." + name[len("encoder."):]
+    if name.startswith("decoder."):
+        j, rest = name[len("decoder."):].split(".", 1)
+        return f"layers.{model.pairs[int(j)]}.{rest}"
+    return "norm." + name[len("enc_norm."):] if name.startswith("enc_norm.") else same_stack(model, name)
+
+
+def e2d2_sampling_cost(cfg, use_cache, P, A, B, T):  # [E2D2]
+    """Cached: the prompt through the encoder; per block T decoder calls on B tokens, then the
+    encoder on the finished block (not after the last one). Uncached: every step re-runs
+    encoder + decoder over the prompt and the blocks so far."""
+    K, ne, nd = A // B, cfg.n_enc, cfg.n_dec
+    if use_cache:
+        return P * ne + K * T * B * nd + (K - 1) * B * ne, ne + K * T * nd + (K - 1) * ne
+    return sum(T * (P + k * B) * (ne + nd) for k in range(1, K + 1)), K * T * (ne + nd)
+
+
+def bd3lm_sampling_cost(cfg, use_cache, P, A, B, T):
+    """As E2D2's, with all N layers at every denoising step (cached; uncached: N over 2 x the context)."""
+    K, n = A // B, cfg.n_enc
+    if use_cache:
+        return P * n + K * T * B * n + (K - 1) * B * n, n + K * T * n + (K - 1) * n
+    return sum(T * 2 * (P + k * B) * n for k in range(1, K + 1)), K * T * n
+
+
+MODELS = {
+    "e2d2": ModelSpec(E2D2, depth=lambda cfg: f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}",
+                      training_cost=lambda cfg: cfg.n_enc + cfg.n_dec,  # N_enc over x_0, N_dec over x_t
+                      sampling_cost=e2d2_sampling_cost, has_cache=True, ar_weight=e2d2_ar_weight,
+                      # shared_kv never uses what follows the top encoder layer's keys/values (its query
+                      # rows, output projection, norm2, MLP) nor enc_norm: they get no gradient
+                      unused_parameters=lambda cfg: cfg.decoder == "shared_kv"),
+    "ar": ModelSpec(AR, depth=lambda cfg: f"N={cfg.n_enc}", training_cost=lambda cfg: cfg.n_enc,
+                    # the prompt, then one token per call
+                    sampling_cost=lambda cfg, use_cache, P, A, B, T: (
+                        ((P + A - 1) * cfg.n_enc, A * cfg.n_enc) if use_cache
+                        else (sum(P + i for i in range(A)) * cfg.n_enc, A * cfg.n_enc)),
+                    has_cache=True, ar_weight=same_stack),
+    "mdlm": ModelSpec(MDLM, depth=lambda cfg: f"N={cfg.n_enc}", training_cost=lambda cfg: cfg.n_enc,
+                      # as many steps as the block models take (K T), all N layers over P + A each time
+                      sampling_cost=lambda cfg, use_cache, P, A, B, T: (A // B * T * (P + A) * cfg.n_enc,
+                                                                         A // B * T * cfg.n_enc),
+                      has_cache=False, ar_weight=same_stack),
+    "bd3lm": ModelSpec(BD3LM, depth=lambda cfg: f"N={cfg.n_enc}",
+                       training_cost=lambda cfg: 2 * cfg.n_enc,  # N layers over [x_0 ; x_t]: 2L tokens
+                       sampling_cost=bd3lm_sampling_cost, has_cache=True, ar_weight=same_stack),
+}
 MODEL_TYPES = tuple(MODELS)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry of a model type; a clear error for a name it does not hold."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODEL_TYPES}, got {name!r}")
+    return MODELS[name]
 
 
 def build_model(cfg: ModelConfig) -> TokenModel:
     """The model that cfg.model names, freshly initialised."""
-    if cfg.model not in MODELS:
-        raise ValueError(f"model must be one of {MODEL_TYPES}, got {cfg.model!r}")
-    return MODELS[cfg.model](cfg)
+    return model_spec(cfg.model).cls(cfg)
 
 
 RENAMED_SCHEDULES = {"exp": "power"}  # a checkpoint's schedule name -> today's (same alpha(t))
@@ -134,71 +211,83 @@ def model_from_checkpoint(ckpt: dict, device, model_type: str = "") -> TokenMode
 
 
 # ---------------------------------------------------------------------------------------
-# Starting from an autoregressive model, as the paper does (it starts from a pretrained
-# Qwen3): the diffusion models reuse every weight an AR model of the same width has.
+# Starting from a trained model (train.py --init_from): from an AR model, as the paper does
+# (it starts from a pretrained Qwen3), or from a model of the same kind, for new data.
 # ---------------------------------------------------------------------------------------
 
-# config fields that must agree for the AR weights to fit (the vocabulary's ids included)
-INIT_SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "pad_id", "eos_id", "mask_id")
+# config fields that must agree for the weights to fit and to mean what they meant: the
+# shapes, the vocabulary's special ids (an embedding row is a token) and RoPE's base
+INIT_FIELDS = ("vocab_size", "pad_id", "eos_id", "mask_id", "d_model", "n_heads", "n_enc", "rope_base")
+# and for an E2D2 into an E2D2, its decoder (the same weights read other keys otherwise)
+E2D2_INIT_FIELDS = ("n_dec", "decoder", "decoder_layers", "tie_decoder")
 
 
-def init_from_ar(model: TokenModel, ar_ckpt: dict, tokenizer: Optional[dict] = None) -> None:
-    """Copy the weights of an AR checkpoint into a freshly built E2D2, BD3-LM or MDLM.
+def init_source_error(source: str, target: str) -> Optional[str]:
+    """Why a `source` checkpoint cannot start a `target` model, or None if it can: an AR
+    checkpoint starts any model, any checkpoint a model of its own kind."""
+    if source == "ar" or source == target:
+        return None
+    return (f"--init_from takes an AR checkpoint (into any model) or a checkpoint of the model's own kind; "
+            f"this one holds a {source!r} model and the new model is {target!r}")
 
-    - the token embedding (and so the tied output head) and the final norm: as they are;
-    - E2D2: encoder layer i = AR layer i (N_enc = the AR's N), the encoder's final norm
-      h = enc_norm(.) = the AR's final norm, and decoder layer j = a copy of AR layer
-      N - N_dec + j: the decoder starts as the AR's TOP N_dec layers, the paper's choice
-      (its decoder is initialised from the last layers of the pretrained model);
-    - BD3-LM and MDLM: layer i = AR layer i (same N).
-    Right after this, an E2D2 with block_len = 1 and no prompt has a causal encoder, so h
-    equals the AR model's final hidden state (a test checks it). The decoder is not the
-    AR's function: its clean keys/values now come from h (projected by copies of the AR's
-    top layers, the "hidden" variant) or from the encoder's top layers (shared_kv), where
-    in the AR each layer read its own depth. tokenizer: the new run's tokenizer
-    (ckpt["tokenizer"] format), which must be the AR's. Raises ValueError naming what does
-    not match."""
+
+def init_from_checkpoint(model: TokenModel, ckpt: dict, tokenizer: Optional[dict] = None) -> str:
+    """Copy a checkpoint's weights into a freshly built model (train.py --init_from; the
+    optimizer and the step start afresh). Returns one line that says what was copied.
+
+    From an AR checkpoint (N layers), the paper's recipe:
+    - the token embedding (and so the tied output head) and the final norm, as they are;
+    - AR, BD3-LM, MDLM: layer i = AR layer i (AR into AR: plain fine-tuning on new data,
+      the baseline the paper compares with);
+    - E2D2: encoder layer i = AR layer i (N_enc = N), the encoder's final norm enc_norm =
+      the AR's final norm, and decoder layer j = AR layer model.pairs[j] (top:
+      N - N_dec + j; bottom: j). An untied decoder gets copies of those layers; a tied one
+      (tie_decoder) IS those encoder layers, so it gets them with the encoder.
+    From a checkpoint of the model's own kind: every weight as it is (the same logits).
+
+    Right after an AR init, an E2D2 with block_len = 1 and no prompt has a causal encoder,
+    so h equals the AR model's final hidden state (a test checks it). The decoder is not
+    the AR's function: the "hidden" decoder projects h (the top of the stack) through
+    layers that were trained on the hidden states at their own depth; shared_kv gives each
+    decoder layer the encoder's keys/values at its paired depth, which is what that layer
+    read in the AR model. tokenizer: the new run's (ckpt["tokenizer"] format), which must
+    be the checkpoint's. Raises ValueError naming what does not fit."""
     cfg = model.cfg
-    if ar_ckpt["config"].get("model") != "ar":
-        raise ValueError(f"--init_from needs a checkpoint of an 'ar' model, this one holds a "
-                         f"{ar_ckpt['config'].get('model', 'e2d2')!r} model")
-    if cfg.model == "ar":
-        raise ValueError("--init_from initialises a diffusion model (e2d2, bd3lm, mdlm) from an AR one; "
-                         "to continue training an AR model use --resume")
-    ar_tok = data.tokenizer_from_dict(ar_ckpt.get("tokenizer")).to_dict()
-    if tokenizer is not None and tokenizer != ar_tok:
-        raise ValueError(f"--init_from: the AR checkpoint used another tokenizer ({ar_tok['kind']}, "
-                         f"{data.tokenizer_from_dict(ar_tok).vocab_size} tokens) than this run "
+    src = config_from_dict(ckpt["config"])  # (fields saved before they existed: their defaults)
+    error = init_source_error(src.model, cfg.model)
+    if error:
+        raise ValueError(error)
+    src_tok = data.tokenizer_from_dict(ckpt.get("tokenizer")).to_dict()
+    if tokenizer is not None and tokenizer != src_tok:
+        raise ValueError(f"--init_from: the checkpoint used another tokenizer ({src_tok['kind']}, "
+                         f"{data.tokenizer_from_dict(src_tok).vocab_size} tokens) than this run "
                          f"({tokenizer['kind']}, {data.tokenizer_from_dict(tokenizer).vocab_size} tokens)")
-    ar_cfg = ar_ckpt["config"]
-    diff = [f"{k}: AR {ar_cfg.get(k)} vs new {getattr(cfg, k)}" for k in INIT_SHAPE_FIELDS
-            if ar_cfg.get(k) != getattr(cfg, k)]
-    n_ar = ar_cfg["n_enc"]  # the AR's N layers
-    if cfg.n_enc != n_ar:
-        diff.append(f"n_enc: the AR has {n_ar} layers, the new model's {'encoder' if cfg.model == 'e2d2' else 'stack'} "
-                    f"{cfg.n_enc}")
-    if cfg.model == "e2d2" and cfg.n_dec > n_ar:
-        diff.append(f"n_dec={cfg.n_dec}: the decoder copies the AR's top layers, it has only {n_ar}")
+    label = "AR" if src.model == "ar" else "checkpoint"
+    must_agree = INIT_FIELDS + (E2D2_INIT_FIELDS if src.model == cfg.model == "e2d2" else ())
+    diff = [f"{k}: {label} {getattr(src, k)} vs new {getattr(cfg, k)}" for k in must_agree
+            if getattr(src, k) != getattr(cfg, k)]
+    if src.model == "ar" and cfg.model == "e2d2" and cfg.n_dec > src.n_enc:
+        diff.append(f"n_dec={cfg.n_dec}: the decoder copies the AR's layers, it has only {src.n_enc}")
     if diff:
-        raise ValueError("--init_from: the AR checkpoint does not fit this model (" + "; ".join(diff) + ")")
-    ar = ar_ckpt["model"]  # the AR's state dict: embed.*, norm.*, layers.<i>.*
+        raise ValueError(f"--init_from: the {'AR ' if src.model == 'ar' else ''}checkpoint does not fit this model ("
+                         + "; ".join(diff) + ")")
+    weights = upgrade_state_dict(ckpt["model"])
+    if src.model == cfg.model:  # the same kind: every weight as it is
+        model.load_state_dict(weights)
+        return f"every weight of the {cfg.model} checkpoint"
     new = {}
-    for name in model.state_dict():
-        if name.startswith(("embed.", "norm.")):
-            src = name
-        elif name.startswith("layers."):  # BD3-LM / MDLM: the same stack
-            src = name
-        elif name.startswith("encoder."):  # [E2D2] encoder layer i <- AR layer i
-            src = "layers." + name[len("encoder."):]
-        elif name.startswith("decoder."):  # [E2D2] decoder layer j <- AR layer N - N_dec + j
-            j, rest = name[len("decoder."):].split(".", 1)
-            src = f"layers.{n_ar - cfg.n_dec + int(j)}.{rest}"
-        elif name.startswith("enc_norm."):  # [E2D2] h = the AR's final norm of the encoder output
-            src = "norm." + name[len("enc_norm."):]
-        else:
-            raise ValueError(f"--init_from: no AR weight for {name}")
-        new[name] = ar[src]
+    for name in model.state_dict():  # the AR's state dict: embed.*, norm.*, layers.<i>.*
+        source = model_spec(cfg.model).ar_weight(model, name)  # the model says which AR weight is its own
+        if source not in weights:
+            raise ValueError(f"--init_from: a {cfg.model} model cannot start from an AR checkpoint "
+                             f"(no AR weight for its parameter {name})")
+        new[name] = weights[source]
     model.load_state_dict(new)
+    if cfg.model != "e2d2":
+        return f"every layer of the AR model ({src.n_enc} layers)"
+    decoder = "tied to" if cfg.tie_decoder else "copies of"  # [E2D2]
+    return (f"encoder = the AR's {src.n_enc} layers, decoder = {decoder} its layers {model.pairs} "
+            f"({cfg.decoder_layers}), {cfg.decoder} keys/values")
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +411,33 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
         model.train()
     return NelboEstimate(torch.cat(nats), torch.cat(tokens),
                          torch.cat(n_bytes) if bytes_per_token is not None else None)
+
+
+@torch.no_grad()
+def answer_pairs(model: TokenModel, pairs: list, tok, batch_size: int = 64, progress: bool = False, **sampling) -> dict:
+    """Answer seq2seq pairs (source, target strings) with e2d2.generate (`sampling`: its
+    keyword arguments: steps, strategy, temperature, ...) and score the answers against the
+    targets: exact match (a fraction), corpus BLEU, chrF and ROUGE-L (in %, data.py says which
+    BLEU). A source too long to leave room for one answer block is skipped and counted.
+    Returns the scores, the counts and the answers."""
+    cfg, kept, skipped = model.cfg, [], 0
+    for src, tgt in pairs:
+        ids = tok.encode(src)
+        if data.ceil_to(len(ids), cfg.block_len) + cfg.block_len > cfg.seq_len:
+            skipped += 1  # no room left to answer this source
+        else:
+            kept.append((ids, tgt))
+    if not kept:
+        raise ValueError(f"every source is too long for seq_len={cfg.seq_len}")
+    answers = []
+    for i in tqdm(range(0, len(kept), batch_size), desc="answer", leave=False, disable=not progress):
+        out = generate(model, [ids for ids, _ in kept[i:i + batch_size]], **sampling)
+        answers += [tok.decode(ids) for ids in out.tokens]
+    refs = [t for _, t in kept]
+    return {"examples": len(kept), "skipped": skipped,
+            "exact_match": sum(h == r for h, r in zip(answers, refs)) / len(refs),
+            "bleu": 100 * data.corpus_bleu(answers, refs), "chrf": 100 * data.chrf(answers, refs),
+            "rouge_l": 100 * data.rouge_l(answers, refs), "answers": answers}
 
 
 # ---------------------------------------------------------------------------------------

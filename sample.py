@@ -19,12 +19,11 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 import data
 from e2d2 import STRATEGIES, generate
-from models import (DTYPES, MODEL_TYPES, autocast_for, compile_for_sampling, eval_nelbo, is_cuda, load_checkpoint,
-                    model_from_checkpoint, pick_device)
+from models import (DTYPES, MODEL_TYPES, answer_pairs, autocast_for, compile_for_sampling, eval_nelbo, is_cuda,
+                    load_checkpoint, model_from_checkpoint, pick_device)
 
 
 def heldout_examples(ckpt: dict, n: int, seed: int) -> list:
@@ -219,29 +218,14 @@ def evaluate_file(model, path: str, args, device: str, tok=None) -> dict:
     checkpoint's tokenizer (default bytes); windows are seq_len of its tokens."""
     cfg, tok = model.cfg, tok or data.ByteTokenizer()
     if data.data_kind(path) == "seq2seq":
-        # a source too long to leave room for one answer block is skipped (and counted)
-        pairs, skipped = [], 0
-        for src, tgt in data.read_pairs(path):
-            p = tok.encode(src)
-            if data.ceil_to(len(p), cfg.block_len) + cfg.block_len > cfg.seq_len:
-                skipped += 1  # no room left to answer this source
-            else:
-                pairs.append((src, tgt, p))
-        if not pairs:
-            raise ValueError(f"{path}: every source is too long for seq_len={cfg.seq_len}")
-        hyps = []
-        for i in tqdm(range(0, len(pairs), args.batch_size), desc="eval", leave=False):
-            chunk = pairs[i:i + args.batch_size]
-            out = generate(model, [p for _, _, p in chunk], steps=args.steps, strategy=args.strategy,
-                           temperature=args.temperature, top_p=args.top_p, confidence_threshold=args.threshold,
-                           use_cache=not args.no_cache)
-            hyps += [tok.decode(ids) for ids in out.tokens]
-        refs = [t for _, t, _ in pairs]
-        result = {"examples": len(pairs), "skipped": skipped,
-                  "exact_match": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
-                  "bleu": 100 * data.corpus_bleu(hyps, refs), "chrf": 100 * data.chrf(hyps, refs),
-                  "rouge_l": 100 * data.rouge_l(hyps, refs)}
-        print(f"{path}: {len(pairs)} examples ({skipped} skipped: source too long); exact match "
+        try:
+            result = answer_pairs(model, data.read_pairs(path), tok, args.batch_size, progress=True, steps=args.steps,
+                                  strategy=args.strategy, temperature=args.temperature, top_p=args.top_p,
+                                  confidence_threshold=args.threshold, use_cache=not args.no_cache)
+        except ValueError as e:  # every source too long
+            raise ValueError(f"{path}: {e}") from None
+        result.pop("answers")
+        print(f"{path}: {result['examples']} examples ({result['skipped']} skipped: source too long); exact match "
               f"{result['exact_match']:.4f}, {data.BLEU_NAME} {result['bleu']:.2f}, "
               f"chrF (character 6-grams, beta 2) {result['chrf']:.2f}, ROUGE-L F1 {result['rouge_l']:.2f}")
         return result

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -38,10 +39,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, TRAIN_LOSSES, ModelConfig, generate
-from models import (DTYPES, MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo, init_from_ar, is_cuda,
-                    load_checkpoint, peak_bf16_tflops, pick_device, train_flops_per_token, upgrade_optimizer_state,
-                    upgrade_state_dict, weights_checksum)
+from e2d2 import DECODER_LAYERS, DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, TRAIN_LOSSES, ModelConfig, generate
+from models import (DTYPES, E2D2_INIT_FIELDS, MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo,
+                    init_from_checkpoint, init_source_error, is_cuda, load_checkpoint, model_spec, peak_bf16_tflops,
+                    pick_device, train_flops_per_token, upgrade_optimizer_state, upgrade_state_dict, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # Training settings. The model's settings are e2d2.ModelConfig; both are flags.
@@ -58,12 +59,13 @@ class TrainConfig:
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
     tokenizer: str = "bytes"  # "bytes" (needs nothing) or "bpe" (trained on the data file; pip install tokenizers)
     bpe_vocab: int = 1024  # --tokenizer=bpe: vocabulary size, the 4 special tokens included
-    init_from: str = ""  # an AR checkpoint to start an e2d2/bd3lm/mdlm from (same width and tokenizer)
+    init_from: str = ""  # start from a checkpoint: an AR one (any model) or one of the same kind; see INIT_RECIPE
     # where checkpoints and the log go
     out_dir: str = "out"  # ckpt.pt (last), best.pt (lowest val NELBO), log.jsonl, config.json
     resume: bool = False  # continue from out_dir/ckpt.pt with the training config saved there
     overwrite: bool = False  # a new run may replace the checkpoint and log already in out_dir
     save_every: int = 0  # steps between checkpoints besides those at evaluations (>= 0; 0 = none)
+    keep_evals: bool = False  # also keep each evaluation's checkpoint as ckpt_<step>.pt (to study training)
     seed: int = 1337  # every step is a pure function of (seed, step): data, noise, dropout
     # optimisation: AdamW, linear warmup then cosine decay, gradient clipping
     batch_size: int = 128  # the global batch (>= 1): split over processes and accumulation steps
@@ -92,13 +94,44 @@ class TrainConfig:
 # Flags that may differ from the checkpoint's training config on --resume: how long to go on,
 # how often to evaluate and save, and where/how to run. Everything else (the data, the seed,
 # the optimiser, the batch) is restored, so a resumed run keeps training the same thing.
-MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_every", "eval_examples",
+MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_every", "keep_evals", "eval_examples",
                         "eval_batches", "eval_draws", "sample_steps", "device", "dtype", "compile", "threads",
                         "peak_tflops")
 
+# The fine-tuning recipe: a run started from an AR checkpoint (--init_from, without --resume)
+# takes these values for the flags it leaves out, per model kind (n_dec at most the AR's N).
+# E2D2's is the paper's (its decoder: the shared-KV variant, the TOP N_dec layers of the AR,
+# tied to them: no new parameters). Measured on the vowels task (docs/finetuning.md, bench.py
+# finetune, 300 steps): lr 3e-3 beat 1e-3 and 3e-4 for E2D2 (val NELBO 1.68 vs 2.00, 2.53) and
+# 1e-3 for BD3-LM (1.13 vs 1.38); a hidden, untied decoder reached the same 1.68 with 0.43M
+# more parameters, so the tied shared-KV decoder stays the default.
+INIT_RECIPE = {
+    "e2d2": {"decoder": "shared_kv", "tie_decoder": True, "decoder_layers": "top", "n_dec": 2, "lr": 3e-3},
+    "bd3lm": {"lr": 3e-3}, "mdlm": {"lr": 3e-3}, "ar": {"lr": 1e-3},
+}
+
+
+def with_init_recipe(model_over: dict, train_over: dict):
+    """The flags of a run that starts from an AR checkpoint: those given, then INIT_RECIPE's
+    for the rest. Returns (model_over, train_over, the recipe's flags that were used)."""
+    if not train_over.get("init_from") or train_over.get("resume"):
+        return model_over, train_over, {}
+    src = config_from_dict(load_checkpoint(train_over["init_from"], "cpu")["config"])
+    if src.model != "ar":  # a model of its own kind keeps its own settings (see setup)
+        return model_over, train_over, {}
+    recipe = dict(INIT_RECIPE.get(model_over.get("model", ModelConfig.model), {}))
+    if "n_dec" in recipe:
+        recipe["n_dec"] = min(recipe["n_dec"], src.n_enc)
+    used = {k: v for k, v in recipe.items() if k not in model_over and k not in train_over}
+    model_names = {f.name for f in fields(ModelConfig)}
+    return ({**model_over, **{k: v for k, v in used.items() if k in model_names}},
+            {**train_over, **{k: v for k, v in used.items() if k not in model_names}}, used)
+
+
 # Allowed values of the string flags (argparse lists them in --help and refuses others).
 # Each list is defined once, where the values are used; this only collects them.
-CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "schedule": tuple(SCHEDULES),
+CHOICES = {"model": MODEL_TYPES, "decoder": DECODER_VARIANTS, "decoder_layers": DECODER_LAYERS,
+           "schedule": tuple(SCHEDULES),
            "prompt_attention": PROMPT_ATTENTION, "task": tuple(data.TASKS), "data_format": data.DATA_FORMATS,
            "too_long": data.TOO_LONG, "train_loss": TRAIN_LOSSES, "tokenizer": data.TOKENIZERS, "dtype": DTYPES}
 
@@ -250,15 +283,21 @@ def setup(tc: TrainConfig, model_over: dict, device: str):
         # a new model: the defaults, then the tokenizer's special ids, a seq_len that fits
         # the data (the dataset decides it unless --seq_len does) and how its prompts are
         # read (seq2seq: bidirectionally; text: block-causally), then the flags
-        block_len = model_over.get("block_len", ModelConfig.block_len)
         tok, arch = None, {}
-        if tc.init_from:  # start from an AR model: its tokenizer, and its width and depth by default
-            ar = load_checkpoint(tc.init_from, "cpu")
-            tok = data.tokenizer_from_dict(ar.get("tokenizer"))
+        if tc.init_from:  # start from a trained model: its tokenizer, its width and depth by default
+            src_ckpt = load_checkpoint(tc.init_from, "cpu")
+            src, target = config_from_dict(src_ckpt["config"]), model_over.get("model", ModelConfig.model)
+            error = init_source_error(src.model, target)
+            if error:
+                raise ValueError(error)
+            tok = data.tokenizer_from_dict(src_ckpt.get("tokenizer"))
             if tok.to_dict()["kind"] != tc.tokenizer:
                 raise ValueError(f"--init_from={tc.init_from} was trained with --tokenizer="
                                  f"{tok.to_dict()['kind']}, not --tokenizer={tc.tokenizer}")
-            arch = {k: ar["config"][k] for k in ("d_model", "n_heads", "n_enc", "rope_base")}
+            # a model of its own kind also keeps its blocks, and an E2D2 its decoder
+            inherit = ("d_model", "n_heads", "n_enc", "rope_base") + (("block_len",) if src.model == target else ())
+            arch = {k: getattr(src, k) for k in inherit + (E2D2_INIT_FIELDS if src.model == target == "e2d2" else ())}
+        block_len = model_over.get("block_len", arch.get("block_len", ModelConfig.block_len))
         dataset, seq_len = data.load_dataset(asdict(tc), block_len, model_over.get("seq_len"), tok)
         prompt_attention = data.PROMPT_ATTENTION[dataset.kind]
         if model_over.get("prompt_attention", prompt_attention) != prompt_attention:
@@ -311,8 +350,7 @@ def save_checkpoint(path, model, optimizer, step, tc, metrics, best_val_nelbo=ma
     # everything a resumed run needs to continue exactly: weights, AdamW moments, the step
     weights = model.state_dict()
     state = {
-        "model_type": model.cfg.model,
-        "config": asdict(model.cfg),
+        "config": asdict(model.cfg),  # the model's kind is config["model"], stored once
         "train_config": asdict(tc),
         "model": weights,
         "checksum": weights_checksum(weights),
@@ -483,9 +521,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                                   weight_decay=tc.weight_decay)
     step, metrics, best = 0, {}, math.inf  # best: the lowest validation NELBO so far
     if ckpt is None and tc.init_from:  # the paper's recipe: start from an AR model's weights
-        init_from_ar(model, load_checkpoint(tc.init_from, device), dataset.tok.to_dict())
+        copied = init_from_checkpoint(model, load_checkpoint(tc.init_from, device), dataset.tok.to_dict())
         if main_process:
-            print(f"initialised from the AR model {tc.init_from}")
+            print(f"initialised from {tc.init_from}: {copied}")
     if ckpt is not None:
         model.load_state_dict(upgrade_state_dict(ckpt["model"]))
         optimizer.load_state_dict(upgrade_optimizer_state(ckpt["optimizer"], list(ckpt["model"]),
@@ -505,13 +543,12 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     # `fwd` is what the loop calls: the model, maybe compiled, maybe wrapped in DDP; `model`
     # stays the plain module that is evaluated and saved
     fwd = torch.compile(model) if tc.compile else model
-    if world > 1:  # gradients are averaged over the processes during backward
-        # (shared_kv never uses what comes after the top encoder layer's keys/values: its
-        # query rows, output projection, norm2 and MLP, and enc_norm get no gradient: tell DDP)
+    if world > 1:  # gradients are averaged over the processes during backward (DDP must be told
+        # of parameters that get none: the model's registry entry says, models.MODELS)
         fwd = DDP(fwd, device_ids=[torch.device(device).index] if is_cuda(device) else None,
-                  find_unused_parameters=cfg.model == "e2d2" and cfg.decoder == "shared_kv")
+                  find_unused_parameters=model_spec(cfg.model).unused_parameters(cfg))
     if main_process:  # one line that says what is being trained
-        layers = f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}" if cfg.model == "e2d2" else f"N={cfg.n_enc}"
+        layers = model_spec(cfg.model).depth(cfg)
         source = tc.data or f"task={tc.task}"
         backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""  # under torchrun: nccl or gloo
         print(f"{cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {layers}, block_len={cfg.block_len}, "
@@ -610,6 +647,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
                 improved = metrics["val_nelbo"] < best
                 best = min(best, metrics["val_nelbo"])
                 save_checkpoint(ckpt_path, model, optimizer, step, tc, metrics, best, dataset.tok)
+                if tc.keep_evals:  # a copy that the next evaluation does not replace
+                    shutil.copyfile(ckpt_path, os.path.join(tc.out_dir, f"ckpt_{step}.pt"))
                 if improved:  # best.pt: the weights with the lowest validation NELBO so far
                     save_checkpoint(best_path, model, optimizer, step, tc, metrics, best, dataset.tok)
             elif tc.save_every and step % tc.save_every == 0:  # a checkpoint between evaluations
@@ -667,6 +706,9 @@ def main(argv=None):
     printed once (under torchrun by rank 0 only; the other processes exit quietly)."""
     model_over, train_over = parse_args(argv)
     try:
+        model_over, train_over, recipe = with_init_recipe(model_over, train_over)
+        if recipe and os.environ.get("RANK", "0") == "0":
+            print("--init_from: the fine-tuning recipe sets " + " ".join(f"--{k}={v}" for k, v in recipe.items()))
         tc = training_config(train_over)  # with --resume: the checkpoint's, plus the flags
         validate_train_config(tc)
         if tc.threads:  # on a busy machine torch's default (all cores) thrashes: see README

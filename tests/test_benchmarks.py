@@ -3,25 +3,28 @@ benchmarks run end to end at tiny sizes (their speed is measured by running them
 asserted here)."""
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench
 import models
-from conftest import LayerCounter
+from conftest import ROOT, LayerCounter, random_layout, tiny
 from e2d2 import ModelConfig, generate
 from models import build_model
 
 
-@pytest.mark.parametrize("name,use_cache", [v[1:] for v in bench.BENCH_VARIANTS])
+# every model of the registry, with and without its cache (the benchmarks' variants among them)
+@pytest.mark.parametrize("name,use_cache", [(n, c) for n in models.MODELS for c in (True, False)])
 def test_sampling_cost_counts_what_the_sampler_runs(name, use_cache):
     P, A, B, T, n_enc, n_dec = 8, 16, 4, 3, 3, 2
     cfg = ModelConfig(model=name, seq_len=P + A, block_len=B, d_model=32, n_heads=4, n_enc=n_enc, n_dec=n_dec)
     model = build_model(cfg).eval()
+    steps = bench.steps_per_own_block(model, P, A, B, T)  # MDLM: A / B * T steps on its one block
+    assert steps == {"mdlm": A // B * T, "ar": 1}.get(name, T)
     counter = LayerCounter(model)
-    r = generate(model, [[7] * P, [9] * P], max_new_tokens=A, steps=A // B * T if name == "mdlm" else T,
-                 use_cache=use_cache, stop_at_eos=False)
+    r = generate(model, [[7] * P, [9] * P], max_new_tokens=A, steps=steps, use_cache=use_cache, stop_at_eos=False)
     counter.remove()
     layer_tokens, layer_calls = bench.sampling_cost(name, use_cache, P, A, B, T, n_enc, n_dec)
     assert counter.tokens == pytest.approx(layer_tokens * A)
@@ -29,7 +32,7 @@ def test_sampling_cost_counts_what_the_sampler_runs(name, use_cache):
     assert all(len(t) == A for t in r.tokens)
 
 
-@pytest.mark.parametrize("name", ["e2d2", "bd3lm", "mdlm", "ar"])
+@pytest.mark.parametrize("name", models.MODEL_TYPES)
 def test_training_cost_counts_layer_passes(name):
     cfg = ModelConfig(model=name, seq_len=16, block_len=4, d_model=32, n_heads=4, n_enc=3, n_dec=2)
     model = build_model(cfg)
@@ -41,8 +44,7 @@ def test_training_cost_counts_layer_passes(name):
     assert counter.tokens == bench.training_cost(cfg) * 16
 
 
-@pytest.mark.parametrize("name,decoder", [("e2d2", "hidden"), ("e2d2", "shared_kv"), ("ar", "hidden"),
-                                          ("mdlm", "hidden"), ("bd3lm", "hidden")])
+@pytest.mark.parametrize("name,decoder", [(n, "hidden") for n in models.MODEL_TYPES] + [("e2d2", "shared_kv")])
 def test_flops_count_equals_torchs_flop_counter(name, decoder):
     # The analytic count (models.train_flops_per_token, for MFU) against an independent one:
     # torch's FlopCounterMode around a real forward and backward, which counts every matrix
@@ -77,7 +79,7 @@ def test_flops_count_equals_torchs_flop_counter(name, decoder):
 def test_training_benchmark_runs(tmp_path, capsys):
     out = tmp_path / "train.json"
     rows = bench.bench_training(2, 1, "cpu", dict(d_model=32, n_enc=2, n_dec=1, seq_len=24), str(out))
-    assert [r["model"] for r in rows] == ["e2d2", "ar", "mdlm", "bd3lm"]
+    assert [r["model"] for r in rows] == list(models.MODEL_TYPES)
     assert all(r["tokens_per_s"] > 0 and r["activation_mib"] > 0 for r in rows)
     bd3 = next(r for r in rows if r["model"] == "bd3lm")
     assert bd3["analytic_ratio"] == pytest.approx(4 / 3)  # 2N / (N_enc + N_dec)
@@ -157,3 +159,53 @@ def test_attention_weights_times_values_is_the_layers_own_attention():
         mine = layer.attn.out((w @ values).transpose(1, 2).flatten(2))
         torch.testing.assert_close(mine, y, atol=1e-10, rtol=1e-8)
     assert calls[2][5] is not None and calls[0][4] is not None  # both paths were exercised
+
+
+# --- the fine-tuning walk-through (bench.py finetune) ----------------------------------
+
+@pytest.mark.parametrize("kind", ["e2d2", "bd3lm"])
+def test_read_the_prompt_splits_all_attention_and_scores_every_block(kind):
+    model = tiny(kind)
+    _, x0, _, prompt_mask, P = random_layout(model, n_answer_blocks=3)
+    r = bench.read_the_prompt(model, x0, prompt_mask, torch.Generator().manual_seed(0))
+    n_layers = model.cfg.n_dec if kind == "e2d2" else model.cfg.n_enc
+    masses = r["attention"]
+    assert all(len(v) == n_layers for v in masses.values())
+    assert min(masses["own_block"]) > 0  # a [MASK] query always sees its own block (the noisy queries were read)
+    for layer in range(n_layers):  # a [MASK] query sees the prompt, earlier blocks and its own block: nothing else
+        assert sum(masses[k][layer] for k in masses) == pytest.approx(1.0)
+    assert len(r["loss_by_block"]) == 3 and all(v > 0 for v in r["loss_by_block"])
+    # a model that cannot see the prompt puts no weight on it: its prompt rows all padding
+    x0[:, :P] = model.cfg.pad_id
+    r = bench.read_the_prompt(model, x0, prompt_mask, torch.Generator().manual_seed(0))
+    assert max(r["attention"]["prompt"]) == 0.0
+
+
+def test_finetune_runs_are_train_flags_that_build_their_models():
+    import train  # the runs are train.py command lines: each must parse and build its model
+    state = {"best_lr": {fam: lrs[0] for fam, (_, lrs) in bench.FT_SWEPT.items()},
+             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": 700}
+    names = []
+    for stage in ("pretrain", "sweep", "variants", "long", "frontier"):
+        for name, flags in bench.ft_runs(stage, "D", state, quick=False).items():
+            model_over, train_over = train.parse_args(flags)
+            assert train_over["data"] in ("D/topics.txt", "D/vowels_train.jsonl"), name
+            assert (train_over.get("init_from") == "D/ar-pre/ckpt.pt") == (name not in ("ar-pre", "ar-scratch"))
+            ModelConfig(**{**model_over, "vocab_size": 260})
+            names.append(name)
+    assert len(names) == len(set(names))
+    assert {"e2d2-recipe-equal-time", "frontier-bd3lm-B4", "frontier-ndec4-B4", "frontier-ndec1-B8"} <= set(names)
+
+
+@pytest.mark.slow
+def test_finetune_walkthrough_runs_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "bench.py", "finetune", "--quick", f"--out_dir={tmp_path / 'runs'}",
+                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "finetune.json").read_text())
+    assert results["task"]["vowels"]["copy_chrf"] > 20 and results["task"]["spaces"]["copy_chrf"] == 100
+    assert "e2d2-recipe-equal-time" in results["runs"] and "frontier-bd3lm-B4" in results["runs"]
+    speed = json.loads((tmp_path / "finetune_speed.json").read_text())
+    assert set(speed["train_step_s"]) >= {"ar", "bd3lm", "mdlm", *bench.FT_DECODERS}
+    probe = json.loads((tmp_path / "finetune_probe.json").read_text())
+    assert all(rows[0]["step"] == 0 for rows in probe.values())

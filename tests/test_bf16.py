@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import data
 from conftest import random_layout, tiny
 from e2d2 import KVCache, generate, left_pad, masked_log_probs
-from models import eval_nelbo
+from models import MODEL_TYPES, eval_nelbo
 
 # every model, and E2D2 with both decoder variants
-VARIANTS = [("e2d2", {}), ("e2d2", {"decoder": "shared_kv"}), ("ar", {}), ("mdlm", {}), ("bd3lm", {})]
-IDS = ["e2d2", "e2d2-shared_kv", "ar", "mdlm", "bd3lm"]
+VARIANTS = [(name, {}) for name in MODEL_TYPES] + [("e2d2", {"decoder": "shared_kv"})]  # the registry's
+IDS = [*MODEL_TYPES, "e2d2-shared_kv"]
 
 
 def bf16():

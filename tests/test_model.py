@@ -6,12 +6,18 @@ import torch
 import data
 from conftest import random_layout, tiny
 from e2d2 import STRATEGIES, E2D2, CachedE2D2, ModelConfig, Runner, generate
-from models import upgrade_optimizer_state, upgrade_state_dict
+from models import build_model, upgrade_optimizer_state, upgrade_state_dict
+
+# every way a decoder can be built: (decoder, decoder_layers, tie_decoder)
+VARIANTS = [dict(decoder="hidden"), dict(decoder="shared_kv"), dict(decoder="shared_kv", decoder_layers="bottom"),
+            dict(decoder="hidden", tie_decoder=True), dict(decoder="shared_kv", tie_decoder=True),
+            dict(decoder="shared_kv", decoder_layers="bottom", tie_decoder=True)]
+variant_id = lambda v: "-".join(map(str, v.values()))  # noqa: E731
 
 
-@pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
-def test_train_and_inference_logits_agree_block_by_block(decoder):
-    model = tiny(decoder=decoder)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_train_and_inference_logits_agree_block_by_block(variant):
+    model = tiny(**variant)
     B = model.cfg.block_len
     prompts, x0, x_t, prompt_mask, P = random_layout(model)
     with torch.no_grad():
@@ -29,12 +35,12 @@ def test_train_and_inference_logits_agree_block_by_block(decoder):
     assert cached.decoder_calls == (x0.shape[1] - P) // B
 
 
-@pytest.mark.parametrize("decoder", ["hidden", "shared_kv"])
-def test_text_model_reads_a_prompt_block_causally_as_trained(decoder):
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_text_model_reads_a_prompt_block_causally_as_trained(variant):
     # plain-text training has no prompt: the clean stream is block-causal everywhere. A
     # prompt of several blocks must reach the sampler's logits exactly as it reached the
     # training forward's (prompt_mask all False), in both runners
-    model = tiny(decoder=decoder, prompt_attention="block_causal")
+    model = tiny(**variant, prompt_attention="block_causal")
     B = model.cfg.block_len
     _, x0, x_t, _, P = random_layout(model, prompt_lens=(12, 9, 6))  # 3 prompt blocks
     text_layout = torch.zeros_like(x0, dtype=torch.bool)  # training on text: no prompt
@@ -69,10 +75,11 @@ def test_logits_of_block_k_ignore_every_later_block():
     assert not torch.allclose(out[:, P + B:], ref[:, P + B:])
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("strategy,temperature,threshold", [
     ("ancestral", 1.0, None), ("remask", 1.0, None), ("remask", 0.0, 0.05), ("ancestral", 0.0, None)])
-def test_cached_sampling_equals_uncached(strategy, temperature, threshold):
-    model = tiny()
+def test_cached_sampling_equals_uncached(strategy, temperature, threshold, variant):
+    model = tiny(**variant)
     prompts = [[1, 2, 3, 4, 5], [9] * 9, [4, 4]]
     kw = dict(max_new_tokens=12, strategy=strategy, temperature=temperature,
               confidence_threshold=threshold)
@@ -171,8 +178,14 @@ def test_bad_config_gives_clear_errors():
         ModelConfig(seq_len=30, block_len=4)
     with pytest.raises(ValueError, match="not divisible by n_heads"):
         ModelConfig(d_model=30, n_heads=4)
-    with pytest.raises(ValueError, match="n_dec <= n_enc"):
+    with pytest.raises(ValueError, match="decoder='shared_kv', tie_decoder=False pairs each decoder layer .* needs n_dec <= n_enc"):
         ModelConfig(decoder="shared_kv", n_enc=2, n_dec=3)
+    with pytest.raises(ValueError, match="decoder='hidden', tie_decoder=True pairs each decoder layer .* needs n_dec <= n_enc"):
+        ModelConfig(tie_decoder=True, n_enc=2, n_dec=3)
+    with pytest.raises(ValueError, match="decoder_layers must be one of"):
+        ModelConfig(decoder_layers="middle")
+    with pytest.raises(ValueError, match="tie_decoder must be one of"):
+        ModelConfig(tie_decoder="yes")
     with pytest.raises(ValueError, match="schedule must be one of"):
         ModelConfig(schedule="quadratic")
     with pytest.raises(ValueError, match="decoder must be one of"):
@@ -187,7 +200,7 @@ def test_too_long_input_gives_clear_errors():
         generate(model, [list(range(14))])
     with pytest.raises(ValueError, match="max_new_tokens=12 must be between 1 and 8"):
         generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=12)
-    with pytest.raises(ValueError, match="exceeds the model's seq_len=16"):
+    with pytest.raises(ValueError, match="at most seq_len=16"):
         model(torch.zeros(1, 20, dtype=torch.long), torch.zeros(1, 20, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"example 1 .* more than the model's seq_len=16"):
         data.collate([([1, 2], [3]), ([1] * 10, [2] * 5)], 4, 16)
@@ -218,6 +231,49 @@ def test_shared_kv_decoder_reads_the_top_encoder_layers():
     d = model.cfg.d_model
     qkv_grad = model.encoder[2].attn.qkv.weight.grad  # rows: W_q, W_k, W_v
     assert not qkv_grad[:d].abs().sum() and qkv_grad[d:2 * d].abs().sum() and qkv_grad[2 * d:].abs().sum()
+
+
+def test_shared_kv_bottom_decoder_reads_the_bottom_encoder_layers():
+    # decoder layer i reads encoder layer i: what comes after encoder layer 1's keys/values
+    # (its queries, output, MLP; all of layer 2; enc_norm) never reaches the loss
+    model = tiny(decoder="shared_kv", decoder_layers="bottom").train()  # N_enc = 3, N_dec = 2: layers 0, 1
+    _, x0, _, prompt_mask, _ = random_layout(model)
+    model(x0, prompt_mask, generator=torch.Generator().manual_seed(0)).loss.backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()}
+    after = {"attn.out.weight", "norm2.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight"}
+    layer2 = {n for n, _ in model.named_parameters() if n.startswith("encoder.2.")}
+    assert no_grad == {"enc_norm.weight"} | {"encoder.1." + n for n in after} | layer2
+    assert not model.encoder[1].attn.qkv.weight.grad[:model.cfg.d_model].abs().sum()  # its queries
+
+
+def test_tied_decoder_layer_is_its_encoder_layer():
+    # tie_decoder: decoder layer j IS encoder layer N_enc - N_dec + j, one set of weights:
+    # no new parameters, and its gradient is the sum of what both uses ask of it
+    tied = tiny(decoder="shared_kv", tie_decoder=True).train()  # N_enc = 3, N_dec = 2: layers 1, 2
+    layer_params = sum(p.numel() for p in tied.encoder[0].parameters())
+    assert tied.num_params() == tiny(model="bd3lm").num_params() + tied.cfg.d_model  # the same stack + enc_norm
+    assert tied.num_params() == tiny(decoder="shared_kv").num_params() - 2 * layer_params
+    assert not [n for n, _ in tied.named_parameters() if n.startswith("decoder.")]  # one name per tensor
+    for j, i in enumerate((1, 2)):
+        for p, q in zip(tied.decoder[j].parameters(), tied.encoder[i].parameters()):
+            assert p is q
+    # the same weights, untied: two copies of layers 1 and 2
+    untied = build_model(ModelConfig(**{**vars(tied.cfg), "tie_decoder": False})).double().train()
+    untied.load_state_dict(tied.state_dict())  # decoder.j = encoder.i's values, now copies
+    _, x0, _, prompt_mask, _ = random_layout(tied)
+    for m in (tied, untied):
+        m(x0, prompt_mask, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for j, i in enumerate((1, 2)):
+        for (name, p), q_enc, q_dec in zip(tied.encoder[i].named_parameters(), untied.encoder[i].parameters(),
+                                           untied.decoder[j].parameters()):
+            assert q_dec.grad.abs().sum() > 0, name  # the decoder's use adds to every tensor's gradient
+            enc_grad = torch.zeros_like(p) if q_enc.grad is None else q_enc.grad  # (the top layer's MLP: none)
+            torch.testing.assert_close(p.grad, enc_grad + q_dec.grad, rtol=1e-10, atol=1e-14)
+    # a step moves both at once: they stay one tensor
+    before = tied.encoder[2].mlp.up.weight.detach().clone()
+    torch.optim.AdamW(tied.parameters(), lr=1e-2).step()
+    assert not torch.equal(tied.encoder[2].mlp.up.weight, before)
+    assert torch.equal(tied.decoder[1].mlp.up.weight, tied.encoder[2].mlp.up.weight)
 
 
 def test_hidden_decoder_projects_h_with_each_layers_own_norm_and_kv_weights():

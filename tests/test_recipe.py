@@ -2,16 +2,19 @@
 E2D2 (and BD3-LM, MDLM) initialised from an AR model, and nucleus (top-p) sampling."""
 import os
 import random
+import re
+from dataclasses import fields
 
 import pytest
 import torch
 
 import data
+import models
 import train
 from baselines import causal_mask
-from conftest import ENV, run, script_error, tiny
+from conftest import ENV, random_layout, run, script_error, tiny
 from e2d2 import ModelConfig, encoder_mask, denoise_step, generate, nucleus
-from models import build_model, init_from_ar, load_checkpoint, model_from_checkpoint
+from models import build_model, init_from_checkpoint, load_checkpoint, model_from_checkpoint
 
 TEXT = ("The for statement is used to iterate over the elements of a sequence. "
         "A function definition defines a user-defined function object. "
@@ -143,10 +146,18 @@ def ar_checkpoint(**kw):
     return ar, {"config": {**vars(ar.cfg)}, "model": ar.state_dict(), "tokenizer": {"kind": "bytes"}}
 
 
-def test_e2d2_from_ar_with_block_len_1_reproduces_the_ar_hidden_states():
+# (decoder, decoder_layers, tie_decoder): every way an E2D2 can take its decoder from the AR
+DECODER_INITS = [("hidden", "top", False), ("shared_kv", "top", False), ("hidden", "bottom", False),
+                 ("shared_kv", "top", True), ("shared_kv", "bottom", True), ("hidden", "top", True)]
+
+
+@pytest.mark.parametrize("decoder,decoder_layers,tie", DECODER_INITS)
+def test_e2d2_from_ar_with_block_len_1_reproduces_the_ar_hidden_states(decoder, decoder_layers, tie):
     ar, ckpt = ar_checkpoint()
-    model = build_model(ModelConfig(**{**vars(ar.cfg), "model": "e2d2", "block_len": 1, "n_dec": 2})).double().eval()
-    init_from_ar(model, ckpt, {"kind": "bytes"})
+    cfg = ModelConfig(**{**vars(ar.cfg), "model": "e2d2", "block_len": 1, "n_dec": 2, "decoder": decoder,
+                         "decoder_layers": decoder_layers, "tie_decoder": tie})
+    model = build_model(cfg).double().eval()
+    init_from_checkpoint(model, ckpt, {"kind": "bytes"})
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 256, (3, 32), generator=g)
     x0[2, 20:] = ar.cfg.pad_id  # padding at the end of one row
@@ -166,43 +177,124 @@ def test_e2d2_from_ar_with_block_len_1_reproduces_the_ar_hidden_states():
         # with blocks of 4 the encoder sees within its block: no longer the AR's states
         h4, _ = model.encode(x0, positions, encoder_mask(no_prompt, valid, 4))
         assert not torch.allclose(h4[valid], h[valid], atol=1e-3)
-    # the decoder starts as copies of the AR's TOP n_dec layers (layers 1, 2 of 0..2)
-    for j, src in enumerate((1, 2)):
+    # decoder layer j starts as AR layer (1, 2) (top of 0..2) or (0, 1) (bottom): copies
+    # that train apart from the encoder, or (tied) the encoder's own layer
+    for j, src in enumerate((1, 2) if decoder_layers == "top" else (0, 1)):
+        assert (model.decoder[j] is model.encoder[src]) == tie
         for (name, p), (_, q) in zip(model.decoder[j].named_parameters(), ar.layers[src].named_parameters()):
             assert torch.equal(p, q), name
-            assert p.data_ptr() != q.data_ptr()  # copies: training one leaves the other
+        for (_, p), (_, q) in zip(model.decoder[j].named_parameters(), model.encoder[src].named_parameters()):
+            assert (p.data_ptr() == q.data_ptr()) == tie  # untied: copies, trained apart
     assert torch.equal(model.embed.weight, ar.embed.weight) and torch.equal(model.enc_norm.weight, ar.norm.weight)
 
 
-@pytest.mark.parametrize("kind", ["bd3lm", "mdlm"])
-def test_baselines_from_ar_take_every_layer(kind):
+def test_shared_kv_decoder_from_ar_reads_what_its_layers_read_in_the_ar():
+    # a tied shared_kv decoder at block_len = 1 without a prompt: the noisy token at position
+    # 11 sees the clean tokens 0..10 through the keys/values of each decoder layer's own
+    # depth, exactly what that layer read in the AR model. So the bottom decoder IS the AR's
+    # first N_dec layers (its hidden state at position 11, through the final norm and head);
+    # the top one is the AR's top N_dec layers fed the raw token embedding
+    ar, ckpt = ar_checkpoint()
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    with torch.no_grad():
+        ar_kv = ar.run(ar.layers, ar.embed(x), slice(0, 12), causal_mask(valid))[1]
+        for layers, used in (("bottom", [0, 1]), ("top", [1, 2])):
+            cfg = ModelConfig(**{**vars(ar.cfg), "model": "e2d2", "block_len": 1, "n_dec": 2, "decoder": "shared_kv",
+                                 "decoder_layers": layers, "tie_decoder": True})
+            model = build_model(cfg).double().eval()
+            init_from_checkpoint(model, ckpt)
+            logits = model.logits(x, x, torch.zeros_like(valid))[:, 11:]  # (nothing masked: the logits still run)
+            z = ar.embed(x[:, 11:])  # by hand: the layers `used`, each with the AR's keys/values of 0..10
+            for i in used:
+                z, _ = ar.layers[i](z, *ar.rope(slice(11, 12)), None, (ar_kv[i][0][:, :, :11], ar_kv[i][1][:, :, :11]))
+            torch.testing.assert_close(logits, ar.head(z), rtol=0, atol=1e-12)
+            if layers == "bottom":  # the AR's own hidden state after its first two layers
+                z_ar, _ = ar.run(ar.layers[:2], ar.embed(x), slice(0, 12), causal_mask(valid))
+                torch.testing.assert_close(logits, ar.head(z_ar[:, 11:]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", [n for n, spec in models.MODELS.items() if spec.ar_weight is models.same_stack])
+def test_one_stack_models_from_ar_take_every_layer(kind):
     ar, ckpt = ar_checkpoint()
     model = build_model(ModelConfig(**{**vars(ar.cfg), "model": kind})).double()
-    init_from_ar(model, ckpt)
+    init_from_checkpoint(model, ckpt)
     for name, p in model.state_dict().items():
         assert torch.equal(p, ar.state_dict()[name]), name
+
+
+def test_ar_into_ar_gives_identical_logits():
+    # plain fine-tuning, the paper's AR baseline: the new AR computes what the old one did
+    ar, ckpt = ar_checkpoint()
+    torch.manual_seed(5)
+    new = build_model(ModelConfig(**{**vars(ar.cfg), "seq_len": 64})).double().eval()  # another seq_len is fine
+    x = torch.randint(0, 256, (2, 20))
+    assert not torch.equal(new.logits(x)[0], ar.logits(x)[0])
+    init_from_checkpoint(new, ckpt)
+    assert torch.equal(new.logits(x)[0], ar.logits(x)[0])
+
+
+SAME_KIND = [dict(model="e2d2"), dict(model="e2d2", decoder="shared_kv", tie_decoder=True),
+             dict(model="e2d2", decoder_layers="bottom", tie_decoder=True), dict(model="bd3lm"), dict(model="mdlm")]
+
+
+@pytest.mark.parametrize("over", SAME_KIND, ids=lambda o: "-".join(map(str, o.values())))
+def test_a_checkpoint_into_a_model_of_its_own_kind_gives_identical_logits(over):
+    old = tiny(**over)
+    with torch.no_grad():  # norm gains away from their initial 1, so a norm left out shows
+        for p in old.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    ckpt = {"config": vars(old.cfg), "model": old.state_dict(), "tokenizer": {"kind": "bytes"}}
+    torch.manual_seed(9)
+    new = build_model(ModelConfig(**{**vars(old.cfg), "t_min": 0.1})).double().eval()  # training settings may differ
+    _, x0, x_t, prompt_mask, _ = random_layout(old)
+    with torch.no_grad():
+        assert not torch.equal(new.logits(x0, x_t, prompt_mask), old.logits(x0, x_t, prompt_mask))
+        assert "every weight" in init_from_checkpoint(new, ckpt)
+        assert torch.equal(new.logits(x0, x_t, prompt_mask), old.logits(x0, x_t, prompt_mask))
+    if over.get("tie_decoder"):  # still tied after loading: one tensor, not two equal ones
+        assert new.decoder[0] is new.encoder[new.pairs[0]]
 
 
 def test_init_from_errors_name_what_does_not_fit():
     ar, ckpt = ar_checkpoint()
     base = {**vars(ar.cfg), "model": "e2d2"}
     cases = [({"d_model": 64}, "d_model: AR 32 vs new 64"),
-             ({"n_enc": 2}, "n_enc: the AR has 3 layers"),
-             ({"n_dec": 4}, "n_dec=4: the decoder copies the AR's top layers, it has only 3"),
-             ({"model": "ar"}, "to continue training an AR model use --resume")]
+             ({"n_heads": 8}, "n_heads: AR 4 vs new 8"),
+             ({"rope_base": 500.0}, "rope_base: AR 10000.0 vs new 500.0"),
+             ({"n_enc": 2}, "n_enc: AR 3 vs new 2"),
+             ({"n_enc": 4, "n_dec": 4}, "n_enc: AR 3 vs new 4; n_dec=4: the decoder copies the AR's layers, it has only 3"),
+             ({"model": "bd3lm", "n_enc": 4}, "n_enc: AR 3 vs new 4"),
+             ({"model": "ar", "d_model": 16}, "d_model: AR 32 vs new 16")]
     for over, message in cases:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-            init_from_ar(build_model(ModelConfig(**{**base, **over})), ckpt)
-    e2d2_ckpt = {**ckpt, "config": {**ckpt["config"], "model": "e2d2"}}
-    with pytest.raises(ValueError, match="needs a checkpoint of an 'ar' model"):
-        init_from_ar(build_model(ModelConfig(**base)), e2d2_ckpt)
+        with pytest.raises(ValueError, match="AR checkpoint does not fit this model .*" + re.escape(message)):
+            init_from_checkpoint(build_model(ModelConfig(**{**base, **over})), ckpt)
+    vocab = {**ckpt, "config": {**ckpt["config"], "eos_id": 257}}
+    with pytest.raises(ValueError, match="eos_id: AR 257 vs new 258"):
+        init_from_checkpoint(build_model(ModelConfig(**base)), vocab)
+    # from another kind than AR, only into the same kind
+    for src, target in (("e2d2", "bd3lm"), ("bd3lm", "e2d2"), ("mdlm", "ar"), ("e2d2", "ar")):
+        other = {**ckpt, "config": {**ckpt["config"], "model": src}}
+        with pytest.raises(ValueError, match=f"AR checkpoint .into any model. or a checkpoint of the model's own kind; "
+                                             f"this one holds a '{src}' model and the new model is '{target}'"):
+            init_from_checkpoint(build_model(ModelConfig(**{**base, "model": target})), other)
+    # an E2D2 into an E2D2 with another decoder: the same weights would read other keys
+    e2d2 = tiny(n_enc=3, n_dec=2, d_model=32)
+    e_ckpt = {"config": vars(e2d2.cfg), "model": e2d2.state_dict()}
+    for over, message in [({"n_dec": 1}, "n_dec: checkpoint 2 vs new 1"),
+                          ({"decoder": "shared_kv"}, "decoder: checkpoint hidden vs new shared_kv"),
+                          ({"decoder_layers": "bottom"}, "decoder_layers: checkpoint top vs new bottom"),
+                          ({"tie_decoder": True}, "tie_decoder: checkpoint False vs new True")]:
+        with pytest.raises(ValueError, match="the checkpoint does not fit this model .*" + re.escape(message)):
+            init_from_checkpoint(build_model(ModelConfig(**{**vars(e2d2.cfg), **over})), e_ckpt)
 
 
 def test_init_from_refuses_another_tokenizer(bpe):
     ar, ckpt = ar_checkpoint()  # trained on bytes
     model = build_model(ModelConfig(**{**vars(ar.cfg), "model": "e2d2"}))
-    with pytest.raises(ValueError, match=r"another tokenizer \(bytes, 260 tokens\) than this run \(bpe, 340 tokens\)"):
-        init_from_ar(model, ckpt, bpe.to_dict())
+    with pytest.raises(ValueError, match=r"the checkpoint used another tokenizer \(bytes, 260 tokens\) than this run \(bpe, 340 tokens\)"):
+        init_from_checkpoint(model, ckpt, bpe.to_dict())
 
 
 def test_init_from_through_train_script(tmp_path, capsys):
@@ -228,6 +320,48 @@ def test_init_from_through_train_script(tmp_path, capsys):
     err = script_error(train.main, [*common, f"--init_from={tmp_path / 'nothing.pt'}",
                                     f"--out_dir={tmp_path / 'z'}"], capsys)
     assert "no checkpoint at" in err
+
+
+def test_init_from_recipe_own_kind_and_kept_checkpoints_through_train_script(tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_bytes(TEXT.encode() * 3)
+    common = [f"--data={text}", "--seq_len=32", "--batch_size=8", "--eval_batches=1", "--eval_draws=1", "--threads=1"]
+    ar_dir, e_dir = tmp_path / "ar", tmp_path / "e"
+    train.main([*common, "--model=ar", "--d_model=32", "--n_enc=3", "--max_steps=1", f"--out_dir={ar_dir}"])
+    capsys.readouterr()
+    # 1. from an AR checkpoint, the flags left out take the recipe, which the run says
+    recipe, train_fields = train.INIT_RECIPE["e2d2"], {f.name for f in fields(train.TrainConfig)}
+    train.main([*common, f"--init_from={ar_dir / 'ckpt.pt'}", "--max_steps=2", "--eval_every=1", "--keep_evals",
+                f"--out_dir={e_dir}"])
+    said = capsys.readouterr().out
+    assert "--init_from: the fine-tuning recipe sets " + " ".join(f"--{k}={v}" for k, v in recipe.items()) in said
+    ckpt = load_checkpoint(str(e_dir / "ckpt.pt"), "cpu")
+    for k, v in recipe.items():
+        assert (ckpt["train_config"] if k in train_fields else ckpt["config"])[k] == v, k
+    assert (ckpt["config"]["d_model"], ckpt["config"]["n_enc"]) == (32, 3)  # the AR's width and depth
+    # --keep_evals: every evaluation's checkpoint stays, as it was at that step
+    kept = [load_checkpoint(str(e_dir / f"ckpt_{s}.pt"), "cpu") for s in (1, 2)]
+    assert [k["step"] for k in kept] == [1, 2]
+    assert all(torch.equal(kept[1]["model"][n], ckpt["model"][n]) for n in ckpt["model"])
+    assert not all(torch.equal(kept[0]["model"][n], ckpt["model"][n]) for n in ckpt["model"])
+    # 2. a flag given wins over the recipe
+    train.main([*common, f"--init_from={ar_dir / 'ckpt.pt'}", "--max_steps=1", "--decoder=hidden", "--lr=5e-4",
+                f"--out_dir={tmp_path / 'e2'}"])
+    assert "--decoder=" not in capsys.readouterr().out.split("recipe sets")[1].splitlines()[0]
+    c2 = load_checkpoint(str(tmp_path / "e2" / "ckpt.pt"), "cpu")
+    assert (c2["config"]["decoder"], c2["train_config"]["lr"], c2["config"]["tie_decoder"]) == ("hidden", 5e-4, recipe["tie_decoder"])
+    # 3. from a model of its own kind: its decoder and blocks, no recipe (there is nothing to choose)
+    cfg, _, _ = train.setup(train.TrainConfig(data=str(text), init_from=str(e_dir / "ckpt.pt"), batch_size=8,
+                                              out_dir=str(tmp_path / "e3")), {"seq_len": 32}, "cpu")
+    saved = ckpt["config"]
+    assert all(getattr(cfg, k) == saved[k] for k in ("n_dec", "decoder", "decoder_layers", "tie_decoder", "block_len"))
+    assert train.with_init_recipe({}, {"init_from": str(e_dir / "ckpt.pt")})[2] == {}
+    assert train.with_init_recipe({}, {"init_from": str(ar_dir / "ckpt.pt"), "resume": True})[2] == {}
+    # 4. from another kind than AR or its own: one line that says what is allowed
+    err = script_error(train.main, [*common, "--model=bd3lm", f"--init_from={e_dir / 'ckpt.pt'}",
+                                    f"--out_dir={tmp_path / 'b'}"], capsys)
+    assert "error: --init_from takes an AR checkpoint (into any model) or a checkpoint of the model's own kind; " \
+           "this one holds a 'e2d2' model and the new model is 'bd3lm'" in err
 
 
 # --- nucleus (top-p) sampling ---------------------------------------------------------
