@@ -738,7 +738,7 @@ def ft_steptime(d: str, quick: bool, repeats: int) -> dict:
     arch = {k: ckpt["config"][k] for k in ("d_model", "n_heads", "n_enc")}
     ds, _ = data.load_dataset({**FT_SETTINGS, "data": os.path.join(d, "vowels_train.jsonl")}, 8, 96)
     batch = ds.collate(ds.train_examples(8 if quick else 32, 0, 0), 8, 96)
-    kinds = {"ar": dict(model="ar"), "mdlm": dict(model="mdlm"), "bd3lm": dict(model="bd3lm"),
+    kinds = {**{name: dict(model=name) for name in MODELS if name != "e2d2"},  # every baseline, and each E2D2 decoder
              **{name: flags_to_config(flags) for name, flags in FT_DECODERS.items()}}
     steps = {}
     for name, over in kinds.items():
@@ -898,14 +898,14 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
                                          "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
         elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
             shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
-            shown = sorted(set(shown) | {n for n in done if n.startswith(("frontier", "e2d2-recipe"))})
+            shown = sorted((set(shown) | {n for n in done if n.startswith(("frontier", "e2d2-recipe"))}) & set(done))
             write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
                                          "threads": torch.get_num_threads()})
         elif st == "eval":
             write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "runs": ft_eval(d, done, quick)})
         elif st == "probe":
             names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values()]
-            write_json(paths["_probe"], ft_probe(d, sorted(set(names)), quick))
+            write_json(paths["_probe"], ft_probe(d, sorted(set(names) & set(done)), quick))  # those trained so far
     return ft_state(d, quick, load(paths["_speed"]) or None)
 
 
