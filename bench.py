@@ -653,6 +653,10 @@ def ft_train(runs: dict, d: str, jobs: int, threads: int) -> None:
             print(f"finished {name}", flush=True)
 
 
+def ft_step(d: str, name: str) -> int:
+    return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["step"]
+
+
 def ft_val_nelbo(d: str, name: str) -> float:
     return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["metrics"]["val_nelbo"]
 
@@ -901,8 +905,11 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
             shown = sorted((set(shown) | {n for n in done if n.startswith(("frontier", "e2d2-recipe"))}) & set(done))
             write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
                                          "threads": torch.get_num_threads()})
-        elif st == "eval":
-            write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "runs": ft_eval(d, done, quick)})
+        elif st == "eval":  # a run already scored at the same step is kept (delete the file to score all again)
+            old = load(paths[""]).get("runs", {})
+            keep = {n: r for n, r in old.items() if n in done and r["steps"] == ft_step(d, n)}
+            runs = {**keep, **ft_eval(d, [n for n in done if n not in keep], quick)}
+            write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "runs": dict(sorted(runs.items()))})
         elif st == "probe":
             names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values()]
             write_json(paths["_probe"], ft_probe(d, sorted(set(names) & set(done)), quick))  # those trained so far
