@@ -402,7 +402,7 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
         compiled = {}  # compiled anew at each thread count: inductor may build its kernels for it
         if compile_e2d2:
             cfg, old, new = pairs["e2d2"]
-            compiled["old_compiled"] = old_models.build_model(old_models.ModelConfig(**vars(cfg))).eval()
+            compiled["old_compiled"] = old_models.build_model(old.cfg).eval()  # the old code's own config
             compiled["old_compiled"].load_state_dict(old.state_dict())
             old_models.compile_for_sampling(compiled["old_compiled"])
             compiled["compiled"] = build_model(cfg).eval()
