@@ -911,7 +911,8 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
             runs = {**keep, **ft_eval(d, [n for n in done if n not in keep], quick)}
             write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "runs": dict(sorted(runs.items()))})
         elif st == "probe":
-            names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values()]
+            names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values(),
+                     *(n for n in done if n.startswith("frontier-ndec"))]  # and the deeper/shallower decoders
             write_json(paths["_probe"], ft_probe(d, sorted(set(names) & set(done)), quick))  # those trained so far
     return ft_state(d, quick, load(paths["_speed"]) or None)
 
