@@ -157,8 +157,8 @@ def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block
         got = rearrange(masked, "b (k B) -> b k B", B=block_len)
         n_targets = targets.sum(-1)  # (b, K)
         empty = (n_targets > 0) & (got.sum(-1) == 0)  # blocks that need a re-mask
-        m = torch.minimum(1 + (torch.rand(n_targets.shape, generator=generator, device=x0.device) * n_targets).long(),
-                          n_targets.clamp(min=1))  # how many targets to mask: m ~ U{1..n_targets}
+        m = 1 + (torch.rand(n_targets.shape, generator=generator, device=x0.device) * n_targets).long()
+        m = torch.minimum(m, n_targets.clamp(min=1))  # how many targets to mask: m ~ U{1..n_targets}
         # a random order of the targets inside each block (non-targets sort last)
         score = torch.rand(targets.shape, generator=generator, device=x0.device).masked_fill(~targets, 2.0)
         rank = score.argsort(-1).argsort(-1)  # rank of each position in its block
@@ -495,8 +495,9 @@ class E2D2Network(TokenModel):  # [E2D2]
         self.init_weights()
 
     def encode(self, x0, positions, mask, cache=None):
-        """The N_enc encoder layers over clean tokens x0 (b, n), after the cached ones (cache: sampling's encoder
-        KVCache). Returns h = enc_norm(hidden) (b, n, d) and x0's keys/values in every encoder layer."""
+        """The N_enc encoder layers over clean tokens x0 (b, n), after the cached ones (cache:
+        sampling's encoder KVCache). Returns h = enc_norm(hidden) (b, n, d) and x0's
+        keys/values in every encoder layer."""
         x, enc_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, cache=cache)
         return self.enc_norm(x), enc_kv
 
@@ -626,9 +627,10 @@ def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
 
 
 class Runner:
-    """What the block loop (section 8) asks of a model's sampler (its make_runner returns one): block_len B;
-    answer_len (b,) positions per row; logits(x_block) -> (b, B, V), one network call; commit(block): a finished
-    block joins the context; select(rows): only these rows go on; encoder/decoder_calls: passes over clean/noisy."""
+    """What the block loop (section 8) asks of a model's sampler (its make_runner returns one):
+    block_len B; answer_len (b,) positions per row; logits(x_block) -> (b, B, V), one network
+    call; commit(block): a finished block joins the context; select(rows): only these rows go
+    on; encoder_calls / decoder_calls: passes over clean / noisy tokens."""
 
     def __init__(self, model, prompt: torch.Tensor, max_new_tokens: Optional[int], block_len: int = 0):
         self.model, self.mask_id, self.block_len = model, model.cfg.mask_id, block_len or model.cfg.block_len
@@ -782,18 +784,22 @@ STRATEGIES = {"remask": remask, "ancestral": ancestral}
 def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strategy: str = "remask",
                  temperature: float = 0.0, top_p: float = 1.0, confidence_threshold: Optional[float] = None,
                  generator=None, final: bool = False, n_fill: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) -> x_s. x_theta: the
-    argmax of p_theta (temperature 0) or a sample of softmax(logits / temperature) (top_p < 1: of its nucleus).
-    Which [MASK] it fills: "remask" keeps the most confident ("predict and remask"), "ancestral" draws x_s ~
-    q(x_s | x_t, x_theta) (see STRATEGIES); confidence_threshold also reveals every [MASK] more likely than it;
-    `final` reveals all. Decoded tokens never change (SUBS carry-over). n_fill (b,): positions each row fills."""
+    """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) ->
+    x_s. x_theta: the argmax of p_theta (temperature 0) or a sample of softmax(logits /
+    temperature) (top_p < 1: of its nucleus). Which [MASK] it fills: "remask" keeps the most
+    confident ("predict and remask"), "ancestral" draws x_s ~ q(x_s | x_t, x_theta) (see
+    STRATEGIES); confidence_threshold also reveals every [MASK] more likely than it; `final`
+    reveals all. Decoded tokens never change (SUBS carry-over). n_fill (b,): the positions
+    each row fills (default B; MDLM: its own)."""
     is_mask = x == mask_id  # (b, B)
     # Only [MASK] positions need SUBS probabilities: the final torch.where keeps decoded
     # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
     probs = masked_log_probs(logits if temperature == 0 else logits / temperature, mask_id).exp()
     probs = nucleus(probs, top_p)  # (b, B, V)
-    pred = (probs.argmax(-1) if temperature == 0  # x_theta (b, B): the argmax, or a sample of probs
-            else torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape))
+    if temperature == 0:  # x_theta: the argmax, or a sample of probs
+        pred = probs.argmax(-1)  # (b, B)
+    else:
+        pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape)
     confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
@@ -829,10 +835,11 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
              stop_at_eos: bool = True) -> SampleOutput:
     """Generate answers for a batch of prompts (lists of token ids, any lengths).
 
-    Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer; AR one token), from all [MASK],
-    T = `steps` (default B) denoise_steps per block (t from 1 to 0; see there for strategy etc.) on the runner's
-    logits; an unchanged block reuses the last logits. A finished block is committed (encoded, cached); a row
-    stops after the block where it wrote [EOS] (stop_at_eos). on_step(block, step, rows, x_block): after each step."""
+    Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer; AR one token),
+    from all [MASK], T = `steps` (default B) denoise_steps per block (t from 1 to 0; see there
+    for strategy etc.) on the runner's logits; an unchanged block reuses the last logits. A
+    finished block is committed (encoded, cached); a row stops after the block where it wrote
+    [EOS] (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (--show)."""
     cfg, device = model.cfg, model.embed.weight.device
     prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
     check_sampling_args(cfg, prompts, prompt.shape[1], max_new_tokens, steps, strategy, temperature, top_p)

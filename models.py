@@ -82,8 +82,8 @@ MODELS = {
     "e2d2": ModelSpec(E2D2, depth=lambda cfg: f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}",
                       training_cost=lambda cfg: cfg.n_enc + cfg.n_dec,  # N_enc over x_0, N_dec over x_t
                       sampling_cost=e2d2_sampling_cost, has_cache=True, ar_weight=e2d2_ar_weight,
-                      # shared_kv never uses what follows the top encoder layer's keys/values (its query
-                      # rows, output projection, norm2, MLP) nor enc_norm: they get no gradient
+                      # shared_kv never reads h: enc_norm, and whatever of the encoder comes after the
+                      # last paired layer's keys/values, get no gradient
                       unused_parameters=lambda cfg: cfg.decoder == "shared_kv"),
     "ar": ModelSpec(AR, depth=lambda cfg: f"N={cfg.n_enc}", training_cost=lambda cfg: cfg.n_enc,
                     # the prompt, then one token per call
