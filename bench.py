@@ -661,12 +661,17 @@ def ft_val_nelbo(d: str, name: str) -> float:
     return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["metrics"]["val_nelbo"]
 
 
+def ft_val_nelbo_se(d: str, name: str) -> float:
+    return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["metrics"]["val_nelbo_se"]
+
+
 def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
     """What the finished stages chose: each swept model's learning rate (the lowest
     validation NELBO at the end of its run: the training file's held-out pairs, never the
-    test set), the recipe (the decoder of the lowest validation NELBO among FT_DECODERS at
-    the paper's learning rate) and, once the speeds are known, the step count E2D2 trains
-    for in the time BD3-LM trains FT_STEPS."""
+    test set), the recipe (the paper's decoder, unless another of FT_DECODERS at the paper's
+    learning rate has a validation NELBO lower by more than two standard errors of the
+    difference: a win inside the noise of 64 pairs does not move the default) and, once the
+    speeds are known, the step count E2D2 trains for in the time BD3-LM trains FT_STEPS."""
     state = {"best_lr": {}}
     for fam in FT_SWEPT:
         lrs = ft_lrs(fam, quick)
@@ -677,7 +682,9 @@ def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
         names = {n: f"e2d2-paper-lr{lr:g}" if n == "e2d2-shared_kv-tied-top" else n for n in FT_DECODERS}
         state["decoder_runs"] = names  # variant -> the run that trained it at that lr
         if all(os.path.exists(os.path.join(run_dir(d, r), "ckpt.pt")) for r in names.values()):
-            state["recipe"] = min(names, key=lambda n: ft_val_nelbo(d, names[n]))
+            paper = "e2d2-shared_kv-tied-top"
+            state["recipe"] = min(names, key=lambda n: ft_val_nelbo(d, names[n]) + (
+                0.0 if n == paper else 2 * math.hypot(ft_val_nelbo_se(d, names[n]), ft_val_nelbo_se(d, names[paper]))))
     if speed and "recipe" in state:  # fixed by the first step timing (a later one leaves the run as it is)
         step = speed["train_step_s"]
         state["equal_time_steps"] = speed.get("equal_time_steps") or round(
