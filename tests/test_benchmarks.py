@@ -202,6 +202,22 @@ def test_finetune_runs_are_train_flags_that_build_their_models():
     assert {"e2d2-recipe-equal-time", "frontier-bd3lm-B4", "frontier-ndec4-B4", "frontier-ndec1-B8"} <= set(names)
 
 
+def test_finetune_recipe_moves_off_the_papers_decoder_only_beyond_the_noise(monkeypatch):
+    # every run "finished", with a validation NELBO (and its standard error) made up here
+    monkeypatch.setattr(bench.os.path, "exists", lambda path: True)
+    paper = bench.FT_SWEPT["e2d2-paper"][1]
+    nelbo = {f"{fam}-lr{lr:g}": 2.0 for fam, (_, lrs) in bench.FT_SWEPT.items() for lr in lrs}
+    nelbo[f"e2d2-paper-lr{paper[-1]:g}"] = 1.70  # the paper's decoder at its best rate
+    monkeypatch.setattr(bench, "ft_val_nelbo", lambda d, name: nelbo[name])
+    monkeypatch.setattr(bench, "ft_val_nelbo_se", lambda d, name: 0.1)
+    others = [n for n in bench.FT_DECODERS if n != "e2d2-shared_kv-tied-top"]
+    for n in others:
+        nelbo[n] = 1.69  # better, but by far less than two standard errors (2 x 0.14)
+    assert bench.ft_state("D", False, None)["recipe"] == "e2d2-shared_kv-tied-top"
+    nelbo[others[1]] = 1.70 - 0.3  # lower by more than 2 x hypot(0.1, 0.1) = 0.28
+    assert bench.ft_state("D", False, None)["recipe"] == others[1]
+
+
 @pytest.mark.slow
 def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "finetune", "--quick", f"--out_dir={tmp_path / 'runs'}",
