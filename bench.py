@@ -608,8 +608,11 @@ def ft_runs(stage: str, d: str, state: dict, quick: bool) -> dict:
         return {name: run(flags, best["e2d2-paper"]) for name, flags in FT_DECODERS.items()
                 if name != "e2d2-shared_kv-tied-top"}
     recipe, lr = FT_DECODERS[state["recipe"]], best["e2d2-paper"]
-    if stage == "long":  # E2D2 for as long as BD3-LM's FT_STEPS take (each with its own schedule)
-        return {"e2d2-recipe-equal-time": run(recipe, lr, steps=state["equal_time_steps"])}
+    if stage == "long":  # E2D2 for as long as BD3-LM's FT_STEPS take at the same B (each with its own schedule)
+        if set(ft_equal_time(quick)) - set(state.get("equal_time_steps", {})):
+            raise ValueError("the long stage needs the step times of its models: run --stage=steptime first")
+        return {name: run([*recipe[:-1], f"--n_dec={k}"], lr, steps=state["equal_time_steps"][name], block_len=B)
+                for name, (k, B) in ft_equal_time(quick).items()}
     if stage == "frontier":  # the recipe at N_dec 1, 2, N/2 and blocks of 4, 8 (N_dec 2 at 8: the recipe's
         half = (2 if quick else 8) // 2  # own run); BD3-LM at 4. Blocks of 8 first, then of 4
         grid = [(k, 8) for k in sorted({1, half} - {2})] + [(2, 4), (0, 4)] + [(k, 4) for k in sorted({1, half} - {2})]
@@ -617,6 +620,25 @@ def ft_runs(stage: str, d: str, state: dict, quick: bool) -> dict:
                 run([*recipe[:-1], f"--n_dec={k}"], lr, block_len=B) if k else run(["--model=bd3lm"], best["bd3lm"], block_len=4)
                 for k, B in grid}
     raise ValueError(f"no runs in stage {stage}")
+
+
+def ft_equal_time(quick: bool) -> dict:
+    """The long stage's runs, name -> (N_dec, B): the recipe's decoder with N_dec = 2 (the
+    depth of the decoder comparisons) and N / 2 (train.INIT_RECIPE's), each trained for as
+    long as BD3-LM's FT_STEPS take with blocks of the same B."""
+    half = (2 if quick else 8) // 2
+    return {f"e2d2-ndec{k}-B{B}-equal-time": (k, B) for k, B in [(2, 8), (half, 8), (half, 4)]}
+
+
+def steptime_kinds(recipe: list, quick: bool) -> dict:
+    """What ft_steptime times, name -> (ModelConfig fields, B): every baseline and each E2D2
+    decoder at B = 8, and the long stage's E2D2 and BD3-LM at their block lengths."""
+    kinds = {**{name: (dict(model=name), 8) for name in MODELS if name != "e2d2"},
+             **{name: (flags_to_config(flags), 8) for name, flags in FT_DECODERS.items()}}
+    for k, B in ft_equal_time(quick).values():
+        kinds[f"e2d2-ndec{k}-B{B}"] = ({**flags_to_config(recipe), "n_dec": k}, B)
+        kinds["bd3lm" if B == 8 else f"bd3lm-B{B}"] = (dict(model="bd3lm"), B)
+    return kinds
 
 
 def run_dir(d: str, name: str) -> str:
@@ -685,10 +707,11 @@ def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
             paper = "e2d2-shared_kv-tied-top"
             state["recipe"] = min(names, key=lambda n: ft_val_nelbo(d, names[n]) + (
                 0.0 if n == paper else 2 * math.hypot(ft_val_nelbo_se(d, names[n]), ft_val_nelbo_se(d, names[paper]))))
-    if speed and "recipe" in state:  # fixed by the first step timing (a later one leaves the run as it is)
-        step = speed["train_step_s"]
-        state["equal_time_steps"] = speed.get("equal_time_steps") or round(
-            FT_STEPS * step["bd3lm"]["median"] / step[state["recipe"]]["median"])
+    if speed and "recipe" in state:  # each fixed by the first step timing that has it (a later one leaves the run as it is)
+        step, fixed = {k: v["median"] for k, v in speed["train_step_s"].items()}, speed.get("equal_time_steps", {})
+        state["equal_time_steps"] = {
+            name: fixed.get(name) or round(FT_STEPS * step["bd3lm" if B == 8 else f"bd3lm-B{B}"] / step[f"e2d2-ndec{k}-B{B}"])
+            for name, (k, B) in ft_equal_time(quick).items() if name in fixed or f"e2d2-ndec{k}-B{B}" in step}
     return state
 
 
@@ -740,7 +763,7 @@ def ft_eval(d: str, names: list, quick: bool) -> dict:
     return rows
 
 
-def ft_steptime(d: str, quick: bool, repeats: int) -> dict:
+def ft_steptime(d: str, quick: bool, repeats: int, recipe: list) -> dict:
     """Seconds per training step (batch 32 of the task, forward + backward + AdamW) of each
     model at the sizes of the runs, on random weights: alternating rounds, the median and
     the spread of `repeats`. Training time = steps x this (runs made side by side on a shared
@@ -748,17 +771,15 @@ def ft_steptime(d: str, quick: bool, repeats: int) -> dict:
     ckpt = load_checkpoint(os.path.join(d, "ar-pre", "ckpt.pt"), "cpu")
     arch = {k: ckpt["config"][k] for k in ("d_model", "n_heads", "n_enc")}
     ds, _ = data.load_dataset({**FT_SETTINGS, "data": os.path.join(d, "vowels_train.jsonl")}, 8, 96)
-    batch = ds.collate(ds.train_examples(8 if quick else 32, 0, 0), 8, 96)
-    kinds = {**{name: dict(model=name) for name in MODELS if name != "e2d2"},  # every baseline, and each E2D2 decoder
-             **{name: flags_to_config(flags) for name, flags in FT_DECODERS.items()}}
     steps = {}
-    for name, over in kinds.items():
+    for name, (over, B) in steptime_kinds(recipe, quick).items():
+        batch = ds.collate(ds.train_examples(8 if quick else 32, 0, 0), B, 96)  # the same pairs, in blocks of B
         torch.manual_seed(0)
-        model = build_model(ModelConfig(**{**arch, **over, "seq_len": 96, "block_len": 8}))
+        model = build_model(ModelConfig(**{**arch, **over, "seq_len": 96, "block_len": B}))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
 
-        def step(model=model, opt=opt, g=g):
+        def step(model=model, opt=opt, g=g, batch=batch):
             model(batch.x0, batch.prompt_mask, generator=g).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -899,17 +920,17 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
         state = ft_state(d, quick, speed if speed.get("train_step_s") else None)
         print(f"--- stage {st}; so far: {state}", flush=True)
         if st in ("pretrain", "sweep", "variants", "long", "frontier"):
-            if st == "long" and "equal_time_steps" not in speed:  # the step count the long run was given
+            if st == "long":  # the step counts the long runs were given (kept by later step timings)
                 write_json(paths["_speed"], {**speed, "equal_time_steps": state["equal_time_steps"]})
             ft_train(ft_runs(st, d, state, quick), d, jobs, threads)
             continue
         done = sorted(n for n in os.listdir(os.path.join(d, "runs")) if os.path.exists(os.path.join(d, "runs", n, "ckpt.pt")))
         if st == "steptime":
-            write_json(paths["_speed"], {**speed, "train_step_s": ft_steptime(d, quick, repeats),
+            write_json(paths["_speed"], {**speed, "train_step_s": ft_steptime(d, quick, repeats, FT_DECODERS[state["recipe"]]),
                                          "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
         elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
             shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
-            shown = sorted((set(shown) | {n for n in done if n.startswith(("frontier", "e2d2-recipe"))}) & set(done))
+            shown = sorted((set(shown) | {n for n in done if n.startswith("frontier")}) & set(done))
             write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
                                          "threads": torch.get_num_threads()})
         elif st == "eval":  # a run already scored at the same step is kept (delete the file to score all again)

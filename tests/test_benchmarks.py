@@ -189,7 +189,7 @@ def test_read_the_prompt_splits_all_attention_and_scores_every_block(kind):
 def test_finetune_runs_are_train_flags_that_build_their_models():
     import train  # the runs are train.py command lines: each must parse and build its model
     state = {"best_lr": {fam: lrs[0] for fam, (_, lrs) in bench.FT_SWEPT.items()},
-             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": 700}
+             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": dict.fromkeys(bench.ft_equal_time(False), 700)}
     names = []
     for stage in ("pretrain", "sweep", "variants", "long", "frontier"):
         for name, flags in bench.ft_runs(stage, "D", state, quick=False).items():
@@ -199,7 +199,8 @@ def test_finetune_runs_are_train_flags_that_build_their_models():
             ModelConfig(**{**model_over, "vocab_size": 260})
             names.append(name)
     assert len(names) == len(set(names))
-    assert {"e2d2-recipe-equal-time", "frontier-bd3lm-B4", "frontier-ndec4-B4", "frontier-ndec1-B8"} <= set(names)
+    assert {"e2d2-ndec2-B8-equal-time", "e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4", "frontier-ndec4-B4",
+            "frontier-ndec1-B8"} <= set(names)
 
 
 def test_finetune_recipe_moves_off_the_papers_decoder_only_beyond_the_noise(monkeypatch):
@@ -225,9 +226,10 @@ def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((tmp_path / "finetune.json").read_text())
     assert results["task"]["vowels"]["copy_chrf"] > 20 and results["task"]["spaces"]["copy_chrf"] == 100
-    assert "e2d2-recipe-equal-time" in results["runs"] and "frontier-bd3lm-B4" in results["runs"]
+    assert set(bench.ft_equal_time(True)) | {"frontier-bd3lm-B4"} <= set(results["runs"])
     speed = json.loads((tmp_path / "finetune_speed.json").read_text())
-    assert set(speed["train_step_s"]) >= {"ar", "bd3lm", "mdlm", *bench.FT_DECODERS}
+    assert set(speed["train_step_s"]) >= {"ar", "bd3lm", "bd3lm-B4", "mdlm", "e2d2-ndec1-B4", *bench.FT_DECODERS}
+    assert set(speed["equal_time_steps"]) == set(bench.ft_equal_time(True))
     probe = json.loads((tmp_path / "finetune_probe.json").read_text())
     runs = {k: v for k, v in probe.items() if k not in ("commit", "dirty")}  # (write_json records the code's commit)
     assert runs and all(rows[0]["step"] == 0 for rows in runs.values())

@@ -329,8 +329,9 @@ def test_init_from_recipe_own_kind_and_kept_checkpoints_through_train_script(tmp
     ar_dir, e_dir = tmp_path / "ar", tmp_path / "e"
     train.main([*common, "--model=ar", "--d_model=32", "--n_enc=3", "--max_steps=1", f"--out_dir={ar_dir}"])
     capsys.readouterr()
-    # 1. from an AR checkpoint, the flags left out take the recipe, which the run says
-    recipe, train_fields = train.INIT_RECIPE["e2d2"], {f.name for f in fields(train.TrainConfig)}
+    # 1. from an AR checkpoint, the flags left out take the recipe, which the run says; N_dec = N / 2,
+    # rounded up: 2 of the AR's 3 layers
+    recipe, train_fields = {**train.INIT_RECIPE["e2d2"], "n_dec": 2}, {f.name for f in fields(train.TrainConfig)}
     train.main([*common, f"--init_from={ar_dir / 'ckpt.pt'}", "--max_steps=2", "--eval_every=1", "--keep_evals",
                 f"--out_dir={e_dir}"])
     said = capsys.readouterr().out
