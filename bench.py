@@ -930,7 +930,7 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
                                          "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
         elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
             shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
-            shown = sorted((set(shown) | {n for n in done if n.startswith("frontier")}) & set(done))
+            shown = sorted((set(shown) | {n for n in done if n.startswith("frontier") or n.endswith("equal-time")}) & set(done))
             write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
                                          "threads": torch.get_num_threads()})
         elif st == "eval":  # a run already scored at the same step is kept (delete the file to score all again)
