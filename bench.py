@@ -579,7 +579,7 @@ FT_DECODERS = dict(e2d2_decoder(*v) for v in [("shared_kv", True, "top"), ("hidd
 # other decoders train at the paper's best
 FT_SWEPT = {"e2d2-paper": (FT_DECODERS["e2d2-shared_kv-tied-top"], (3e-4, 1e-3, 3e-3)),
             "bd3lm": (["--model=bd3lm"], (1e-3, 3e-3)),
-            "ar": (["--model=ar"], (1e-3,)), "mdlm": (["--model=mdlm"], (3e-3,))}
+            "ar": (["--model=ar"], (1e-3, 3e-3)), "mdlm": (["--model=mdlm"], (1e-3, 3e-3))}
 # a tiny version of all of it, for the tests (every stage runs in seconds)
 FT_QUICK = {"pretrain": ["--d_model=32", "--n_enc=2", "--max_steps=4", "--eval_every=4", "--batch_size=8"],
             "common": ["--max_steps=3", "--eval_every=3", "--batch_size=8", "--eval_examples=4", "--eval_batches=1"],
