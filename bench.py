@@ -693,7 +693,8 @@ def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
     test set), the recipe (the paper's decoder, unless another of FT_DECODERS at the paper's
     learning rate has a validation NELBO lower by more than two standard errors of the
     difference: a win inside the noise of 64 pairs does not move the default) and, once the
-    speeds are known, the step count E2D2 trains for in the time BD3-LM trains FT_STEPS."""
+    speeds are known, the step count of each long-stage run (ft_equal_time): as many E2D2
+    steps as take the time of BD3-LM's FT_STEPS at the same block length."""
     state = {"best_lr": {}}
     for fam in FT_SWEPT:
         lrs = ft_lrs(fam, quick)
@@ -705,8 +706,13 @@ def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
         state["decoder_runs"] = names  # variant -> the run that trained it at that lr
         if all(os.path.exists(os.path.join(run_dir(d, r), "ckpt.pt")) for r in names.values()):
             paper = "e2d2-shared_kv-tied-top"
-            state["recipe"] = min(names, key=lambda n: ft_val_nelbo(d, names[n]) + (
-                0.0 if n == paper else 2 * math.hypot(ft_val_nelbo_se(d, names[n]), ft_val_nelbo_se(d, names[paper]))))
+
+            def handicapped(n):  # another decoder's NELBO + 2 standard errors of its difference from the paper's
+                if n == paper:
+                    return ft_val_nelbo(d, names[n])
+                se_diff = math.hypot(ft_val_nelbo_se(d, names[n]), ft_val_nelbo_se(d, names[paper]))
+                return ft_val_nelbo(d, names[n]) + 2 * se_diff
+            state["recipe"] = min(names, key=handicapped)
     if speed and "recipe" in state:  # each fixed by the first step timing that has it (a later one leaves the run as it is)
         step, fixed = {k: v["median"] for k, v in speed["train_step_s"].items()}, speed.get("equal_time_steps", {})
         state["equal_time_steps"] = {

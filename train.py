@@ -106,9 +106,9 @@ MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_ev
 # 1.68 vs 2.00, 2.53), and 3e-3 beat 1e-3 for BD3-LM (1.13 vs 1.38); no other decoder (hidden,
 # untied, bottom layers) beat the tied shared-KV one by more than its noise; N_dec = N / 2 beat
 # N_dec = 2 (blocks of 4: 1.23 vs 1.73, chrF 24.7 vs 18.0; blocks of 8: 1.54 vs 1.68) and
-# N_dec = 1 learned nothing but the letter frequencies; trained for as long as BD3-LM's 300
-# steps take, it was ahead of BD3-LM (blocks of 4: chrF 38.5 vs 30.8). It decodes slower than
-# N_dec = 2: the price is on the frontier of docs/finetuning.md. AR: 3e-3 beat 1e-3 (val NLL
+# N_dec = 1 learned nothing but the letter frequencies. With N_dec = N / 2 and trained for as
+# long as BD3-LM's 300 steps take, E2D2 was ahead of BD3-LM (blocks of 4: chrF 38.5 vs 30.8).
+# N_dec = N / 2 decodes slower than N_dec = 2: the price is on the frontier of docs/finetuning.md. AR: 3e-3 beat 1e-3 (val NLL
 # 0.36 vs 0.81). MDLM: the one rate tried.
 INIT_RECIPE = {
     "e2d2": {"decoder": "shared_kv", "tie_decoder": True, "decoder_layers": "top", "n_dec": "N/2", "lr": 3e-3},
