@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from e2d2 import (KVCache, Layer, Loss, ModelConfig, Runner, TokenModel, UncachedRunner, bd3lm_mask,
-                  check_length, diffusion_forward, encoder_mask, padding_sees_itself, sampler_prompt_mask)
+from e2d2 import (KVCache, Layer, Loss, LossOptions, ModelConfig, Runner, TokenModel, UncachedRunner, bd3lm_mask,
+                  check_length, diffusion_forward, encoder_mask, padding_sees_itself, read_bidirectionally)
 
 # ---------------------------------------------------------------------------------------
 # The two masks only the baselines use (E2D2's encoder/decoder masks are in e2d2.py).
@@ -47,11 +47,6 @@ class OneStack(TokenModel):
         super().__init__(cfg, n_positions)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_enc))
         self.init_weights()
-
-    def flops_per_token(self, L: int) -> int:
-        """Matmul FLOPs of logits() per token of a (b, L) batch (models.py: MFU): AR's N layers
-        over L keys and the tied head (2 d V); MDLM and BD3-LM say how theirs differ."""
-        return self.cfg.n_enc * self.layers[0].flops(L) + 2 * self.cfg.d_model * self.cfg.vocab_size
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,13 +76,13 @@ class ARRunner(Runner):
         [MASK], only says where that token goes)."""
         if self.use_cache:  # only the new tokens run; their keys/values are written into the cache
             logits, _ = self.model.logits(self.new, self.cache)
-            self.cache.commit(self.new, self.model.cfg.pad_id)
+            self.cache.append(self.new, self.model.cfg.pad_id)
         else:
             logits, _ = self.model.logits(self.seq)
         self.decoder_calls += 1
         return logits[:, -1:]  # the last position predicts the next token
 
-    def commit(self, block):
+    def finish_block(self, block):
         self.seq, self.new = torch.cat([self.seq, block], 1), block
 
     def select(self, rows):
@@ -108,18 +103,19 @@ class AR(OneStack):
             # itself: one row read off the cache's key padding, where causal_mask would build
             # (b, start + 1, start + 1) at every token. A [PAD] query sees only itself, as in
             # causal_mask (and the uncached reference): its row still predicts the next token.
-            sees = cache.real[:, None, :start + 1]  # (b, 1, start + 1); position start: itself
+            sees = cache.valid[:, None, :start + 1]  # (b, 1, start + 1); position start: itself
             itself = F.one_hot(torch.full((b, 1), start, device=x.device), start + 1).bool()
             mask = torch.where(valid[:, :, None], sees, itself)
         else:
-            past_valid = valid[:, :0] if cache is None else cache.real[:, :start]  # (b, start)
+            past_valid = valid[:, :0] if cache is None else cache.valid[:, :start]  # (b, start)
             mask = causal_mask(torch.cat([past_valid, valid], 1))[:, start:]  # (b, n, start + n)
-        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask, cache=cache)
+        h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask,
+                             None if cache is None else cache.with_past())
         return self.head(h), new_kv
 
     exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, opts: LossOptions = LossOptions()) -> Loss:
         """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss, and
         evaluation needs no draws)."""
         check_length(self.cfg, x0.shape[1], 1)
@@ -168,7 +164,7 @@ class MDLM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x_t)), slice(0, x_t.shape[1]), full_mask(valid))
         return self.head(h)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
+    def forward(self, x0, prompt_mask, generator=None, opts: LossOptions = LossOptions()) -> Loss:
         """MDLM trains on a fixed answer canvas: everything after the prompt up to seq_len
         is target, [EOS] after the answer (the sampler fills the same canvas), and the whole
         canvas is ONE block, so one t per sequence."""
@@ -178,11 +174,7 @@ class MDLM(OneStack):
         x0 = F.pad(x0, (0, cfg.seq_len - L), value=cfg.pad_id)  # (b, seq_len)
         prompt_mask = F.pad(prompt_mask, (0, cfg.seq_len - L), value=False)
         x0 = torch.where(~prompt_mask & (x0 == cfg.pad_id), cfg.eos_id, x0)  # the canvas
-        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, train_loss, eval_t_sampler)
-
-    def flops_per_token(self, L: int) -> float:
-        """forward() pads every batch to the seq_len canvas: seq_len / L canvas tokens per token."""
-        return self.cfg.seq_len / L * super().flops_per_token(self.cfg.seq_len)
+        return diffusion_forward(self, x0, prompt_mask, cfg.seq_len, generator, opts)
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens):
         """Bidirectional: nothing can be cached. The answer is ONE block, and each row gets
@@ -210,14 +202,14 @@ class CachedBD3LM(Runner):
         cfg = model.cfg
         self.cache = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
         if prompt.shape[1] > 0:  # prompt read as in training (bidirectional or block-causal)
-            self.commit(prompt, encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len))
+            self.encode(prompt, encoder_mask(read_bidirectionally(cfg, prompt), prompt != cfg.pad_id, cfg.block_len))
 
     def run(self, tokens, mask):
         """All N layers over tokens (b, n) after the cached ones (their keys/values are written
         into the cache's scratch slot): hidden states (b, n, d)."""
         n = self.cache.n
         h, _ = self.model.run(self.model.layers, self.model.embed(tokens), slice(n, n + tokens.shape[1]),
-                              mask, cache=self.cache)
+                              mask, self.cache.with_past())
         return h
 
     def logits(self, x_block):
@@ -225,11 +217,14 @@ class CachedBD3LM(Runner):
         h = self.run(x_block, self.cache.key_mask(x_block.shape[1]))  # the noisy keys are not kept
         return self.model.head(h)
 
-    def commit(self, block, mask=None):
-        """A clean block (or the prompt, with its own mask) runs once; its keys/values are kept."""
-        self.run(block, self.cache.key_mask(block.shape[1]) if mask is None else mask)
-        self.cache.commit(block, self.model.cfg.pad_id)
+    def encode(self, tokens, mask):
+        """Clean tokens (the prompt, or a finished block) run once; their keys/values are kept."""
+        self.run(tokens, mask)
+        self.cache.append(tokens, self.model.cfg.pad_id)
         self.encoder_calls += 1
+
+    def finish_block(self, block):
+        self.encode(block, self.cache.key_mask(block.shape[1]))
 
     def select(self, rows):
         super().select(rows)
@@ -246,13 +241,7 @@ class BD3LM(OneStack):
         h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
         return self.head(h[:, L:])  # (b, L, V)
 
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, eval_t_sampler)
-
-    def flops_per_token(self, L: int) -> int:
-        """Per token of x_0: N layers over two tokens (x_0,j and x_t,j), each against 2L keys,
-        where E2D2 runs N_enc over L keys and N_dec over 2L; the head on the noisy half only."""
-        return 2 * self.cfg.n_enc * self.layers[0].flops(2 * L) + 2 * self.cfg.d_model * self.cfg.vocab_size
+    # forward: TokenModel's (e2d2.diffusion_forward, one t per block), as E2D2's
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None):
         if use_cache:

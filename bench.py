@@ -485,19 +485,17 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
 # ---------------------------------------------------------------------------------------
 
 
-def attention_weights(layer: Layer, x, cos, sin, mask, past_kv=None, write_kv=None) -> torch.Tensor:
+def attention_weights(layer: Layer, x, cos, sin, mask, with_past=None) -> torch.Tensor:
     """The attention weights of `layer` on its input x (b, n, d): softmax(q k^T / sqrt(hd)) over
     [earlier keys ; x's keys], (b, H, n, n_past + n), recomputed from the layer's own norm,
     projections and RoPE (F.scaled_dot_product_attention, which the model calls, returns
-    none). Takes what the layer was called with (Layer.forward's arguments; write_kv, a
-    sampler's cache writer, writes x's keys again where the call wrote them)."""
+    none). Takes what the layer was called with (Layer.forward's arguments; with_past, a
+    sampler's cache reader, writes x's keys again where the call wrote them)."""
     qkv = layer.attn.qkv(layer.norm1(x)).unflatten(-1, (3, layer.attn.n_heads, -1))  # (b, n, 3, H, hd)
     q, k, v = (apply_rope(qkv[:, :, i], cos, sin) if i < 2 else qkv[:, :, i] for i in range(3))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, H, n, hd) each
-    if past_kv is not None:
-        k = torch.cat([past_kv[0], k], dim=2)  # (b, H, n_past + n, hd)
-    elif write_kv is not None:
-        k, _ = write_kv(k, v)  # the cached keys, then x's
+    if with_past is not None:
+        k, _ = with_past(k, v)  # the earlier keys, then x's: (b, H, n_past + n, hd)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, H, n, n_past + n)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], -math.inf)

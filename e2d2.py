@@ -21,9 +21,23 @@ What E2D2 changes versus BD3-LM is marked `# [E2D2]` where it happens (a marked 
 Everything unmarked (schedules, q(x_t | x_0), SUBS, the loss, the masks, the layers, the
 KV cache, the block loop) is BD3-LM's; baselines.py builds AR, MDLM and BD3-LM from it.
 
-Read it top to bottom; each part uses only what came before it: 1. config, 2. noise
-schedule and q(x_t | x_0), 3. SUBS and the loss, 4. the two masks, 5. the layers, 6. the
-E2D2 network and its training step, 7. the cached sampler, 8. the block loop.
+Read it top to bottom: 1. config, 2. noise schedule and q(x_t | x_0), 3. SUBS, the loss
+and the training step, 4. the two masks, 5. the transformer layers, 6. the E2D2 network,
+7. the cached sampler, 8. the block loop. Each part uses only what came before it, with
+one exception: ModelConfig (section 1) checks its `schedule` against SCHEDULES (section 2),
+so that a bad name stops a run before any tensor exists.
+
+Words used one way throughout (the README, `sample.py --show` and the notebooks too):
+  block k     positions [k B, (k + 1) B) of the WHOLE sequence, the prompt's blocks
+              included: with a prompt of 2 blocks, the first answer block is block 2.
+  valid       a real token: not padding. Padding keys are never attended to.
+  bidirectional  (the masks' first argument) the tokens every query may read whatever
+              its block: the prompt of a seq2seq example, none in plain text.
+  reveal      a denoising step replaces a [MASK] by a token ("decode", "unmask").
+  finish_block  a finished (fully revealed) block joins the clean context: E2D2 runs the
+              encoder over it once and caches its keys/values.
+  # [speed]   marks a line written for speed rather than in its plainest form; the plain
+              form is said beside it (the measurements: docs/benchmarks.md).
 
 Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
 H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
@@ -41,6 +55,14 @@ from einops import rearrange
 
 # ---------------------------------------------------------------------------------------
 # 1. Config
+#
+# The paper's two decoders (say which one you mean; the rest of the project does):
+#   from scratch (the default here): decoder="hidden", its own N_dec layers (untied); each
+#     decoder layer projects the encoder's output h into its own keys/values.
+#   from a pretrained model (the paper's fine-tuning of an AR LM; train.py --init_from from
+#     an AR checkpoint): decoder="shared_kv", tie_decoder=True, decoder_layers="top": the
+#     decoder IS the top N_dec layers of the encoder, and decoder layer j reads the
+#     keys/values of its own encoder layer, as a layer of the AR model read its own depth.
 
 DECODER_VARIANTS = ("hidden", "shared_kv")
 DECODER_LAYERS = ("top", "bottom")
@@ -162,14 +184,14 @@ def q_sample(x0: torch.Tensor, target_mask: torch.Tensor, t: torch.Tensor, block
         # a random order of the targets inside each block (non-targets sort last)
         score = torch.rand(targets.shape, generator=generator, device=x0.device).masked_fill(~targets, 2.0)
         rank = score.argsort(-1).argsort(-1)  # rank of each position in its block
-        remask = empty[..., None] & (rank < m[..., None]) & targets  # the m lowest ranks
-        masked = masked | rearrange(remask, "b k B -> b (k B)")
+        forced = empty[..., None] & (rank < m[..., None]) & targets  # the m lowest ranks
+        masked = masked | rearrange(forced, "b k B -> b (k B)")
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return Noised(x_t, masked, alpha_t, alpha_prime_t)
 
 
 # ---------------------------------------------------------------------------------------
-# 3. SUBS and the loss.
+# 3. SUBS, the loss, and the training step (noise x_0, one network call, the loss).
 # SUBS is MDLM's "SUBStitution" parameterization: two substitutions turn the network's
 # output into p_theta(x_0 | x_t). (a) Zero masking probability: logits[MASK] = -inf (clean
 # data never holds [MASK]). (b) Carry-over unmasking: where x_t is not [MASK] the prediction
@@ -229,11 +251,57 @@ def diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, noised: Noised,
     return row_nats.sum() / n_targets, masked_ce, n_targets, row_nats
 
 
+TRAIN_LOSSES = ("masked_ce", "nelbo")  # what training minimises (see above)
+
+
+@dataclass
+class LossOptions:
+    """How a model's forward computes its Loss. Every model's forward takes this one object,
+    so a new option is a field here and the line that reads it (diffusion_forward)."""
+    train_loss: str = "masked_ce"  # what Loss.loss is: "masked_ce" or "nelbo" (TRAIN_LOSSES)
+    # evaluation (models.eval_nelbo): (b, K, generator, device) -> (t, 1/p(t)), t drawn over
+    # all of [0, 1]; x_t then comes from q exactly (no block is forced to hold a [MASK])
+    eval_t_sampler: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.train_loss not in TRAIN_LOSSES:
+            raise ValueError(f"train_loss must be one of {TRAIN_LOSSES}, got {self.train_loss!r}")
+
+
+def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
+    """Clear errors for a training input the model cannot take."""
+    if L % block_len != 0 or L > cfg.seq_len:
+        raise ValueError(f"sequence length {L} must be a multiple of block_len={block_len} "
+                         f"and at most seq_len={cfg.seq_len}")
+
+
+def diffusion_forward(model, x0, prompt_mask, block_len, generator=None, opts: LossOptions = LossOptions()) -> Loss:
+    """The training step of E2D2 (and of BD3-LM and MDLM): one t per block, x_t ~ q(x_t | x_0),
+    the logits of every noisy token in ONE call of model.logits(x0, x_t, prompt_mask) (the
+    network: section 6 for E2D2), then the losses. x0: (b, L) clean tokens (PAD = padding),
+    prompt_mask: (b, L) bool, True on the prompt (never noised, never a target)."""
+    cfg = model.cfg
+    b, L = x0.shape
+    check_length(cfg, L, block_len)
+    target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
+    if opts.eval_t_sampler is None:  # training: (b, K)
+        t, importance = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device), None
+    else:  # evaluation: (b, K) each, then 1 / p(t) on every token (b, L)
+        t, importance = opts.eval_t_sampler(b, L // block_len, generator, x0.device)
+        importance = importance.repeat_interleave(block_len, dim=1)
+    noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
+                      ensure_masked=opts.eval_t_sampler is None, generator=generator)
+    logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
+    nelbo, masked_ce, n, row_nats = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id, importance)
+    target_ids = torch.where(target_mask, x0, cfg.pad_id)  # which tokens the nats are for
+    return Loss(masked_ce if opts.train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n, row_nats, target_ids)
+
+
 # ---------------------------------------------------------------------------------------
 # 4. The two attention masks. block(i) = i // B. Each mask is built by ONE function, which
 # training, the uncached sampler, the tests and the notebooks all call. A padding query
 # would see no key (softmax of an empty row is NaN), so it sees itself only; its output is
-# unused. Docstrings draw each mask for L = 8, B = 2, a prompt in block 0 (doctests).
+# unused. Docstrings draw each mask for L = 8, B = 2 (doctests: tests/test_masks.py runs them).
 
 def padding_sees_itself(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Replace the row of every padding query (valid False) in mask (b, L, L) by "itself only"."""
@@ -250,16 +318,18 @@ def mask_picture(mask: torch.Tensor, block_len: int, group: int = 0) -> str:
     return "\n".join("   ".join(blocks(c[g:g + group]) for g in range(0, len(c), group)) for c in cells)
 
 
-def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
+def encoder_mask(bidirectional: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
     """Encoder self-attention over the clean sequence x_0: (b, L, L). Query i sees key j iff
-    j is a real token and block(j) <= block(i) (block-causal), or j is a prompt token (the
-    prompt is read bidirectionally, even when it spans several blocks).
+    j is valid and block(j) <= block(i) (block-causal), or j is `bidirectional` (b, L): a
+    prompt token of a seq2seq example, read whole by every query, even when the prompt spans
+    several blocks (plain text has none). Below: a prompt of 4 tokens = blocks 0 and 1; its
+    block-0 queries read block 1 too, the answer's blocks 2 and 3 are block-causal.
 
-    >>> prompt = torch.tensor([[True, True, False, False, False, False, False, False]])
+    >>> prompt = torch.tensor([[True, True, True, True, False, False, False, False]])
     >>> valid = torch.ones(1, 8, dtype=torch.bool)  # no padding
     >>> print(mask_picture(encoder_mask(prompt, valid, block_len=2)[0], block_len=2))
-    11 .. .. ..
-    11 .. .. ..
+    11 11 .. ..
+    11 11 .. ..
     11 11 .. ..
     11 11 .. ..
     11 11 11 ..
@@ -270,7 +340,7 @@ def encoder_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int)
     b, L = valid.shape
     blk = torch.arange(L, device=valid.device) // block_len  # (L,) block(i) of every position
     block_causal = blk[None, :, None] >= blk[None, None, :]  # (1, L, L): [i, j] = blk(j) <= blk(i)
-    sees = (block_causal | prompt_mask[:, None, :]) & valid[:, None, :]  # (b, L, L)
+    sees = (block_causal | bidirectional[:, None, :]) & valid[:, None, :]  # (b, L, L)
     return padding_sees_itself(sees, valid)
 
 
@@ -301,7 +371,7 @@ def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:
     return torch.cat([to_clean, to_noisy], dim=-1)  # (b, L, 2L)
 
 
-def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
+def bd3lm_mask(bidirectional: torch.Tensor, valid: torch.Tensor, block_len: int) -> torch.Tensor:
     """The picture E2D2 splits: BD3-LM (baselines.py) runs ONE network over [x_0 ; x_t]:
                     keys x_0 (clean)          keys x_t (noisy)
       x_0 queries   block-causal (+ prompt)   never                 <- encoder_mask
@@ -309,7 +379,7 @@ def bd3lm_mask(prompt_mask: torch.Tensor, valid: torch.Tensor, block_len: int) -
     (b, 2L, 2L). The clean rows never look at noisy keys, so E2D2 runs them alone (the
     encoder, L tokens) and only the noisy rows (the decoder) need the 2L keys. Drawn as
     above: encoder_mask's picture beside zeros, over decoder_mask's picture."""
-    enc = encoder_mask(prompt_mask, valid, block_len)  # (b, L, L)
+    enc = encoder_mask(bidirectional, valid, block_len)  # (b, L, L)
     clean_rows = torch.cat([enc, torch.zeros_like(enc)], dim=-1)  # (b, L, 2L)
     return torch.cat([clean_rows, decoder_mask(valid, block_len)], dim=1)  # (b, 2L, 2L)
 
@@ -370,21 +440,17 @@ class Attention(nn.Module):
         k, v = kv[:, :, 0], kv[:, :, 1]  # (b, n, H, hd) views
         return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask, past_kv: Optional[KV] = None, write_kv: Optional[Callable] = None):
-        """x: (b, n, d). x's queries also see earlier tokens' keys/values: past_kv (training: the
-        E2D2 decoder's clean stream) or the cache's (sampling: write_kv, this layer's KV cache
-        writer, section 7). mask: (b, n, n_past + n), (b, 1, n_past + n) (the same for every
-        query) or None. Returns the output (b, n, d) and x's own (keys, values)."""
-        # plain views, not einops: under torch.compile einops' internals add ~120 guards that the
-        # compiled code checks before every call (2-5% of a compiled generation, measured)
+    def forward(self, x, cos, sin, mask, with_past: Optional[Callable] = None):
+        """x: (b, n, d). Without with_past, x's queries see x's own keys/values; with_past(k, v)
+        -> (keys, values) puts earlier tokens' keys/values before x's own (b, H, n_past + n, hd)
+        (the E2D2 decoder's clean stream in training; a KV cache when sampling). mask:
+        (b, n, n_past + n), (b, 1, n_past + n) (the same for every query) or None. Returns
+        the output (b, n, d) and x's own (keys, values)."""
+        # [speed] plain views (plainest: einops.rearrange, which torch.compile guards on)
         qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # (b, n, 3, H, hd): a view
         qk = apply_rope(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one go: (b, n, 2, H, hd)
         q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (b, H, n, hd) views
-        keys, values = k, v
-        if past_kv is not None:  # [past ; own]: (b, H, n_past + n, hd)
-            keys, values = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        elif write_kv is not None:  # [cached ; own], read in place from the cache
-            keys, values = write_kv(k, v)
+        keys, values = (k, v) if with_past is None else with_past(k, v)  # [past ; own]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)  # (b, H, n, hd)
         return self.out(y.transpose(1, 2).flatten(2)), (k, v)  # heads side by side: (b, n, H hd)
@@ -413,19 +479,23 @@ class Layer(nn.Module):
         self.norm2, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, past_kv: Optional[KV] = None, write_kv: Optional[Callable] = None):
-        a, kv = self.attn(self.norm1(x), cos, sin, mask, past_kv, write_kv)
+    def forward(self, x, cos, sin, mask, with_past: Optional[Callable] = None):
+        a, kv = self.attn(self.norm1(x), cos, sin, mask, with_past)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x))), kv
 
-    def flops(self, keys: int) -> int:  # forward matmul FLOPs per query: 2 per weight, 4 d per key (q.k, sum of v)
-        return 2 * sum(p.numel() for p in self.parameters() if p.dim() == 2) + 4 * keys * self.attn.d
+
+def after(past: KV) -> Callable:
+    """with_past for fixed earlier keys/values (training): (k, v) -> [past ; (k, v)] on the
+    token axis, (b, H, n_past + n, hd) each."""
+    return lambda k, v: (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
 
 
 class TokenModel(nn.Module):
     """Base of every model (E2D2 below, the baselines in baselines.py): token embedding tied
-    to the output head, RoPE, weight init, `run` (a stack of Layers). A subclass adds layers,
-    logits(...) (its network), forward(...) -> Loss (training) and make_runner(...) (sampling)."""
+    to the output head, RoPE, weight init, `run` (a stack of Layers), and `forward`, the
+    training step (section 3's diffusion_forward, one t per block of block_len). A subclass
+    adds its layers, logits(...) (its network) and make_runner(...) (its sampler)."""
 
     exact_likelihood = False  # True for a model whose loss is an exact NLL (AR)
 
@@ -460,30 +530,31 @@ class TokenModel(nn.Module):
         """Final norm and output head tied to the token embedding: (b, n, d) -> (b, n, V)."""
         return F.linear(self.norm(z), self.embed.weight)
 
-    def run(self, layers, x, positions, mask, past_kv: Optional[list] = None, cache=None):
-        """x (b, n, d) through `layers`; layer i also sees past_kv[i] (training) or layer i of the
-        KVCache `cache` (sampling). Returns x and each layer's own (keys, values) of x."""
+    def run(self, layers, x, positions, mask, with_past: Optional[list] = None):
+        """x (b, n, d) through `layers`; layer i's queries also see the earlier keys/values
+        with_past[i] puts before x's own (see Attention). Returns x and each layer's own
+        (keys, values) of x."""
         cos, sin = self.rope(positions)
         own_kv = []
         for i, layer in enumerate(layers):
-            x, kv = layer(x, cos, sin, mask, None if past_kv is None else past_kv[i],
-                          None if cache is None else functools.partial(cache.write, i))
+            x, kv = layer(x, cos, sin, mask, None if with_past is None else with_past[i])
             own_kv.append(kv)
         return x, own_kv
 
+    def forward(self, x0, prompt_mask, generator=None, opts: LossOptions = LossOptions()) -> Loss:
+        """The training step: x0 (b, L) clean tokens, prompt_mask (b, L) -> Loss (section 3).
+        Every model takes these arguments; AR and MDLM (baselines.py) compute theirs otherwise."""
+        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, opts)
 
-def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
-    """Clear errors for a training input the model cannot take."""
-    if L % block_len != 0 or L > cfg.seq_len:
-        raise ValueError(f"sequence length {L} must be a multiple of block_len={block_len} "
-                         f"and at most seq_len={cfg.seq_len}")
 
 
 # ---------------------------------------------------------------------------------------
-# 6. The E2D2 network (an encoder over clean tokens, a decoder over noisy ones) and its training step.
+# 6. The E2D2 network: an encoder over the clean tokens, a decoder over the noisy ones.
+# Its training step is TokenModel.forward (section 3's diffusion_forward), which calls the
+# `logits` below once per batch: every block's noisy tokens are denoised in one pass.
 
 class E2D2Network(TokenModel):  # [E2D2]
-    """Encode the clean tokens, decode the noisy ones (class E2D2, section 7, adds the rest)."""
+    """Encode the clean tokens, decode the noisy ones; `logits` is the training forward."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)  # self.embed is shared by encoder and decoder
@@ -494,11 +565,11 @@ class E2D2Network(TokenModel):  # [E2D2]
         self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
         self.init_weights()
 
-    def encode(self, x0, positions, mask, cache=None):
-        """The N_enc encoder layers over clean tokens x0 (b, n), after the cached ones (cache:
-        sampling's encoder KVCache). Returns h = enc_norm(hidden) (b, n, d) and x0's
-        keys/values in every encoder layer."""
-        x, enc_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, cache=cache)
+    def encode(self, x0, positions, mask, with_past=None):
+        """The N_enc encoder layers over clean tokens x0 (b, n) (with_past: after earlier clean
+        tokens, when sampling). Returns h = enc_norm(hidden) (b, n, d) and x0's keys/values
+        in every encoder layer."""
+        x, enc_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, with_past)
         return self.enc_norm(x), enc_kv
 
     def clean_kv(self, h, positions, enc_kv) -> list:
@@ -511,54 +582,23 @@ class E2D2Network(TokenModel):  # [E2D2]
         cos, sin = self.rope(positions)
         return [layer.attn.project_kv(layer.norm1(h), cos, sin) for layer in self.decoder]
 
-    def decode(self, x_t, positions, mask, clean_kv=None, cache=None) -> torch.Tensor:
-        """The N_dec decoder layers over noisy tokens x_t (b, n) against [clean keys ; their own]:
-        clean_kv[l] (training) or the decoder's KVCache (sampling). Logits (b, n, V)."""
-        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, clean_kv, cache)
+    def decode(self, x_t, positions, mask, with_past) -> torch.Tensor:
+        """The N_dec decoder layers over noisy tokens x_t (b, n); decoder layer l's queries see
+        the clean keys/values with_past[l] puts before their own. Logits (b, n, V)."""
+        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, with_past)
         return self.head(z)
 
     def logits(self, x0, x_t, prompt_mask) -> torch.Tensor:
         """The training forward, all blocks in one pass (b, L, V): the encoder reads x_0 (L
-        tokens), the decoder x_t (L queries, 2L keys); BD3-LM runs N layers over 2L tokens."""
+        tokens), the decoder x_t (L queries, 2L keys [h ; x_t]); BD3-LM runs N layers over 2L
+        tokens. A seq2seq prompt is read bidirectionally (prompt_mask)."""
         valid = x0 != self.cfg.pad_id
         positions = slice(0, x0.shape[1])  # x_0,j and x_t,j share position j
         enc_mask = encoder_mask(prompt_mask, valid, self.cfg.block_len)  # (b, L, L)
         h, enc_kv = self.encode(x0, positions, enc_mask)  # N_enc layers over L clean tokens
         clean_kv = self.clean_kv(h, positions, enc_kv)  # per decoder layer, L keys each
         dec_mask = decoder_mask(valid, self.cfg.block_len)  # (b, L, 2L)
-        return self.decode(x_t, positions, dec_mask, clean_kv)  # N_dec layers, L queries, 2L keys
-
-    def flops_per_token(self, L: int) -> int:  # matmul FLOPs of logits() per token of a (b, L) batch (models.py: MFU)
-        c, kv_of_h = self.cfg, 4 * self.cfg.d_model**2 * (self.cfg.decoder == "hidden")  # "hidden" projects h: 2 x 2d^2
-        layers = c.n_enc * self.encoder[0].flops(L) + c.n_dec * (self.decoder[0].flops(2 * L) + kv_of_h)  # L, 2L keys
-        return layers + 2 * c.d_model * c.vocab_size  # and the tied head
-
-
-TRAIN_LOSSES = ("masked_ce", "nelbo")  # what training minimises (section 3)
-
-
-def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss, eval_t_sampler=None) -> Loss:
-    """The training step of E2D2 (and BD3-LM, MDLM): one t per block, x_t ~ q(x_t | x_0), every
-    noisy token's logits in ONE model.logits call, the losses (train_loss: "masked_ce", see
-    section 3, or "nelbo"). eval_t_sampler (models.eval_nelbo): (b, K, generator, device) ->
-    (t, 1/p(t)) over all of [0, 1]; x_t then comes from q exactly (no re-masking of blocks)."""
-    cfg = model.cfg
-    if train_loss not in TRAIN_LOSSES:
-        raise ValueError(f"train_loss must be one of {TRAIN_LOSSES}, got {train_loss!r}")
-    b, L = x0.shape
-    check_length(cfg, L, block_len)
-    target_mask = (x0 != cfg.pad_id) & ~prompt_mask  # what the loss is averaged over
-    if eval_t_sampler is None:  # training: (b, K)
-        t, importance = sample_t(b, L // block_len, cfg.t_min, cfg.t_max, generator, x0.device), None
-    else:  # evaluation: (b, K) each, then 1 / p(t) on every token (b, L)
-        t, importance = eval_t_sampler(b, L // block_len, generator, x0.device)
-        importance = importance.repeat_interleave(block_len, dim=1)
-    noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
-                      ensure_masked=eval_t_sampler is None, generator=generator)
-    logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
-    nelbo, masked_ce, n, row_nats = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id, importance)
-    target_ids = torch.where(target_mask, x0, cfg.pad_id)  # which tokens the nats are for
-    return Loss(masked_ce if train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n, row_nats, target_ids)
+        return self.decode(x_t, positions, dec_mask, [after(kv) for kv in clean_kv])  # N_dec layers, 2L keys
 
 
 # ---------------------------------------------------------------------------------------
@@ -567,75 +607,83 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator, train_loss, 
 #   prompt      the ENCODER runs once over it: its keys/values are kept in each encoder
 #               layer (cache `enc`), and what each decoder layer sees of it (h projected
 #               by that layer, or shared_kv's encoder keys) is kept too (cache `dec`).
-#   block k     T denoising steps, each runs the DECODER ONLY: the block's B noisy queries
-#               attend to dec's cached clean keys/values and to the block's own B keys,
-#               written into a scratch slot after the cache and never kept.
-#   commit      the finished block runs through the encoder once (B queries against enc);
-#               its keys/values join enc, and its projection joins dec.
+#   block k     T denoising steps (section 8), each runs the DECODER ONLY (logits): the
+#               block's B noisy queries attend to dec's cached clean keys/values and to
+#               the block's own B keys, written into a scratch slot after the cache
+#               (KVCache.keys_for) and never kept.
+#   finish_block  the finished block runs through the encoder once (B queries against
+#               enc); its keys/values join enc (KVCache.append), its projection joins dec.
 #   last block  never encoded: nothing comes after it.
 # enc and dec always hold the same n clean tokens, and RoPE positions continue from n. The
 # logits of block k equal the training forward's (section 6): the masks of section 4 say
 # exactly which keys a query sees, and the caches hold exactly those (a test checks it).
 
 class KVCache:
-    """The keys/values of the clean tokens so far, per layer, and which tokens are real (a
+    """The keys/values of the clean tokens so far, per layer, and which tokens are valid (a
     left-padded prompt's padding is not). n: how many tokens it holds."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, device):
         self.k, self.v = [None] * n_layers, [None] * n_layers  # (b, H, max_len, hd): allocated at the first write
-        self.real = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.n, self.padded = 0, False  # tokens cached; is any of them padding (else no mask)?
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:  # [speed]
-        """What a layer attends to: the n cached keys/values, then the new input's (b, H, n_new,
-        hd), written right after the cache in the layer's buffer (the scratch slot [n, n +
-        n_new)) and read as one view: no copy. They stay only if commit() follows. Worth it:
-        torch.cat([cache, new]) at every call instead ran AR's sampler at 0.87x and compiled
-        E2D2's at 0.95-0.97x (bench.py speedup, 1 thread, median of 9 alternating rounds)."""
+    def keys_for(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:  # [speed]
+        """The keys/values a layer's new queries attend to: the n cached ones, then the new
+        tokens' own k, v (b, H, n_new, hd). The new ones are written right after the cache in
+        the layer's buffer (the scratch slot [n, n + n_new)), so both are read as one view
+        with no copy (plainest form: torch.cat([cache, new])); they stay only if append() follows."""
         if self.k[layer] is None:  # empty, not zeros: a position is written before it is read
-            shape = (k.shape[0], k.shape[1], self.real.shape[1], k.shape[3])  # (b, H, max_len, hd)
+            shape = (k.shape[0], k.shape[1], self.valid.shape[1], k.shape[3])  # (b, H, max_len, hd)
             self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
         end = self.n + k.shape[2]
         self.k[layer][:, :, self.n:end], self.v[layer][:, :, self.n:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def commit(self, tokens: torch.Tensor, pad_id: int, kv: Optional[list] = None):
+    def with_past(self) -> list:
+        """Per layer, the with_past function (see Attention) that reads this cache."""
+        return [functools.partial(self.keys_for, i) for i in range(len(self.k))]
+
+    def append(self, tokens: torch.Tensor, pad_id: int, kv: Optional[list] = None):
         """The clean tokens (b, n_new) whose keys/values were just written stay (n += n_new);
         kv: their keys/values per layer, written now (E2D2's decoder cache: projected h)."""
         for layer, (k, v) in enumerate(kv or []):
-            self.write(layer, k, v)
-        real = tokens != pad_id  # (b, n_new)
-        self.real[:, self.n:self.n + tokens.shape[1]] = real
+            self.keys_for(layer, k, v)
+        valid = tokens != pad_id  # (b, n_new)
+        self.valid[:, self.n:self.n + tokens.shape[1]] = valid
         self.n += tokens.shape[1]
-        self.padded = self.padded or not bool(real.all())  # one host sync per block, not per step
+        self.padded = self.padded or not bool(valid.all())  # one host sync per block, not per step
 
     def key_mask(self, n_new: int) -> Optional[torch.Tensor]:
-        """The keys n_new new queries may see: every real cached token and all n_new new ones,
+        """The keys n_new new queries may see: every valid cached token and all n_new new ones,
         the same for every query: (b, 1, n + n_new), or None (everything) without padding."""
-        return self.real[:, None, :self.n + n_new] if self.padded else None
+        return self.valid[:, None, :self.n + n_new] if self.padded else None
 
     def select(self, rows):
         """Keep only these sequences (a bool (b,) or index tensor): the others finished."""
         self.k, self.v = ([None if t is None else t[rows] for t in ts] for ts in (self.k, self.v))
-        self.real = self.real[rows]
+        self.valid = self.valid[rows]
 
 
-def sampler_prompt_mask(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
-    """The prompt_mask a (left-padded) prompt (b, P') is read with, as in training: every
-    real token (seq2seq, "bidirectional"), or none (plain text: read block-causally)."""
+def read_bidirectionally(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor:
+    """Which tokens of a (left-padded) prompt (b, P') the encoder reads bidirectionally, as
+    training did: every valid token (seq2seq training read its prompts whole), or none
+    (plain-text training had no prompt, so the sampler reads it block-causally)."""
     return (prompt != cfg.pad_id) & (cfg.prompt_attention == "bidirectional")  # (b, P')
 
 
 class Runner:
     """What the block loop (section 8) asks of a model's sampler (its make_runner returns one):
-    block_len B; answer_len (b,) positions per row; logits(x_block) -> (b, B, V), one network
-    call; commit(block): a finished block joins the context; select(rows): only these rows go
-    on; encoder_calls / decoder_calls: passes over clean / noisy tokens."""
+    block_len B; answer_len (b,) positions per row; first_block: the number of the first
+    answer block (the prompt's P' positions are blocks 0 .. first_block - 1);
+    logits(x_block) -> (b, B, V), one network call; finish_block(block): a finished block
+    joins the clean context; select(rows): only these rows go on; encoder_calls /
+    decoder_calls: network passes over clean / noisy tokens."""
 
     def __init__(self, model, prompt: torch.Tensor, max_new_tokens: Optional[int], block_len: int = 0):
         self.model, self.mask_id, self.block_len = model, model.cfg.mask_id, block_len or model.cfg.block_len
         answer = max_new_tokens or model.cfg.seq_len - prompt.shape[1]  # default: all the room left
         self.answer_len = torch.full((prompt.shape[0],), answer, device=prompt.device)
+        self.first_block = math.ceil(prompt.shape[1] / self.block_len)
         self.encoder_calls = self.decoder_calls = 0
 
     def steps_per_block(self, steps: Optional[int]) -> int:
@@ -659,25 +707,27 @@ class CachedE2D2(Runner):  # [E2D2]
         self.enc = KVCache(cfg.n_enc, prompt.shape[0], cfg.seq_len, prompt.device)
         self.dec = KVCache(cfg.n_dec, prompt.shape[0], cfg.seq_len, prompt.device)
         if prompt.shape[1] > 0:  # the prompt is read as in training
-            self.encode(prompt, encoder_mask(sampler_prompt_mask(cfg, prompt), prompt != cfg.pad_id, cfg.block_len))
+            self.encode(prompt, encoder_mask(read_bidirectionally(cfg, prompt), prompt != cfg.pad_id, cfg.block_len))
 
     def encode(self, tokens, mask):
         """Encode new clean tokens (b, n) after the cached ones; both caches grow by n."""
         positions = slice(self.enc.n, self.enc.n + tokens.shape[1])  # RoPE continues after the cache
-        h, enc_kv = self.model.encode(tokens, positions, mask, self.enc)  # keys/values written into enc
-        self.enc.commit(tokens, self.model.cfg.pad_id)
+        h, enc_kv = self.model.encode(tokens, positions, mask, self.enc.with_past())  # keys/values into enc's scratch slot
+        self.enc.append(tokens, self.model.cfg.pad_id)  # ... where they stay
         clean_kv = self.model.clean_kv(h, positions, enc_kv)  # projected ONCE per clean token
-        self.dec.commit(tokens, self.model.cfg.pad_id, clean_kv)
+        self.dec.append(tokens, self.model.cfg.pad_id, clean_kv)
         self.encoder_calls += 1
 
     def logits(self, x_block):
-        """Only the decoder runs: B noisy queries against [cached clean keys ; own keys]."""
+        """One denoising step's network call: only the decoder runs, its B noisy queries
+        against [dec's cached clean keys ; the block's own keys] (the own keys are written
+        into dec's scratch slot and never kept: no append follows)."""
         n = self.dec.n
         self.decoder_calls += 1
         return self.model.decode(x_block, slice(n, n + x_block.shape[1]),  # (b, B, V)
-                                 self.dec.key_mask(x_block.shape[1]), cache=self.dec)
+                                 self.dec.key_mask(x_block.shape[1]), self.dec.with_past())
 
-    def commit(self, block):
+    def finish_block(self, block):
         """A finished block (b, B) goes through the encoder once (BD3-LM: all N layers)."""
         self.encode(block, self.enc.key_mask(block.shape[1]))
 
@@ -696,29 +746,25 @@ class UncachedRunner(Runner):
     def __init__(self, model, prompt, max_new_tokens, block_len: int = 0, runs_encoder: bool = False):
         super().__init__(model, prompt, max_new_tokens, block_len)
         self.context, self.n_prompt, self.runs_encoder = prompt, prompt.shape[1], runs_encoder
-        self.prompt_mask = sampler_prompt_mask(model.cfg, prompt)  # (b, P'): as in training
+        self.bidirectional = read_bidirectionally(model.cfg, prompt)  # (b, P'): as in training
 
     def logits(self, x_block):
         x = torch.cat([self.context, x_block], dim=1)  # (b, n + B)
-        prompt_mask = F.pad(self.prompt_mask, (0, x.shape[1] - self.n_prompt))  # False after the prompt
+        bidirectional = F.pad(self.bidirectional, (0, x.shape[1] - self.n_prompt))  # False after the prompt
         self.decoder_calls += 1
         self.encoder_calls += self.runs_encoder
-        return self.model.logits(x, x, prompt_mask)[:, -x_block.shape[1]:]  # (b, B, V)
+        return self.model.logits(x, x, bidirectional)[:, -x_block.shape[1]:]  # (b, B, V)
 
-    def commit(self, block):
+    def finish_block(self, block):
         self.context = torch.cat([self.context, block], dim=1)
 
     def select(self, rows):
         super().select(rows)
-        self.context, self.prompt_mask = self.context[rows], self.prompt_mask[rows]
+        self.context, self.bidirectional = self.context[rows], self.bidirectional[rows]
 
 
 class E2D2(E2D2Network):  # [E2D2]
-    """The E2D2 model: the network (section 6), its training step and its samplers."""
-
-    def forward(self, x0, prompt_mask, generator=None, train_loss: str = "masked_ce", eval_t_sampler=None) -> Loss:
-        """x0: (b, L) clean tokens (PAD = padding), prompt_mask: (b, L) bool -> the losses."""
-        return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, train_loss, eval_t_sampler)
+    """The E2D2 model: the network and its training step (section 6) with its samplers."""
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None) -> Runner:
         return (CachedE2D2(self, prompt, max_new_tokens) if use_cache
@@ -761,24 +807,41 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
-def remask(is_mask, confidence, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
-    """Predict and remask: reveal the most confident [MASK], so that floor((1 - alpha_s) n)
-    stay masked (n = n_fill, the positions of each row), but at least one is revealed."""
+def most_confident(is_mask, score, alpha_s, n_fill) -> torch.Tensor:
+    """Reveal the [MASK] positions of highest score so that floor((1 - alpha_s) n) stay
+    masked (n = n_fill, the positions of each row), but at least one is revealed. (b, B)."""
     n_stay = torch.floor((1.0 - alpha_s) * n_fill.double() + 1e-6).long()  # (b,)
     n_stay = torch.minimum(torch.clamp(is_mask.sum(1) - 1, min=0), n_stay)  # (b,)
-    rank = confidence.masked_fill(~is_mask, math.inf).argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least sure
-    return is_mask & (rank >= n_stay[:, None])  # (decoded tokens rank last: never re-masked)
+    rank = score.masked_fill(~is_mask, math.inf).argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least sure
+    return is_mask & (rank >= n_stay[:, None])  # (revealed tokens rank last: never re-masked)
 
 
-def ancestral(is_mask, confidence, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
+# The strategies: which [MASK] positions a denoising step reveals. Each is a function of
+# (probs (b, B, V): p_theta(x_0 | x_t) after temperature and top_p; pred (b, B): x_theta, the
+# token each position would take; is_mask (b, B); alpha_t, alpha_s; n_fill (b,); generator)
+# -> reveal (b, B) bool. A new strategy is one function and one entry in STRATEGIES.
+
+def remask(probs, pred, is_mask, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
+    """Predict and remask (the paper's default): reveal the [MASK] whose prediction is most
+    likely, p_theta(x_theta), on the schedule of most_confident."""
+    confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # (b, B)
+    return most_confident(is_mask, confidence, alpha_s, n_fill)
+
+
+def margin(probs, pred, is_mask, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
+    """As remask, ranked by the margin between the two most likely tokens, p1 - p2: a
+    position torn between two answers waits, even when its top token is likely."""
+    top2 = probs.topk(2, dim=-1).values  # (b, B, 2)
+    return most_confident(is_mask, top2[..., 0] - top2[..., 1], alpha_s, n_fill)
+
+
+def ancestral(probs, pred, is_mask, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
     """x_s ~ q(x_s | x_t, x_theta): each [MASK] revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)."""
     u = torch.rand(is_mask.shape, generator=generator, device=is_mask.device)
     return is_mask & (u < (alpha_s - alpha_t) / (1.0 - alpha_t))
 
 
-# How a denoising step picks the [MASK] it reveals: name -> function of (is_mask, confidence
-# (b, B), alpha_t, alpha_s, n_fill (b,), generator) -> reveal (b, B). A new one is one entry here.
-STRATEGIES = {"remask": remask, "ancestral": ancestral}
+STRATEGIES = {"remask": remask, "margin": margin, "ancestral": ancestral}
 
 
 def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strategy: str = "remask",
@@ -786,13 +849,13 @@ def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strate
                  generator=None, final: bool = False, n_fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) ->
     x_s. x_theta: the argmax of p_theta (temperature 0) or a sample of softmax(logits /
-    temperature) (top_p < 1: of its nucleus). Which [MASK] it fills: "remask" keeps the most
-    confident ("predict and remask"), "ancestral" draws x_s ~ q(x_s | x_t, x_theta) (see
-    STRATEGIES); confidence_threshold also reveals every [MASK] more likely than it; `final`
-    reveals all. Decoded tokens never change (SUBS carry-over). n_fill (b,): the positions
-    each row fills (default B; MDLM: its own)."""
+    temperature) (top_p < 1: of its nucleus). Which [MASK] it reveals: STRATEGIES[strategy]
+    ("remask" keeps the most confident: "predict and remask"; "ancestral" draws x_s ~
+    q(x_s | x_t, x_theta)); confidence_threshold also reveals every [MASK] whose p(x_theta)
+    exceeds it; `final` reveals all. Revealed tokens never change (SUBS carry-over). n_fill
+    (b,): the positions each row fills (default B; MDLM: its own)."""
     is_mask = x == mask_id  # (b, B)
-    # Only [MASK] positions need SUBS probabilities: the final torch.where keeps decoded
+    # Only [MASK] positions need SUBS probabilities: the final torch.where keeps revealed
     # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
     probs = masked_log_probs(logits if temperature == 0 else logits / temperature, mask_id).exp()
     probs = nucleus(probs, top_p)  # (b, B, V)
@@ -800,12 +863,12 @@ def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strate
         pred = probs.argmax(-1)  # (b, B)
     else:
         pred = torch.multinomial(rearrange(probs, "b n V -> (b n) V"), 1, generator=generator).view(x.shape)
-    confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
     n_fill = torch.full((x.shape[0],), x.shape[1], device=x.device) if n_fill is None else n_fill
-    reveal = is_mask if final else STRATEGIES[strategy](is_mask, confidence, alpha_t, alpha_s, n_fill, generator)
+    reveal = is_mask if final else STRATEGIES[strategy](probs, pred, is_mask, alpha_t, alpha_s, n_fill, generator)
     if confidence_threshold is not None:  # Fast-dLLM style: every confident [MASK] too
+        confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # p(x_theta): (b, B)
         reveal = reveal | (is_mask & (confidence > confidence_threshold))
     return torch.where(reveal, pred, x)
 
@@ -838,8 +901,9 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     Block by block (the runner sets B: E2D2 block_len; MDLM the whole answer; AR one token),
     from all [MASK], T = `steps` (default B) denoise_steps per block (t from 1 to 0; see there
     for strategy etc.) on the runner's logits; an unchanged block reuses the last logits. A
-    finished block is committed (encoded, cached); a row stops after the block where it wrote
-    [EOS] (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (--show)."""
+    finished block joins the context (runner.finish_block: encoded, cached); a row stops
+    after the block where it wrote [EOS] (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (--show);
+    `block` counts over the whole sequence, the prompt's blocks first (runner.first_block)."""
     cfg, device = model.cfg, model.embed.weight.device
     prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
     check_sampling_args(cfg, prompts, prompt.shape[1], max_new_tokens, steps, strategy, temperature, top_p)
@@ -854,7 +918,7 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     out = torch.full((len(prompts), n_blocks * B), cfg.pad_id, dtype=torch.long, device=device)
     rows = torch.arange(len(prompts), device=device)  # the sequences still generating
     network_calls = 0
-    for k in range(n_blocks):
+    for j in range(n_blocks):  # the j-th answer block is block first_block + j of the sequence
         x = runner.empty_block()  # (rows, B) all [MASK] (MDLM: PAD past each row's answer)
         n_fill, last_x = (x == cfg.mask_id).sum(1), None  # positions each row fills
         for i in range(T):
@@ -866,12 +930,12 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
             x = denoise_step(logits, x, alpha[i], alpha[i + 1], cfg.mask_id, strategy, temperature,
                              top_p, confidence_threshold, generator, final=i == T - 1, n_fill=n_fill)
             if on_step is not None:
-                on_step(k, i, rows, x)
-        out[rows, k * B:(k + 1) * B] = x
+                on_step(runner.first_block + j, i, rows, x)
+        out[rows, j * B:(j + 1) * B] = x
         done = (x == cfg.eos_id).any(dim=1) if stop_at_eos else torch.zeros_like(rows, dtype=torch.bool)
-        if k == n_blocks - 1 or done.all():
+        if j == n_blocks - 1 or done.all():
             break
-        runner.commit(x)  # the finished block becomes clean context
+        runner.finish_block(x)  # the finished block becomes clean context
         if done.any():  # per-sequence stop at [EOS]
             runner.select(~done)
             rows = rows[~done]

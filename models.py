@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from baselines import AR, BD3LM, MDLM
-from e2d2 import E2D2, ModelConfig, TokenModel, generate, noise_schedule
+from e2d2 import E2D2, LossOptions, ModelConfig, TokenModel, generate, noise_schedule
 
 # ---------------------------------------------------------------------------------------
 # The model registry: what the scripts need of each model type, in ONE entry per type
@@ -41,6 +41,8 @@ class ModelSpec:
     sampling_cost: Callable  # (cfg, use_cache, P, A, B, T) -> (layer-token passes, layer calls), whole answer
     has_cache: bool  # whether make_runner(use_cache=True) caches anything (MDLM: nothing can be)
     ar_weight: Callable  # (model, parameter name) -> the AR weight that --init_from copies into it, or None
+    # (model, L) -> matmul FLOPs of one training forward per token of a (b, L) batch (MFU, below)
+    forward_flops: Callable = None
     unused_parameters: Callable = lambda cfg: False  # cfg -> some parameters get no gradient (DDP must be told)
 
 
@@ -78,10 +80,49 @@ def bd3lm_sampling_cost(cfg, use_cache, P, A, B, T):
     return sum(T * 2 * (P + k * B) * n for k in range(1, K + 1)), K * T * n
 
 
+# Each model's training-forward FLOPs per token, counted on paper (models.train_flops_per_token
+# below, for MFU; a test checks them against torch's FlopCounterMode).
+
+def layer_flops(layer, keys: int) -> int:
+    """Forward matmul FLOPs of one Layer per query token: 2 per weight (a multiply and an
+    add) and 4 d per key (the score q.k and the weighted sum of v)."""
+    return 2 * sum(p.numel() for p in layer.parameters() if p.dim() == 2) + 4 * keys * layer.attn.d
+
+
+def head_flops(cfg) -> int:
+    return 2 * cfg.d_model * cfg.vocab_size  # the tied output head, per token
+
+
+def e2d2_forward_flops(model, L: int) -> int:  # [E2D2]
+    """N_enc layers over L keys, N_dec over 2L ([h ; x_t]); "hidden" also projects h into
+    each decoder layer's keys and values (2 x 2 d^2 per token)."""
+    c = model.cfg
+    kv_of_h = 4 * c.d_model**2 * (c.decoder == "hidden")
+    return (c.n_enc * layer_flops(model.encoder[0], L) + c.n_dec * (layer_flops(model.decoder[0], 2 * L) + kv_of_h)
+            + head_flops(c))
+
+
+def ar_forward_flops(model, L: int) -> int:
+    """N layers over L keys, and the head."""
+    return model.cfg.n_enc * layer_flops(model.layers[0], L) + head_flops(model.cfg)
+
+
+def mdlm_forward_flops(model, L: int) -> float:
+    """forward() pads every batch to the seq_len canvas: seq_len / L canvas tokens per token."""
+    return model.cfg.seq_len / L * ar_forward_flops(model, model.cfg.seq_len)
+
+
+def bd3lm_forward_flops(model, L: int) -> int:
+    """Per token of x_0: N layers over two tokens (x_0,j and x_t,j), each against 2L keys;
+    the head on the noisy half only."""
+    return 2 * model.cfg.n_enc * layer_flops(model.layers[0], 2 * L) + head_flops(model.cfg)
+
+
 MODELS = {
     "e2d2": ModelSpec(E2D2, depth=lambda cfg: f"N_enc={cfg.n_enc}, N_dec={cfg.n_dec}",
                       training_cost=lambda cfg: cfg.n_enc + cfg.n_dec,  # N_enc over x_0, N_dec over x_t
                       sampling_cost=e2d2_sampling_cost, has_cache=True, ar_weight=e2d2_ar_weight,
+                      forward_flops=e2d2_forward_flops,
                       # shared_kv never reads h: enc_norm, and whatever of the encoder comes after the
                       # last paired layer's keys/values, get no gradient
                       unused_parameters=lambda cfg: cfg.decoder == "shared_kv"),
@@ -90,15 +131,16 @@ MODELS = {
                     sampling_cost=lambda cfg, use_cache, P, A, B, T: (
                         ((P + A - 1) * cfg.n_enc, A * cfg.n_enc) if use_cache
                         else (sum(P + i for i in range(A)) * cfg.n_enc, A * cfg.n_enc)),
-                    has_cache=True, ar_weight=same_stack),
+                    has_cache=True, ar_weight=same_stack, forward_flops=ar_forward_flops),
     "mdlm": ModelSpec(MDLM, depth=lambda cfg: f"N={cfg.n_enc}", training_cost=lambda cfg: cfg.n_enc,
                       # as many steps as the block models take (K T), all N layers over P + A each time
                       sampling_cost=lambda cfg, use_cache, P, A, B, T: (A // B * T * (P + A) * cfg.n_enc,
                                                                          A // B * T * cfg.n_enc),
-                      has_cache=False, ar_weight=same_stack),
+                      has_cache=False, ar_weight=same_stack, forward_flops=mdlm_forward_flops),
     "bd3lm": ModelSpec(BD3LM, depth=lambda cfg: f"N={cfg.n_enc}",
                        training_cost=lambda cfg: 2 * cfg.n_enc,  # N layers over [x_0 ; x_t]: 2L tokens
-                       sampling_cost=bd3lm_sampling_cost, has_cache=True, ar_weight=same_stack),
+                       sampling_cost=bd3lm_sampling_cost, has_cache=True, ar_weight=same_stack,
+                       forward_flops=bd3lm_forward_flops),
 }
 MODEL_TYPES = tuple(MODELS)
 
@@ -398,8 +440,8 @@ def eval_nelbo(model: TokenModel, batches, draws: int = 1, generator=None,
     for x0, prompt_mask in tqdm(batches, desc="nelbo", leave=False, disable=not progress):
         seq = 0.0
         for _ in range(draws):
-            out = model(x0, prompt_mask, generator=generator,
-                        eval_t_sampler=functools.partial(sample_t_eval, model.cfg.schedule))
+            out = model(x0, prompt_mask, generator, LossOptions(
+                eval_t_sampler=functools.partial(sample_t_eval, model.cfg.schedule)))
             seq = seq + out.row_nats.double() / draws  # (b,)
         scored = out.target_ids != model.cfg.pad_id  # the same targets in every draw
         nats.append(seq.cpu())
@@ -531,7 +573,8 @@ def train_flops_per_token(model: TokenModel, L: int) -> float:
     elementwise ops (a few FLOPs per activation: under 1% of the total at width 512) and the
     optimizer. A test checks the count against torch's FlopCounterMode around a real forward
     and backward: they agree exactly."""
-    return 3 * model.flops_per_token(L)
+    return 3 * model_spec(model.cfg.model).forward_flops(model, L)
+
 
 
 # The peak: the device's dense bf16 tensor-core throughput as NVIDIA's datasheets give it,

@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from e2d2 import DECODER_LAYERS, DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, TRAIN_LOSSES, ModelConfig, generate
+from e2d2 import (DECODER_LAYERS, DECODER_VARIANTS, PROMPT_ATTENTION, SCHEDULES, TRAIN_LOSSES, LossOptions,
+                  ModelConfig, generate)
 from models import (DTYPES, E2D2_INIT_FIELDS, MODEL_TYPES, autocast_for, build_model, config_from_dict, eval_nelbo,
                     init_from_checkpoint, init_source_error, is_cuda, load_checkpoint, model_spec, peak_bf16_tflops,
                     pick_device, train_flops_per_token, upgrade_optimizer_state, upgrade_state_dict, weights_checksum)
@@ -99,9 +100,11 @@ MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_ev
                         "peak_tflops")
 
 # The fine-tuning recipe: a run started from an AR checkpoint (--init_from, without --resume)
-# takes these values for the flags it leaves out, per model kind. E2D2's is the paper's: the
-# shared-KV decoder made of the TOP half of the AR's N layers (N_dec = N / 2, rounded up),
-# tied to them (no new parameters). Measured on the vowels task (docs/finetuning.md, bench.py
+# takes these values for the flags it leaves out, per model kind. E2D2's decoder is the one the
+# paper fine-tunes with (e2d2.py, section 1, names the paper's two decoders): shared-KV, made
+# of the TOP half of the AR's N layers (N_dec = N / 2, rounded up), tied to them (no new
+# parameters). A run from scratch keeps ModelConfig's default, the paper's from-scratch
+# decoder ("hidden", untied). Measured on the vowels task (docs/finetuning.md, bench.py
 # finetune, 300 steps from an AR with N = 8): lr 3e-3 beat 1e-3 and 3e-4 for E2D2 (val NELBO
 # 1.68 vs 2.00, 2.53), and 3e-3 beat 1e-3 for BD3-LM (1.13 vs 1.38); no other decoder (hidden,
 # untied, bottom layers) beat the tied shared-KV one by more than its noise; N_dec = N / 2 beat
@@ -602,7 +605,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
             #    gradient is the mean over micro-batches (DDP averages over processes)
             sync = a == tc.grad_accum - 1 or world == 1
             with (nullcontext() if sync else fwd.no_sync()), autocast:
-                out = fwd(batch.x0, batch.prompt_mask, generator=noise, train_loss=tc.train_loss)
+                out = fwd(batch.x0, batch.prompt_mask, noise, LossOptions(train_loss=tc.train_loss))
             (out.loss / tc.grad_accum).backward()
             step_loss += out.loss.detach().float() / (tc.grad_accum * world)
             step_tokens += batch.x0.numel()

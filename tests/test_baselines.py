@@ -52,7 +52,7 @@ def test_bd3lm_train_and_inference_logits_agree(prompt_attention):
         for start in range(P, x0.shape[1], B):
             blk = slice(start, start + B)
             assert torch.allclose(cached.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
-            cached.commit(x0[:, blk])
+            cached.finish_block(x0[:, blk])
 
 
 @pytest.mark.parametrize("name", ["bd3lm", "ar"])
@@ -80,7 +80,7 @@ def test_mdlm_samples_the_whole_answer_as_one_block():
     seen = []
     r = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=16, steps=4,
                  on_step=lambda k, i, rows, x: seen.append((k, x.shape[1])), stop_at_eos=False)
-    assert seen == [(0, 16)] * 4  # one block of 16, 4 steps
+    assert seen == [(1, 16)] * 4  # one block of 16 (block 1: the one after the prompt), 4 steps
     assert r.network_calls == 4 and all(len(t) == 16 for t in r.tokens)
     # no cache is possible: with use_cache too, every step runs all N layers over the
     # whole [prompt ; canvas] (8 + 16 positions), one call per step

@@ -71,13 +71,13 @@ def test_flops_count_equals_torchs_flop_counter(name, decoder):
         forward = counter.get_total_flops()
         loss.backward()
     tokens = x0.numel()
-    assert forward == model.flops_per_token(16) * tokens > 0  # tolerance: none
+    assert forward == models.model_spec(model.cfg.model).forward_flops(model, 16) * tokens > 0  # tolerance: none
     # the backward multiplies twice what the forward did, in every layer that reaches the loss
     # (train_flops_per_token: 3 x forward). shared_kv's top encoder layer reaches it through its
     # keys/values only: its attention, output projection and MLP run forward, nothing reads them,
     # and autograd skips their backward (the fused q/k/v product is used, so it is not skipped)
     top = model.encoder[-1] if decoder == "shared_kv" else None
-    skipped = 0 if top is None else 2 * (top.flops(16) - 2 * top.attn.qkv.weight.numel()) * tokens
+    skipped = 0 if top is None else 2 * (models.layer_flops(top, 16) - 2 * top.attn.qkv.weight.numel()) * tokens
     assert counter.get_total_flops() == models.train_flops_per_token(model, 16) * tokens - skipped
 
 
@@ -143,7 +143,7 @@ def test_attention_weights_times_values_is_the_layers_own_attention():
     # bench.attention_weights recomputes softmax(q k^T / sqrt(hd)) by hand (the model's
     # scaled_dot_product_attention returns no weights). Checked against the layer itself:
     # weights @ values, through the output projection, is the attention sublayer's output,
-    # in the training forward (past_kv: the clean stream) and in the cached sampler (write_kv)
+    # in the training forward (with_past: the clean stream) and in the cached sampler (the cache)
     from conftest import random_layout, tiny
     model = tiny()
     _, x0, x_t, prompt_mask, P = random_layout(model)
@@ -156,14 +156,13 @@ def test_attention_weights_times_values_is_the_layers_own_attention():
         runner.logits(x_t[:, P:P + 4])
     for h in hooks:
         h.remove()
-    for (args, (y, (_, v))) in [(calls[0], calls[1]), (calls[2], calls[3])]:
+    for (args, (y, (k, v))) in [(calls[0], calls[1]), (calls[2], calls[3])]:
         w = bench.attention_weights(layer, *args)  # (b, H, n, n_keys)
-        past_kv, write_kv = (args + (None, None))[4:6]
-        values = torch.cat([past_kv[1], v], 2) if past_kv is not None else runner.dec.v[0][:, :, :w.shape[-1]]
+        _, values = args[4](k, v)  # [earlier values ; the layer's own]
         assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)))
         mine = layer.attn.out((w @ values).transpose(1, 2).flatten(2))
         torch.testing.assert_close(mine, y, atol=1e-10, rtol=1e-8)
-    assert calls[2][5] is not None and calls[0][4] is not None  # both paths were exercised
+    assert calls[0][4] is not None and calls[2][4] is not None  # both paths were exercised
 
 
 # --- the fine-tuning walk-through (bench.py finetune) ----------------------------------

@@ -132,7 +132,7 @@ def test_bf16_sampling_with_and_without_the_cache(name, kw):
             runner = model.make_runner(prompt, use_cache, max_new_tokens=12)
             first = runner.logits(runner.empty_block())  # block 0 of the answer
             block = first.argmax(-1) if name == "ar" else torch.full_like(first[..., 0], 7).long()
-            runner.commit(block)  # a finished block joins the context (and the caches)
+            runner.finish_block(block)  # a finished block joins the context (and the caches)
             logits[label] = torch.cat([first, runner.logits(runner.empty_block())], 1).float()  # and block 1
             if use_cache and name != "mdlm":  # every cache, every layer: keys and values (MDLM has none)
                 assert len(caches(runner)) == (2 if name == "e2d2" else 1)

@@ -92,3 +92,18 @@ def test_temperature_sampling_draws_from_softmax_of_logits_over_temperature(temp
     assert torch.allclose(freq, q.double(), atol=4 * math.sqrt(0.25 / 20000))
     greedy = denoise_step(logits, x, 0.0, 1.0, MASK, "remask", 0.0, final=True)
     assert (greedy == 10).all()
+
+
+def test_margin_reveals_the_widest_gap_where_remask_reveals_the_likeliest_token():
+    # Two [MASK] positions of one block, one to reveal (linear schedule, t = 1 -> s = 0.5:
+    # floor(0.5 * 2) = 1 stays masked). Position 0 is likelier (p1 = 0.50) but torn between
+    # two tokens (p2 = 0.45, margin 0.05); position 1 is less likely (p1 = 0.40) but its
+    # runner-up is far behind (p2 = 0.10, margin 0.30). "remask" ranks by p1, "margin" by
+    # p1 - p2: a strategy that sees the whole distribution, one entry in STRATEGIES.
+    probs = torch.full((1, 2, V), 0.0)
+    probs[0, 0, [10, 11, 12]] = torch.tensor([0.50, 0.45, 0.05])
+    probs[0, 1, [20, 21, 22, 23, 24, 25, 26]] = torch.tensor([0.40, 0.10, 0.10, 0.10, 0.10, 0.10, 0.10])
+    logits = probs.clamp(min=1e-12).log()
+    x = all_masked(1, 2)
+    assert denoise_step(logits, x, 0.0, 0.5, MASK, "remask").tolist() == [[10, MASK]]
+    assert denoise_step(logits, x, 0.0, 0.5, MASK, "margin").tolist() == [[MASK, 20]]

@@ -29,8 +29,8 @@ def test_train_and_inference_logits_agree_block_by_block(variant):
             inf_logits = cached.logits(x_t[:, blk])
             assert torch.allclose(inf_logits, train_logits[:, blk], atol=1e-10, rtol=1e-9)
             assert torch.allclose(recompute.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
-            cached.commit(x0[:, blk])
-            recompute.commit(x0[:, blk])
+            cached.finish_block(x0[:, blk])
+            recompute.finish_block(x0[:, blk])
     assert cached.encoder_calls == 1 + (x0.shape[1] - P) // B  # prompt + each block
     assert cached.decoder_calls == (x0.shape[1] - P) // B
 
@@ -52,8 +52,8 @@ def test_text_model_reads_a_prompt_block_causally_as_trained(variant):
             blk = slice(start, start + B)
             assert torch.allclose(cached.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
             assert torch.allclose(recompute.logits(x_t[:, blk]), train_logits[:, blk], atol=1e-10)
-            cached.commit(x0[:, blk])
-            recompute.commit(x0[:, blk])
+            cached.finish_block(x0[:, blk])
+            recompute.finish_block(x0[:, blk])
         # (the seq2seq reading of the same prompt gives other logits: the check has teeth)
         prompt_mask = torch.zeros_like(x0, dtype=torch.bool)
         prompt_mask[:, :P] = True
@@ -152,7 +152,7 @@ class ScriptedRunner(Runner):
         self.decoder_calls += 1
         return out
 
-    def commit(self, block):
+    def finish_block(self, block):
         self.block += 1
 
     def select(self, rows):

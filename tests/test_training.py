@@ -10,7 +10,7 @@ import torch
 import data
 import train
 from conftest import run
-from e2d2 import generate
+from e2d2 import LossOptions, generate
 from models import build_model
 
 
@@ -39,7 +39,8 @@ def test_trained_model_stops_each_sequence_after_its_eos_block(trained):
         blocks.setdefault(r, set()).add(k) for r in rows.tolist()])
     assert all(res.finished)
     for r, ids in enumerate(res.tokens):
-        assert blocks[r] == set(range((len(ids) + 1 + 3) // 4))  # ceil((len + EOS) / B)
+        # blocks 0-1 hold the prompt (6 tokens, left-padded to 8): the answer's are 2, 3, ...
+        assert blocks[r] == set(range(2, 2 + (len(ids) + 1 + 3) // 4))  # ceil((len + EOS) / B)
 
 
 def test_train_script_sample_script_and_resume(tmp_path):
@@ -66,7 +67,7 @@ def test_train_script_sample_script_and_resume(tmp_path):
     assert lines[0].startswith("123+456=") and lines[1].startswith("5+5=")
     assert re.search(r"tokens/s; network calls \d+ \(decoder \d+, encoder \d+\)", lines[-1])
     r = run("sample.py", f"--ckpt={ck}", "--show", "1+1=")
-    assert "block 0 step 1: 1+1=|" in r.stdout
+    assert "block 1 step 1: 1+1=|" in r.stdout
     r = run("sample.py", f"--ckpt={ck}", stdin="7+8=\n\n1+2=\n")
     assert [l.split("=")[0] for l in r.stdout.splitlines()[:2]] == ["7+8", "1+2"]
     r = run("sample.py", f"--ckpt={ck}", "--num_examples=3")
@@ -114,10 +115,10 @@ def test_train_loss_nelbo_is_what_training_minimises(tmp_path):
     model = build_model(cfg).train()
     batch = dataset.collate(dataset.train_examples(tc.batch_size, tc.seed, 0), cfg.block_len, cfg.seq_len)
     noise = lambda: torch.Generator().manual_seed(tc.seed * 7919)  # noqa: E731 (step 0, micro-batch 0)
-    nelbo = model(batch.x0, batch.prompt_mask, generator=noise(), train_loss="nelbo")
+    nelbo = model(batch.x0, batch.prompt_mask, noise(), LossOptions(train_loss="nelbo"))
     ce = model(batch.x0, batch.prompt_mask, generator=noise())
     assert nelbo.loss.item() == nelbo.nelbo.item() and ce.loss.item() == ce.masked_ce.item()
     assert logged == pytest.approx(nelbo.nelbo.item(), rel=1e-6)
     assert logged != pytest.approx(ce.masked_ce.item(), rel=1e-3)
     with pytest.raises(ValueError, match=r"train_loss must be one of \('masked_ce', 'nelbo'\)"):
-        model(batch.x0, batch.prompt_mask, train_loss="ce")
+        LossOptions(train_loss="ce")
