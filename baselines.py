@@ -110,14 +110,14 @@ class AR(OneStack):
             past_valid = valid[:, :0] if cache is None else cache.valid[:, :start]  # (b, start)
             mask = causal_mask(torch.cat([past_valid, valid], 1))[:, start:]  # (b, n, start + n)
         h, new_kv = self.run(self.layers, self.drop(self.embed(x)), slice(start, start + n), mask,
-                             None if cache is None else cache.with_past())
+                             None if cache is None else cache.per_layer())
         return self.head(h), new_kv
 
     exact_likelihood = True  # its loss is the exact NLL: evaluation needs no draws of t
 
     def forward(self, x0, prompt_mask, generator=None, opts: LossOptions = LossOptions()) -> Loss:
         """Next-token cross-entropy on the answer tokens (an exact NLL, so nelbo = loss, and
-        evaluation needs no draws)."""
+        evaluation needs no draws: no option of opts applies, there is no t to draw)."""
         check_length(self.cfg, x0.shape[1], 1)
         target = (x0 != self.cfg.pad_id) & ~prompt_mask
         logits, _ = self.logits(x0)
@@ -158,8 +158,8 @@ class MDLM(OneStack):
         # differ in length side by side, each with its own answer (see make_runner)
         super().__init__(cfg, n_positions=2 * cfg.seq_len)
 
-    def logits(self, x0, x_t, prompt_mask):
-        """Bidirectional logits over x_t (b, L, V); MDLM never reads x0."""
+    def logits(self, x0, x_t, bidirectional):
+        """Bidirectional logits over x_t (b, L, V); MDLM never reads x0 (nor needs `bidirectional`)."""
         valid = x_t != self.cfg.pad_id
         h, _ = self.run(self.layers, self.drop(self.embed(x_t)), slice(0, x_t.shape[1]), full_mask(valid))
         return self.head(h)
@@ -209,7 +209,7 @@ class CachedBD3LM(Runner):
         into the cache's scratch slot): hidden states (b, n, d)."""
         n = self.cache.n
         h, _ = self.model.run(self.model.layers, self.model.embed(tokens), slice(n, n + tokens.shape[1]),
-                              mask, self.cache.with_past())
+                              mask, self.cache.per_layer())
         return h
 
     def logits(self, x_block):
@@ -232,12 +232,12 @@ class CachedBD3LM(Runner):
 
 
 class BD3LM(OneStack):
-    def logits(self, x0, x_t, prompt_mask):
+    def logits(self, x0, x_t, bidirectional):
         """All N layers over the 2L tokens [x_0 ; x_t]; returns the noisy half's logits."""
         L = x0.shape[1]
         x = torch.cat([x0, x_t], 1)  # (b, 2L)
         positions = torch.arange(L, device=x0.device).repeat(2)  # x_0,j and x_t,j share j
-        mask = bd3lm_mask(prompt_mask, x0 != self.cfg.pad_id, self.cfg.block_len)  # (b, 2L, 2L)
+        mask = bd3lm_mask(bidirectional, x0 != self.cfg.pad_id, self.cfg.block_len)  # (b, 2L, 2L)
         h, _ = self.run(self.layers, self.drop(self.embed(x)), positions, mask)
         return self.head(h[:, L:])  # (b, L, V)
 

@@ -19,25 +19,32 @@ What E2D2 changes versus BD3-LM is marked `# [E2D2]` where it happens (a marked 
   4. Sampling runs the encoder once per finished block and only the small decoder at each
      of the T denoising steps (BD3-LM runs its whole network T times per block).
 Everything unmarked (schedules, q(x_t | x_0), SUBS, the loss, the masks, the layers, the
-KV cache, the block loop) is BD3-LM's; baselines.py builds AR, MDLM and BD3-LM from it.
+KV cache, the block loop) is shared with BD3-LM (the sampler's strategies with MDLM, BD3-LM
+and Fast-dLLM); baselines.py builds AR, MDLM and BD3-LM from it.
 
 Read it top to bottom: 1. config, 2. noise schedule and q(x_t | x_0), 3. SUBS, the loss
 and the training step, 4. the two masks, 5. the transformer layers, 6. the E2D2 network,
 7. the cached sampler, 8. the block loop. Each part uses only what came before it, with
-one exception: ModelConfig (section 1) checks its `schedule` against SCHEDULES (section 2),
-so that a bad name stops a run before any tensor exists.
+two exceptions: ModelConfig (section 1) checks its `schedule` against SCHEDULES (section
+2), so that a bad name stops a run before any tensor exists; and the training step
+(section 3) calls a network's `logits(x_0, x_t, bidirectional)`, which section 6 defines
+for E2D2 (baselines.py for the others). A docstring may name what a later section adds.
 
 Words used one way throughout (the README, `sample.py --show` and the notebooks too):
   block k     positions [k B, (k + 1) B) of the WHOLE sequence, the prompt's blocks
               included: with a prompt of 2 blocks, the first answer block is block 2.
-  valid       a real token: not padding. Padding keys are never attended to.
-  bidirectional  (the masks' first argument) the tokens every query may read whatever
-              its block: the prompt of a seq2seq example, none in plain text.
-  reveal      a denoising step replaces a [MASK] by a token ("decode", "unmask").
-  finish_block  a finished (fully revealed) block joins the clean context: E2D2 runs the
-              encoder over it once and caches its keys/values.
+  valid       a real token: not padding. A real query never attends to a padding key
+              (a padding query attends to itself only; its output is unused).
+  bidirectional  (encoder_mask's, bd3lm_mask's and every network's logits' argument) the
+              tokens every query may read whatever its block: in training the prompt of
+              a seq2seq example (prompt_mask), none in plain text.
+  reveal      a denoising step replaces a [MASK] by a token (elsewhere called decoding or
+              unmasking; here `decode` is only the decoder stack's method).
+  finish_block  a finished (fully revealed) block joins the clean context: E2D2's cached
+              sampler runs the encoder over it once and caches what its layers see of it.
+  stop        a sequence stops after the block in which it wrote [EOS].
   # [speed]   marks a line written for speed rather than in its plainest form; the plain
-              form is said beside it (the measurements: docs/benchmarks.md).
+              form is said beside it (measurements, where taken: docs/benchmarks.md).
 
 Shapes: b = batch, L = seq_len, B = block_len, K = L // B blocks, d = d_model,
 H = n_heads, hd = d // H, V = vocab_size. Attention masks are boolean, True = "may attend".
@@ -278,7 +285,7 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
 def diffusion_forward(model, x0, prompt_mask, block_len, generator=None, opts: LossOptions = LossOptions()) -> Loss:
     """The training step of E2D2 (and of BD3-LM and MDLM): one t per block, x_t ~ q(x_t | x_0),
     the logits of every noisy token in ONE call of model.logits(x0, x_t, prompt_mask) (the
-    network: section 6 for E2D2), then the losses. x0: (b, L) clean tokens (PAD = padding),
+    network: section 6 for E2D2; the prompt is read bidirectionally), then the losses. x0: (b, L) clean tokens (PAD = padding),
     prompt_mask: (b, L) bool, True on the prompt (never noised, never a target)."""
     cfg = model.cfg
     b, L = x0.shape
@@ -291,7 +298,7 @@ def diffusion_forward(model, x0, prompt_mask, block_len, generator=None, opts: L
         importance = importance.repeat_interleave(block_len, dim=1)
     noised = q_sample(x0, target_mask, t, block_len, cfg.mask_id, cfg.schedule,
                       ensure_masked=opts.eval_t_sampler is None, generator=generator)
-    logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
+    logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V); the prompt is read bidirectionally
     nelbo, masked_ce, n, row_nats = diffusion_loss(logits, x0, noised, target_mask, cfg.mask_id, importance)
     target_ids = torch.where(target_mask, x0, cfg.pad_id)  # which tokens the nats are for
     return Loss(masked_ce if opts.train_loss == "masked_ce" else nelbo, nelbo, masked_ce, n, row_nats, target_ids)
@@ -361,7 +368,8 @@ def decoder_mask(valid: torch.Tensor, block_len: int) -> torch.Tensor:
     11 11 11 ..   .. .. .. 11
     11 11 11 ..   .. .. .. 11
 
-    (Block 0 is the prompt here, never a target: its rows go unused.)"""
+    (The mask does not depend on the prompt: with encoder_mask's 4-token prompt above,
+    blocks 0 and 1 are never targets, and their rows go unused.)"""
     b, L = valid.shape
     blk = torch.arange(L, device=valid.device) // block_len  # (L,) block(i) of every position
     offset_block_causal = blk[None, :, None] > blk[None, None, :]  # (1, L, L)
@@ -396,7 +404,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
 
-    def forward(self, x):  # torch's fused rms_norm: one call, not five small ops
+    def forward(self, x):  # [speed] torch's fused rms_norm: one call (plainest: x * rsqrt(mean(x^2) + eps))
         x_f = x.to(torch.promote_types(x.dtype, torch.float32))
         return F.rms_norm(x_f, (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
@@ -413,7 +421,7 @@ def rope_table(n: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate every pair (x1, x2) of the head dimension: (x1 cos - x2 sin, x2 cos + x1 sin),
-    written as x * (c, c) + (x2, x1) * (-s, s) (three ops, the same products and sums).
+    written as x * (c, c) + (x2, x1) * (-s, s) (three ops, the same products and sums) [speed]
     x: (b, n, ..., hd), position on dim 1; cos, sin: (n, hd) from rope_table."""
     shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # (n, 1, ..., hd): broadcast
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) in every pair
@@ -429,7 +437,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.dropout, self.d = cfg.n_heads, cfg.dropout, cfg.d_model
-        # one fused projection (one matmul per call, not two): rows [0, d) W_q, then W_k, W_v
+        # [speed] one fused projection, rows [0, d) W_q, then W_k, W_v (plainest: three Linears)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -446,8 +454,7 @@ class Attention(nn.Module):
         (the E2D2 decoder's clean stream in training; a KV cache when sampling). mask:
         (b, n, n_past + n), (b, 1, n_past + n) (the same for every query) or None. Returns
         the output (b, n, d) and x's own (keys, values)."""
-        # [speed] plain views (plainest: einops.rearrange, which torch.compile guards on)
-        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # (b, n, 3, H, hd): a view
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # (b, n, 3, H, hd): a view [speed] (plainest: einops)
         qk = apply_rope(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one go: (b, n, 2, H, hd)
         q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (b, H, n, hd) views
         keys, values = (k, v) if with_past is None else with_past(k, v)  # [past ; own]
@@ -485,10 +492,10 @@ class Layer(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x))), kv
 
 
-def after(past: KV) -> Callable:
-    """with_past for fixed earlier keys/values (training): (k, v) -> [past ; (k, v)] on the
-    token axis, (b, H, n_past + n, hd) each."""
-    return lambda k, v: (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+def concat_after(past_kv: KV) -> Callable:  # [E2D2]
+    """A with_past for fixed earlier keys/values (the E2D2 decoder's clean stream in training):
+    (k, v) -> [past_kv ; (k, v)] on the token axis, (b, H, n_past + n, hd) each."""
+    return lambda k, v: (torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2))
 
 
 class TokenModel(nn.Module):
@@ -530,20 +537,21 @@ class TokenModel(nn.Module):
         """Final norm and output head tied to the token embedding: (b, n, d) -> (b, n, V)."""
         return F.linear(self.norm(z), self.embed.weight)
 
-    def run(self, layers, x, positions, mask, with_past: Optional[list] = None):
-        """x (b, n, d) through `layers`; layer i's queries also see the earlier keys/values
-        with_past[i] puts before x's own (see Attention). Returns x and each layer's own
-        (keys, values) of x."""
+    def run(self, layers, x, positions, mask, past: Optional[list] = None):
+        """x (b, n, d) through `layers`; past[i] is layer i's with_past (see Attention): its
+        queries also see the earlier keys/values it puts before x's own. Returns x and each
+        layer's own (keys, values) of x."""
         cos, sin = self.rope(positions)
         own_kv = []
         for i, layer in enumerate(layers):
-            x, kv = layer(x, cos, sin, mask, None if with_past is None else with_past[i])
+            x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
             own_kv.append(kv)
         return x, own_kv
 
     def forward(self, x0, prompt_mask, generator=None, opts: LossOptions = LossOptions()) -> Loss:
         """The training step: x0 (b, L) clean tokens, prompt_mask (b, L) -> Loss (section 3).
-        Every model takes these arguments; AR and MDLM (baselines.py) compute theirs otherwise."""
+        Every model's forward takes these arguments: BD3-LM uses this one; AR (an exact NLL)
+        and MDLM (one block over its answer canvas) define their own (baselines.py)."""
         return diffusion_forward(self, x0, prompt_mask, self.cfg.block_len, generator, opts)
 
 
@@ -565,11 +573,11 @@ class E2D2Network(TokenModel):  # [E2D2]
         self.enc_norm = RMSNorm(cfg.d_model)  # h = enc_norm(last encoder hidden state)
         self.init_weights()
 
-    def encode(self, x0, positions, mask, with_past=None):
-        """The N_enc encoder layers over clean tokens x0 (b, n) (with_past: after earlier clean
-        tokens, when sampling). Returns h = enc_norm(hidden) (b, n, d) and x0's keys/values
+    def encode(self, x0, positions, mask, past=None):
+        """The N_enc encoder layers over clean tokens x0 (b, n) (past: per layer, after earlier
+        clean tokens, when sampling). Returns h = enc_norm(hidden) (b, n, d) and x0's keys/values
         in every encoder layer."""
-        x, enc_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, with_past)
+        x, enc_kv = self.run(self.encoder, self.drop(self.embed(x0)), positions, mask, past)
         return self.enc_norm(x), enc_kv
 
     def clean_kv(self, h, positions, enc_kv) -> list:
@@ -582,23 +590,23 @@ class E2D2Network(TokenModel):  # [E2D2]
         cos, sin = self.rope(positions)
         return [layer.attn.project_kv(layer.norm1(h), cos, sin) for layer in self.decoder]
 
-    def decode(self, x_t, positions, mask, with_past) -> torch.Tensor:
+    def decode(self, x_t, positions, mask, past) -> torch.Tensor:
         """The N_dec decoder layers over noisy tokens x_t (b, n); decoder layer l's queries see
-        the clean keys/values with_past[l] puts before their own. Logits (b, n, V)."""
-        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, with_past)
+        the clean keys/values past[l] puts before their own. Logits (b, n, V)."""
+        z, _ = self.run(self.decoder, self.drop(self.embed(x_t)), positions, mask, past)
         return self.head(z)
 
-    def logits(self, x0, x_t, prompt_mask) -> torch.Tensor:
+    def logits(self, x0, x_t, bidirectional) -> torch.Tensor:
         """The training forward, all blocks in one pass (b, L, V): the encoder reads x_0 (L
-        tokens), the decoder x_t (L queries, 2L keys [h ; x_t]); BD3-LM runs N layers over 2L
-        tokens. A seq2seq prompt is read bidirectionally (prompt_mask)."""
+        tokens, `bidirectional` read whole), the decoder x_t (L queries, 2L keys [h ; x_t]);
+        BD3-LM runs N layers over 2L tokens."""
         valid = x0 != self.cfg.pad_id
         positions = slice(0, x0.shape[1])  # x_0,j and x_t,j share position j
-        enc_mask = encoder_mask(prompt_mask, valid, self.cfg.block_len)  # (b, L, L)
+        enc_mask = encoder_mask(bidirectional, valid, self.cfg.block_len)  # (b, L, L)
         h, enc_kv = self.encode(x0, positions, enc_mask)  # N_enc layers over L clean tokens
         clean_kv = self.clean_kv(h, positions, enc_kv)  # per decoder layer, L keys each
         dec_mask = decoder_mask(valid, self.cfg.block_len)  # (b, L, 2L)
-        return self.decode(x_t, positions, dec_mask, [after(kv) for kv in clean_kv])  # N_dec layers, 2L keys
+        return self.decode(x_t, positions, dec_mask, [concat_after(kv) for kv in clean_kv])  # N_dec layers, 2L keys
 
 
 # ---------------------------------------------------------------------------------------
@@ -610,9 +618,10 @@ class E2D2Network(TokenModel):  # [E2D2]
 #   block k     T denoising steps (section 8), each runs the DECODER ONLY (logits): the
 #               block's B noisy queries attend to dec's cached clean keys/values and to
 #               the block's own B keys, written into a scratch slot after the cache
-#               (KVCache.keys_for) and never kept.
+#               (KVCache.place_after) and never kept.
 #   finish_block  the finished block runs through the encoder once (B queries against
-#               enc); its keys/values join enc (KVCache.append), its projection joins dec.
+#               enc); its keys/values join enc (KVCache.append), and what each decoder
+#               layer sees of it (h projected, or shared_kv's encoder keys) joins dec.
 #   last block  never encoded: nothing comes after it.
 # enc and dec always hold the same n clean tokens, and RoPE positions continue from n. The
 # logits of block k equal the training forward's (section 6): the masks of section 4 say
@@ -627,39 +636,41 @@ class KVCache:
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.n, self.padded = 0, False  # tokens cached; is any of them padding (else no mask)?
 
-    def keys_for(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:  # [speed]
-        """The keys/values a layer's new queries attend to: the n cached ones, then the new
-        tokens' own k, v (b, H, n_new, hd). The new ones are written right after the cache in
-        the layer's buffer (the scratch slot [n, n + n_new)), so both are read as one view
-        with no copy (plainest form: torch.cat([cache, new])); they stay only if append() follows."""
-        if self.k[layer] is None:  # empty, not zeros: a position is written before it is read
+    def place_after(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Place the new tokens' keys/values k, v (b, H, n_new, hd) right after the n cached
+        ones in the layer's buffer (the scratch slot [n, n + n_new)) and return both, what the
+        new queries attend to: [cached ; new], (b, H, n + n_new, hd). The new ones stay only
+        if append() follows."""
+        if self.k[layer] is None:  # [speed] empty, not zeros: a position is written before it is read
             shape = (k.shape[0], k.shape[1], self.valid.shape[1], k.shape[3])  # (b, H, max_len, hd)
             self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
         end = self.n + k.shape[2]
-        self.k[layer][:, :, self.n:end], self.v[layer][:, :, self.n:end] = k, v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:, :, self.n:end], self.v[layer][:, :, self.n:end] = k, v  # [speed] plainest:
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # torch.cat([cached, new]), a copy per call
 
-    def with_past(self) -> list:
-        """Per layer, the with_past function (see Attention) that reads this cache."""
-        return [functools.partial(self.keys_for, i) for i in range(len(self.k))]
+    def per_layer(self) -> list:
+        """Per layer, a with_past function (see Attention) that places the new keys/values
+        after this cache's: the `past` that run() takes."""
+        return [functools.partial(self.place_after, i) for i in range(len(self.k))]
 
     def append(self, tokens: torch.Tensor, pad_id: int, kv: Optional[list] = None):
         """The clean tokens (b, n_new) whose keys/values were just written stay (n += n_new);
         kv: their keys/values per layer, written now (E2D2's decoder cache: projected h)."""
         for layer, (k, v) in enumerate(kv or []):
-            self.keys_for(layer, k, v)
+            self.place_after(layer, k, v)
         valid = tokens != pad_id  # (b, n_new)
         self.valid[:, self.n:self.n + tokens.shape[1]] = valid
         self.n += tokens.shape[1]
-        self.padded = self.padded or not bool(valid.all())  # one host sync per block, not per step
+        self.padded = self.padded or not bool(valid.all())  # [speed] one host sync per block, not per step
 
     def key_mask(self, n_new: int) -> Optional[torch.Tensor]:
         """The keys n_new new queries may see: every valid cached token and all n_new new ones,
-        the same for every query: (b, 1, n + n_new), or None (everything) without padding."""
+        the same for every query: (b, 1, n + n_new), or None (everything) without padding
+        ([speed]: attention without a mask; plainest: the all-True mask)."""
         return self.valid[:, None, :self.n + n_new] if self.padded else None
 
     def select(self, rows):
-        """Keep only these sequences (a bool (b,) or index tensor): the others finished."""
+        """Keep only these sequences (a bool (b,) or index tensor): the others stopped (wrote [EOS])."""
         self.k, self.v = ([None if t is None else t[rows] for t in ts] for ts in (self.k, self.v))
         self.valid = self.valid[rows]
 
@@ -674,7 +685,9 @@ def read_bidirectionally(cfg: ModelConfig, prompt: torch.Tensor) -> torch.Tensor
 class Runner:
     """What the block loop (section 8) asks of a model's sampler (its make_runner returns one):
     block_len B; answer_len (b,) positions per row; first_block: the number of the first
-    answer block (the prompt's P' positions are blocks 0 .. first_block - 1);
+    answer block, ceil(P' / B) (E2D2, BD3-LM: the prompt's P' positions are blocks 0 ..
+    first_block - 1; AR: block P' + i is answer token i; MDLM's one block, its whole answer
+    canvas, is block 1);
     logits(x_block) -> (b, B, V), one network call; finish_block(block): a finished block
     joins the clean context; select(rows): only these rows go on; encoder_calls /
     decoder_calls: network passes over clean / noisy tokens."""
@@ -712,7 +725,7 @@ class CachedE2D2(Runner):  # [E2D2]
     def encode(self, tokens, mask):
         """Encode new clean tokens (b, n) after the cached ones; both caches grow by n."""
         positions = slice(self.enc.n, self.enc.n + tokens.shape[1])  # RoPE continues after the cache
-        h, enc_kv = self.model.encode(tokens, positions, mask, self.enc.with_past())  # keys/values into enc's scratch slot
+        h, enc_kv = self.model.encode(tokens, positions, mask, self.enc.per_layer())  # keys/values into enc's scratch slot
         self.enc.append(tokens, self.model.cfg.pad_id)  # ... where they stay
         clean_kv = self.model.clean_kv(h, positions, enc_kv)  # projected ONCE per clean token
         self.dec.append(tokens, self.model.cfg.pad_id, clean_kv)
@@ -725,7 +738,7 @@ class CachedE2D2(Runner):  # [E2D2]
         n = self.dec.n
         self.decoder_calls += 1
         return self.model.decode(x_block, slice(n, n + x_block.shape[1]),  # (b, B, V)
-                                 self.dec.key_mask(x_block.shape[1]), self.dec.with_past())
+                                 self.dec.key_mask(x_block.shape[1]), self.dec.per_layer())
 
     def finish_block(self, block):
         """A finished block (b, B) goes through the encoder once (BD3-LM: all N layers)."""
@@ -764,7 +777,8 @@ class UncachedRunner(Runner):
 
 
 class E2D2(E2D2Network):  # [E2D2]
-    """The E2D2 model: the network and its training step (section 6) with its samplers."""
+    """The E2D2 model: the network (section 6; its training step is TokenModel.forward) with
+    its samplers."""
 
     def make_runner(self, prompt, use_cache: bool, max_new_tokens=None) -> Runner:
         return (CachedE2D2(self, prompt, max_new_tokens) if use_cache
@@ -822,7 +836,7 @@ def most_confident(is_mask, score, alpha_s, n_fill) -> torch.Tensor:
 # -> reveal (b, B) bool. A new strategy is one function and one entry in STRATEGIES.
 
 def remask(probs, pred, is_mask, alpha_t, alpha_s, n_fill, generator) -> torch.Tensor:
-    """Predict and remask (the paper's default): reveal the [MASK] whose prediction is most
+    """Predict and remask (E2D2's default sampler): reveal the [MASK] whose prediction is most
     likely, p_theta(x_theta), on the schedule of most_confident."""
     confidence = probs.gather(-1, pred[..., None]).squeeze(-1)  # (b, B)
     return most_confident(is_mask, confidence, alpha_s, n_fill)
@@ -850,12 +864,12 @@ def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strate
     """One reverse step t -> s (s < t, alpha_t = alpha(t) < alpha_s) on a block x (b, B) ->
     x_s. x_theta: the argmax of p_theta (temperature 0) or a sample of softmax(logits /
     temperature) (top_p < 1: of its nucleus). Which [MASK] it reveals: STRATEGIES[strategy]
-    ("remask" keeps the most confident: "predict and remask"; "ancestral" draws x_s ~
-    q(x_s | x_t, x_theta)); confidence_threshold also reveals every [MASK] whose p(x_theta)
+    ("remask" reveals the most confident: "predict and remask"; "margin" the widest gap
+    between the two likeliest tokens; "ancestral" draws x_s ~ q(x_s | x_t, x_theta)); confidence_threshold also reveals every [MASK] whose p(x_theta)
     exceeds it; `final` reveals all. Revealed tokens never change (SUBS carry-over). n_fill
     (b,): the positions each row fills (default B; MDLM: its own)."""
     is_mask = x == mask_id  # (b, B)
-    # Only [MASK] positions need SUBS probabilities: the final torch.where keeps revealed
+    # [speed] Only [MASK] positions need SUBS probabilities: the final torch.where keeps revealed
     # tokens anyway, so subs_log_probs' carry-over one-hot (b, B, V) is never built here.
     probs = masked_log_probs(logits if temperature == 0 else logits / temperature, mask_id).exp()
     probs = nucleus(probs, top_p)  # (b, B, V)
@@ -924,7 +938,7 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
         for i in range(T):
             if not (x == cfg.mask_id).any():  # the block is complete
                 break
-            if last_x is None or not torch.equal(x, last_x):  # unchanged: the same logits
+            if last_x is None or not torch.equal(x, last_x):  # [speed] unchanged: the same logits
                 logits, last_x = runner.logits(x), x  # (rows, B, V)
                 network_calls += 1
             x = denoise_step(logits, x, alpha[i], alpha[i + 1], cfg.mask_id, strategy, temperature,
