@@ -2,7 +2,7 @@ r"""
 Data for e2d2: a byte-level tokenizer, built-in tasks that generate their own data, and
 batching into the block-aligned layout the model trains and samples with.
 
-Also: readers for a user's own files (plain text; JSON Lines / TSV source-target pairs)
+Also: readers for a user's own files (plain text; JSON Lines / TSV / CSV source-target pairs)
 and the metrics for them (exact match, corpus BLEU, ROUGE-L).
 
 Layout of one seq2seq training row (B = block_len), prompt left-padded to a block boundary:
@@ -20,6 +20,8 @@ nothing: padding is never attended to and RoPE only sees relative positions.
 A plain-text row is a window of the file, all target, no prompt.
 """
 
+import csv
+import io
 import json
 import math
 import random
@@ -382,10 +384,72 @@ def tsv_pair(line: str) -> tuple:
     return cols[0], cols[1]
 
 
-# The file formats of (source, target) pairs: extension -> the reader of one line. A new
-# format (say .csv) is one reader and one entry here; data_format() and so training,
-# sample.py --eval and the tests take it from this dict.
-PAIR_FORMATS = {".jsonl": jsonl_pair, ".tsv": tsv_pair}
+class BadRow(ValueError):
+    """A pairs file's record that is not an example: where it starts (line number) and why.
+    read_pairs adds the file's name."""
+
+    def __init__(self, line: int, why: str):
+        super().__init__(why)
+        self.line = line
+
+
+def by_line(parse):
+    """A pairs reader for a format of one example per line, from the parser of one line:
+    text -> (line number, (source, target)) for every line that is not blank. Lines end at
+    "\n", "\r\n" or "\r" (as Python's text files read them), nothing else: str.splitlines
+    would also split at U+2028 and other separators that are valid characters inside a JSON
+    string or a TSV field."""
+    def read(text: str):
+        for n, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+            if line.strip():
+                try:
+                    yield n, parse(line)
+                except ValueError as e:
+                    raise BadRow(n, str(e)) from None
+    return read
+
+
+CSV_HEADER = ("source", "target")
+
+
+def csv_pairs(text: str):
+    """A .csv pairs file, read with Python's `csv` module (the dialect spreadsheets write:
+    fields separated by commas, a field with a comma, a quote or a line break inside
+    "quoted", a quote inside a quoted field doubled ""): text -> (line number, (source,
+    target)), one example per record of two fields. A record may span several lines (a
+    quoted line break); its line number is the line where it starts.
+    The header rule: a first record whose two fields are `source` and `target` (any case,
+    surrounding spaces ignored) is a header and skipped; any other first record is an
+    example. Records whose fields are all blank are skipped, as blank lines elsewhere."""
+    lines = io.StringIO(text, newline="")  # line breaks kept as written: the csv module reads them
+    reader = csv.reader(lines, strict=True)  # strict: a stray quote is an error, not a guess
+    first = True
+    while True:
+        start = reader.line_num + 1  # the line this record starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise BadRow(start, f"not valid CSV ({e})") from None
+        if not any(f.strip() for f in row):  # a blank line (csv reads it as []) or only blanks
+            continue
+        if first and tuple(f.strip().lower() for f in row) == CSV_HEADER:
+            first = False
+            continue
+        first = False
+        if len(row) != 2:
+            raise BadRow(start, f"expected 2 comma-separated columns (source, target), found {len(row)} "
+                                "(a field with a comma or a line break in it goes in double quotes)")
+        yield start, (row[0], row[1])
+
+
+# The file formats of (source, target) pairs: extension -> the reader of the file's text,
+# text -> (line number, (source, target)) for each example, a BadRow for a record that is
+# not one. A new format is one reader and one entry here (by_line turns the parser of one
+# line into a reader); data_format() and so training, sample.py --eval, the help texts and
+# the tests take the formats from this dict.
+PAIR_FORMATS = {".jsonl": by_line(jsonl_pair), ".tsv": by_line(tsv_pair), ".csv": csv_pairs}
 DATA_FORMATS = ("auto", "pairs", "text")  # --data_format: by extension, pairs, or plain text
 
 
@@ -410,23 +474,19 @@ def read_pairs(path: str, flag: str = "pairs") -> list:
     fmt = data_format(path, flag)
     if fmt == "text":
         raise ValueError(f"{path}: not a pairs file (use one of {', '.join(PAIR_FORMATS)})")
-    parse = PAIR_FORMATS[fmt]
     try:
-        with open(path, encoding="utf-8") as f:
-            # lines end at "\n" only (str.splitlines would also split at U+2028 and other
-            # separators that are valid characters inside a JSON string); "\r\n" loses its "\r"
-            lines = [line.rstrip("\r") for line in f.read().split("\n")]
+        # newline="": the text exactly as written; each reader decides where lines end.
+        # utf-8-sig: a byte-order mark at the start (spreadsheets write one) is not text
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    pairs = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                pairs.append(parse(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+    try:
+        pairs = [pair for _, pair in PAIR_FORMATS[fmt](text)]
+    except BadRow as e:
+        raise ValueError(f"{path}:{e.line}: {e}") from None
     if not pairs:
         raise ValueError(f"{path}: the file has no examples")
     return pairs

@@ -3,7 +3,7 @@ Train E2D2 (or a baseline) on a built-in task or on your own data.
 
     python train.py                          # defaults: E2D2 on 3-digit addition, GPU if any
     python train.py --task=words --n_dec=1   # any config field can be overridden
-    python train.py --data=pairs.jsonl       # your seq2seq file (.jsonl or .tsv)
+    python train.py --data=pairs.jsonl       # your seq2seq file (.jsonl, .tsv or .csv)
     python train.py --data=book.txt          # a plain text file (unconditional LM)
     python train.py --model=bd3lm            # a baseline: ar, mdlm, bd3lm
     python train.py --data=book.txt --tokenizer=bpe --bpe_vocab=1024   # a BPE tokenizer, learned here
@@ -53,7 +53,7 @@ class TrainConfig:
     # data: a built-in task, or a file of your own (data.load_dataset reads it)
     task: str = "addition"  # built-in task (data.TASKS)
     digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
-    data: str = ""  # your data file instead of a task: .jsonl / .tsv pairs, else plain text
+    data: str = ""  # your data file instead of a task: .jsonl / .tsv / .csv pairs, else plain text
     data_format: str = "auto"  # "auto" (a pairs file by its extension, data.PAIR_FORMATS, else text), "pairs", "text"
     val_fraction: float = 0.1  # the share at the end of the data file held out, in (0, 1)
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
