@@ -5,7 +5,7 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
-    python sample.py --eval test.jsonl          # exact match, BLEU, chrF, ROUGE-L
+    python sample.py --eval test.jsonl          # exact match, BLEU (sacreBLEU's 13a), chrF, ROUGE-L
     python sample.py --eval test.txt            # NELBO per byte, bits per byte, perplexity bound
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
