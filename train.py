@@ -101,8 +101,8 @@ MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_ev
 # The fine-tuning recipe: a run started from an AR checkpoint (--init_from, without --resume)
 # takes these values for the flags it leaves out, per model kind. E2D2's is the paper's: the
 # shared-KV decoder made of the TOP half of the AR's N layers (N_dec = N / 2, rounded up),
-# tied to them (no new parameters). Measured on the vowels task (docs/finetuning.md, bench.py
-# finetune, 300 steps from an AR with N = 8): lr 3e-3 beat 1e-3 and 3e-4 for E2D2 (val NELBO
+# tied to them (no new parameters). Measured on the vowels task (docs/finetuning.md, finetune.py,
+# 300 steps from an AR with N = 8): lr 3e-3 beat 1e-3 and 3e-4 for E2D2 (val NELBO
 # 1.68 vs 2.00, 2.53), and 3e-3 beat 1e-3 for BD3-LM (1.13 vs 1.38); no other decoder (hidden,
 # untied, bottom layers) beat the tied shared-KV one by more than its noise; N_dec = N / 2 beat
 # N_dec = 2 (blocks of 4: 1.23 vs 1.73, chrF 24.7 vs 18.0; blocks of 8: 1.54 vs 1.68) and
@@ -505,7 +505,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     Under torchrun every process runs this; rank 0 alone evaluates, logs and saves.
     stop: main() passes the StopRequest that its signal handlers set (a first Ctrl-C or
     SIGTERM ends the run after the current step, saved); a caller that imports train()
-    (tests, notebooks, bench.py's runs of train.py) keeps its own signal handling.
+    (tests, notebooks, finetune.py's runs of train.py) keeps its own signal handling.
 
     Every step is a pure function of (seed, step): its examples, its noise and its dropout.
     So a run resumed from a checkpoint, or split over processes / micro-batches, follows
