@@ -435,11 +435,13 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
             shown = sorted((set(shown) | {n for n in done if n.startswith("frontier") or n.endswith("equal-time")}) & set(done))
             write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
                                          "threads": torch.get_num_threads()})
-        elif st == "eval":  # a run already scored at the same step is kept (delete the file to score all again)
-            old = load(paths[""]).get("runs", {})
+        elif st == "eval":  # a run already scored at the same step with the same BLEU is kept (delete the file
+            scored = load(paths[""])  # to score all again); a file without "bleu" predates 13a: all scored again
+            old = scored.get("runs", {}) if scored.get("bleu") == data.BLEU_NAME else {}
             keep = {n: r for n, r in old.items() if n in done and r["steps"] == ft_step(d, n)}
             runs = {**keep, **ft_eval(d, [n for n in done if n not in keep], quick)}
-            write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "runs": dict(sorted(runs.items()))})
+            write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "bleu": data.BLEU_NAME,
+                                   "runs": dict(sorted(runs.items()))})
         elif st == "probe":
             names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values(),
                      *(n for n in done if n.startswith("frontier-ndec"))]  # and the deeper/shallower decoders

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import data
 import finetune
 from conftest import ROOT, random_layout, tiny
 from e2d2 import ModelConfig
@@ -64,12 +65,37 @@ def test_finetune_recipe_moves_off_the_papers_decoder_only_beyond_the_noise(monk
     assert finetune.ft_state("D", False, None)["recipe"] == others[1]
 
 
+def test_eval_stage_keeps_scores_only_of_the_same_bleu(tmp_path, monkeypatch):
+    # a run already scored at its current step is kept, unless the file's BLEU is not today's
+    # (a file from before the 13a tokenisation has no "bleu"): then every run is scored again
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "ckpt.pt").write_bytes(b"")  # a finished run (its step is made up here)
+    monkeypatch.setattr(finetune, "ft_task", lambda d, quick: {})
+    monkeypatch.setattr(finetune, "ft_state", lambda d, quick, speed: {})
+    monkeypatch.setattr(finetune, "ft_step", lambda d, name: 300)
+    scored = []
+
+    def ft_eval(d, names, quick):
+        scored.extend(names)
+        return {n: {"steps": 300, "test": "scored now"} for n in names}
+    monkeypatch.setattr(finetune, "ft_eval", ft_eval)
+    out = tmp_path / "finetune.json"
+    out.write_text(json.dumps({"runs": {"a": {"steps": 300, "test": "whitespace words"}}}))
+    finetune.finetune("eval", str(tmp_path), 1, 0, True, str(tmp_path), 1)
+    results = json.loads(out.read_text())
+    assert scored == ["a"] and results["bleu"] == data.BLEU_NAME and results["runs"]["a"]["test"] == "scored now"
+    scored.clear()
+    finetune.finetune("eval", str(tmp_path), 1, 0, True, str(tmp_path), 1)  # the same BLEU, the same step: kept
+    assert scored == []
+
+
 @pytest.mark.slow
 def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "finetune.py", "--quick", f"--out_dir={tmp_path / 'runs'}",
                         f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((tmp_path / "finetune.json").read_text())
+    assert results["bleu"] == data.BLEU_NAME  # which BLEU the scores are
     assert results["task"]["vowels"]["copy_chrf"] > 20 and results["task"]["spaces"]["copy_chrf"] == 100
     assert set(finetune.ft_equal_time(True)) | {"frontier-bd3lm-B4"} <= set(results["runs"])
     speed = json.loads((tmp_path / "finetune_speed.json").read_text())
