@@ -2,7 +2,7 @@ r"""
 Data for e2d2: a byte-level tokenizer, built-in tasks that generate their own data, and
 batching into the block-aligned layout the model trains and samples with.
 
-Also: readers for a user's own files (plain text; JSON Lines / TSV source-target pairs)
+Also: readers for a user's own files (plain text; JSON Lines / TSV / CSV source-target pairs)
 and the metrics for them (exact match, corpus BLEU, ROUGE-L).
 
 Layout of one seq2seq training row (B = block_len), prompt left-padded to a block boundary:
@@ -20,6 +20,8 @@ nothing: padding is never attended to and RoPE only sees relative positions.
 A plain-text row is a window of the file, all target, no prompt.
 """
 
+import csv
+import io
 import json
 import math
 import random
@@ -382,10 +384,72 @@ def tsv_pair(line: str) -> tuple:
     return cols[0], cols[1]
 
 
-# The file formats of (source, target) pairs: extension -> the reader of one line. A new
-# format (say .csv) is one reader and one entry here; data_format() and so training,
-# sample.py --eval and the tests take it from this dict.
-PAIR_FORMATS = {".jsonl": jsonl_pair, ".tsv": tsv_pair}
+class BadRow(ValueError):
+    """A pairs file's record that is not an example: where it starts (line number) and why.
+    read_pairs adds the file's name."""
+
+    def __init__(self, line: int, why: str):
+        super().__init__(why)
+        self.line = line
+
+
+def by_line(parse):
+    """A pairs reader for a format of one example per line, from the parser of one line:
+    text -> (line number, (source, target)) for every line that is not blank. Lines end at
+    "\n", "\r\n" or "\r" (as Python's text files read them), nothing else: str.splitlines
+    would also split at U+2028 and other separators that are valid characters inside a JSON
+    string or a TSV field."""
+    def read(text: str):
+        for n, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+            if line.strip():
+                try:
+                    yield n, parse(line)
+                except ValueError as e:
+                    raise BadRow(n, str(e)) from None
+    return read
+
+
+CSV_HEADER = ("source", "target")
+
+
+def csv_pairs(text: str):
+    """A .csv pairs file, read with Python's `csv` module (the dialect spreadsheets write:
+    fields separated by commas, a field with a comma, a quote or a line break inside
+    "quoted", a quote inside a quoted field doubled ""): text -> (line number, (source,
+    target)), one example per record of two fields. A record may span several lines (a
+    quoted line break); its line number is the line where it starts.
+    The header rule: a first record whose two fields are `source` and `target` (any case,
+    surrounding spaces ignored) is a header and skipped; any other first record is an
+    example. Records whose fields are all blank are skipped, as blank lines elsewhere."""
+    lines = io.StringIO(text, newline="")  # line breaks kept as written: the csv module reads them
+    reader = csv.reader(lines, strict=True)  # strict: a stray quote is an error, not a guess
+    first = True
+    while True:
+        start = reader.line_num + 1  # the line this record starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise BadRow(start, f"not valid CSV ({e})") from None
+        if not any(f.strip() for f in row):  # a blank line (csv reads it as []) or only blanks
+            continue
+        if first and tuple(f.strip().lower() for f in row) == CSV_HEADER:
+            first = False
+            continue
+        first = False
+        if len(row) != 2:
+            raise BadRow(start, f"expected 2 comma-separated columns (source, target), found {len(row)} "
+                                "(a field with a comma or a line break in it goes in double quotes)")
+        yield start, (row[0], row[1])
+
+
+# The file formats of (source, target) pairs: extension -> the reader of the file's text,
+# text -> (line number, (source, target)) for each example, a BadRow for a record that is
+# not one. A new format is one reader and one entry here (by_line turns the parser of one
+# line into a reader); data_format() and so training, sample.py --eval, the help texts and
+# the tests take the formats from this dict.
+PAIR_FORMATS = {".jsonl": by_line(jsonl_pair), ".tsv": by_line(tsv_pair), ".csv": csv_pairs}
 DATA_FORMATS = ("auto", "pairs", "text")  # --data_format: by extension, pairs, or plain text
 
 
@@ -410,23 +474,19 @@ def read_pairs(path: str, flag: str = "pairs") -> list:
     fmt = data_format(path, flag)
     if fmt == "text":
         raise ValueError(f"{path}: not a pairs file (use one of {', '.join(PAIR_FORMATS)})")
-    parse = PAIR_FORMATS[fmt]
     try:
-        with open(path, encoding="utf-8") as f:
-            # lines end at "\n" only (str.splitlines would also split at U+2028 and other
-            # separators that are valid characters inside a JSON string); "\r\n" loses its "\r"
-            lines = [line.rstrip("\r") for line in f.read().split("\n")]
+        # newline="": the text exactly as written; each reader decides where lines end.
+        # utf-8-sig: a byte-order mark at the start (spreadsheets write one) is not text
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    pairs = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                pairs.append(parse(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+    try:
+        pairs = [pair for _, pair in PAIR_FORMATS[fmt](text)]
+    except BadRow as e:
+        raise ValueError(f"{path}:{e.line}: {e}") from None
     if not pairs:
         raise ValueError(f"{path}: the file has no examples")
     return pairs
@@ -652,39 +712,53 @@ def pydoc_phrases(text: str, fits, min_chars: int, every_word: bool) -> list:
     return phrases
 
 
+def pydoc_task_pairs(split: str, task: str = "vowels", seq_len: int = 96, block_len: int = 8, min_chars: int = 30,
+                     val_fraction: float = 0.1) -> list:
+    """The (source, target) pairs of one split, "train" or "test", of the task that
+    write_pydoc_task writes (the same arguments give the same pairs, in memory): phrases of
+    pydoc_data.topics, each source the phrase damaged by PYDOC_TASKS[task]. The test phrases
+    come from the last val_fraction of the text (what pretraining on the text holds out) and
+    follow one another; the training phrases come from the rest and start at every word
+    (overlapping). Only examples that fit seq_len with blocks of block_len (example_length)."""
+    if task not in PYDOC_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PYDOC_TASKS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    from pydoc_data.topics import topics
+    raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
+    damage = PYDOC_TASKS[task]
+
+    def example(phrase):  # the same phrase always gets the same damage (shuffle: its own seed)
+        return damage(phrase, random.Random(phrase)), phrase
+
+    def fits(phrase):
+        source, _ = example(phrase)
+        return example_length(len(source.encode()), len(phrase.encode()), block_len) <= seq_len
+
+    part = split_text(raw, val_fraction)[0 if split == "train" else 1]
+    return [example(phrase) for phrase in pydoc_phrases(part.decode("utf-8", errors="ignore"), fits, min_chars,
+                                                        every_word=split == "train")]
+
+
 def write_pydoc_task(train_path: str, test_path: str, text_path: str = "", task: str = "vowels",
                      seq_len: int = 96, block_len: int = 8, min_chars: int = 30, val_fraction: float = 0.1) -> tuple:
-    """Write a seq2seq task built from pydoc_data.topics (see PYDOC_TASKS): train and test
-    JSON Lines files of {"source": damaged phrase, "target": phrase}, and (text_path) the
-    text to pretrain an AR model on, as write_pydoc_topics writes it. The test phrases come
-    from the part of the text that pretraining on text_path holds out (its last
-    val_fraction), the training phrases from the rest: no test phrase was ever seen. Training
-    phrases start at every word (overlapping), test phrases follow one another. Only
-    examples that fit seq_len with blocks of block_len (data.example_length) are made.
-    Returns (training examples, test examples).
+    """Write a seq2seq task built from pydoc_data.topics (see PYDOC_TASKS and
+    pydoc_task_pairs): train and test JSON Lines files of {"source": damaged phrase,
+    "target": phrase}, and (text_path) the text to pretrain an AR model on, as
+    write_pydoc_topics writes it. The test phrases come from the part of the text that
+    pretraining on text_path holds out (its last val_fraction), the training phrases from
+    the rest: no test phrase was ever seen. Returns (training examples, test examples).
         python -c "import data; data.write_pydoc_task('vowels_train.jsonl', 'vowels_test.jsonl', 'topics.txt')"
     """
     if task not in PYDOC_TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PYDOC_TASKS)}")
-    from pydoc_data.topics import topics
-    raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
     if text_path:
         write_pydoc_topics(text_path, val_fraction=val_fraction)
-    damage = PYDOC_TASKS[task]
-
-    def example(phrase):  # the same phrase always gets the same damage (shuffle: its own seed)
-        return {"source": damage(phrase, random.Random(phrase)), "target": phrase}
-
-    def fits(phrase):
-        ex = example(phrase)
-        return example_length(len(ex["source"].encode()), len(phrase.encode()), block_len) <= seq_len
-
     counts = []
-    for path, part, every_word in zip((train_path, test_path), split_text(raw, val_fraction), (True, False)):
-        phrases = pydoc_phrases(part.decode("utf-8", errors="ignore"), fits, min_chars, every_word)
-        pairs = [example(phrase) for phrase in phrases]
+    for path, split in ((train_path, "train"), (test_path, "test")):
+        pairs = pydoc_task_pairs(split, task, seq_len, block_len, min_chars, val_fraction)
         with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p) + "\n" for p in pairs)
+            f.writelines(json.dumps({"source": source, "target": target}) + "\n" for source, target in pairs)
         counts.append(len(pairs))
     return tuple(counts)
 
@@ -692,24 +766,68 @@ def write_pydoc_task(train_path: str, test_path: str, text_path: str = "", task:
 # --- metrics for seq2seq answers -------------------------------------------------------
 
 
+# BLEU is computed on words, and which words depends on how a sentence is cut: "end." is one
+# word to str.split and two ("end", ".") to the tokenizer of WMT's scoring script,
+# mteval-v13a.pl, which sacreBLEU applies by default under the name "13a" and which papers
+# report. Its rules, applied in order to one sentence:
+#   1. drop the marker "<skipped>"; join a word hyphenated across a line break ("-\n" goes);
+#      other line breaks become spaces;
+#   2. turn the HTML entities &quot; &amp; &lt; &gt; back into " & < > (in that order);
+#   3. every ASCII punctuation mark or symbol is a word of its own, except four: the
+#      apostrophe (don't stays one word), the hyphen (well-known stays one word), and
+#      the period and the comma, which are cut off unless they sit between two digits
+#      (3.14 and 1,000 stay whole: "end." and "a,b" are cut, "1." and ".5" too);
+#   4. a hyphen right after a digit is cut off (1990-2000 -> 1990 - 2000);
+#   5. split on whitespace.
+# No lowercasing, no Unicode rules: punctuation outside ASCII (« », —) stays in its word.
+_13A_ALONE = re.compile("([" + re.escape("!\"#$%&()*+/:;<=>?@[\\]^_`{|}~") + "])")  # rule 3's marks
+_13A_STEPS = [
+    (_13A_ALONE, r" \1 "),
+    (re.compile(r"([^0-9])([.,])"), r"\1 \2 "),  # a period or comma after a non-digit
+    (re.compile(r"([.,])([^0-9])"), r" \1 \2"),  # ... or before one (so only digit.digit stays)
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # rule 4
+]
+
+
+def tokenize_13a(sentence: str) -> list:
+    """The words of `sentence` by the 13a rules above (sacreBLEU's default tokenizer):
+    "It's 3.5-4 km, isn't it?" -> It's 3.5 - 4 km , isn't it ?"""
+    s = sentence.rstrip()  # trailing whitespace first (sacreBLEU strips it too: "x-\n" keeps its "-")
+    s = s.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        s = s.replace(entity, char)
+    s = f" {s} "  # so the period/comma rules see a character on both sides of every mark
+    for pattern, replacement in _13A_STEPS:
+        s = pattern.sub(replacement, s)
+    return s.split()
+
+
+# How a sentence becomes BLEU's words: "13a", what papers report (sacreBLEU's default), or
+# "none", the whitespace-separated words as they are (sacreBLEU's tokenize="none").
+BLEU_TOKENIZERS = {"13a": tokenize_13a, "none": str.split}
+
 # What sample.py --eval prints beside the BLEU figure, so a reader knows which BLEU it is.
-BLEU_NAME = "BLEU (corpus, 4-gram, exp smoothing, whitespace words)"
+BLEU_NAME = "BLEU (sacreBLEU's default: corpus, 4-gram, exp smoothing, 13a tokens)"
 
 
-def corpus_bleu(hypotheses: list, references: list, max_n: int = 4) -> float:
-    """Corpus BLEU (Papineni et al. 2002) in [0, 1], one reference per hypothesis, words
-    split on whitespace, with the "exp" smoothing that sacreBLEU applies by default:
-    the n-gram matches and counts are summed over the corpus; p_n = matches_n / total_n,
+def corpus_bleu(hypotheses: list, references: list, max_n: int = 4, tokenize: str = "13a") -> float:
+    """Corpus BLEU (Papineni et al. 2002) in [0, 1], one reference per hypothesis, as
+    sacreBLEU computes it by default (sacrebleu.corpus_bleu / 100; a test checks it): words
+    cut by the 13a rules (tokenize="none": split on whitespace only), "exp" smoothing.
+    The n-gram matches and counts are summed over the corpus; p_n = matches_n / total_n,
     except that the k-th order with no match at all gets p_n = 1 / (2^k * total_n)
     instead of 0 (so one missing 4-gram no longer zeroes the whole score); BLEU is the
     geometric mean of p_1..p_4 times the brevity penalty exp(1 - r/c) when the
     hypotheses (c words) are shorter than the references (r words). A corpus with no
     n-gram of some order at all (every answer one word long: no 2-grams) has no BLEU
     defined; it scores 0 as in sacreBLEU, and chrF (below) is the figure to read."""
+    if tokenize not in BLEU_TOKENIZERS:
+        raise ValueError(f"tokenize must be one of {sorted(BLEU_TOKENIZERS)}, got {tokenize!r}")
+    words = BLEU_TOKENIZERS[tokenize]
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references):
-        h, r = hyp.split(), ref.split()
+        h, r = words(hyp), words(ref)
         hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
         for n in range(1, max_n + 1):
             h_grams = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))

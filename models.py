@@ -1,7 +1,8 @@
 """
-What the scripts (train.py, sample.py, bench.py) do with any model: build it by name,
-reload it from a checkpoint, estimate its NELBO on held-out data, pick the device and the
-precision, and count its training FLOPs (for MFU).
+What the scripts (train.py, sample.py, bench.py, finetune.py) do with any model: build it
+by name, reload it from a checkpoint, estimate its NELBO on held-out data, pick the device
+and the precision, time it, count its training FLOPs (for MFU), write figures files with
+the commit they were measured at, and look at its attention weights.
 
 This file exists so that e2d2.py can tell E2D2 alone: the registry has to see all four
 models, and e2d2.py must not import baselines.py (which imports e2d2.py).
@@ -13,8 +14,11 @@ the saved config, so a checkpoint needs no flags to be read back.
 
 import functools
 import hashlib
+import json
 import math
 import os
+import subprocess
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from baselines import AR, BD3LM, MDLM
-from e2d2 import E2D2, LossOptions, ModelConfig, TokenModel, generate, noise_schedule
+from e2d2 import E2D2, Layer, LossOptions, ModelConfig, TokenModel, apply_rope, generate, noise_schedule
 
 # ---------------------------------------------------------------------------------------
 # The model registry: what the scripts need of each model type, in ONE entry per type
@@ -536,6 +540,18 @@ def is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def timed(fn, device: str):
+    """Run fn() and return (its result, wall seconds), waiting for the GPU if there is one:
+    GPU work is asynchronous, so the clock is read only once it has finished."""
+    if is_cuda(device):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if is_cuda(device):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
 DTYPES = ("auto", "float32", "bfloat16")  # the values of every script's --dtype flag
 
 
@@ -596,3 +612,54 @@ def peak_bf16_tflops(device) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(torch.device(device))
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures files (bench.py, finetune.py): each carries the commit it was measured at.
+# ---------------------------------------------------------------------------------------
+
+
+def code_version(out: str = "") -> dict:
+    """The git commit this code is at, and whether the working tree differs from it (the
+    figures of a dirty tree belong to no commit). `out`, the file the figures go to, does
+    not count: a figures file committed by an earlier run would otherwise mark every rerun
+    dirty."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()  # "XY path"
+    own = os.path.relpath(os.path.abspath(out), root) if out else None
+    return {"commit": head.stdout.strip(), "dirty": any(line[3:] != own for line in changed)}
+
+
+def write_json(path: str, obj) -> None:
+    """Write the figures, with the commit they were measured at (code_version)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**code_version(path), **obj}, f, indent=2)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# Looking inside: the attention weights a layer computes (finetune.py's probe and the
+# notebooks draw them).
+# ---------------------------------------------------------------------------------------
+
+
+def attention_weights(layer: Layer, x, cos, sin, mask, with_past=None) -> torch.Tensor:
+    """The attention weights of `layer` on its input x (b, n, d): softmax(q k^T / sqrt(hd)) over
+    [earlier keys ; x's keys], (b, H, n, n_past + n), recomputed from the layer's own norm,
+    projections and RoPE (F.scaled_dot_product_attention, which the model calls, returns
+    none). Takes what the layer was called with (Layer.forward's arguments; with_past, when it
+    places x's keys in a sampler's cache, places them again where the call did)."""
+    qkv = layer.attn.qkv(layer.norm1(x)).unflatten(-1, (3, layer.attn.n_heads, -1))  # (b, n, 3, H, hd)
+    q, k, v = (apply_rope(qkv[:, :, i], cos, sin) if i < 2 else qkv[:, :, i] for i in range(3))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, H, n, hd) each
+    if with_past is not None:
+        k, _ = with_past(k, v)  # the earlier keys, then x's: (b, H, n_past + n, hd)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, H, n, n_past + n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], -math.inf)
+    return scores.softmax(-1)

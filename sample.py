@@ -5,7 +5,7 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     echo "123+456=" | python sample.py          # or one prompt per line on stdin
     python sample.py                            # or held-out examples of the trained task
     python sample.py --show "123+456="          # watch every block being denoised
-    python sample.py --eval test.jsonl          # exact match, BLEU, chrF, ROUGE-L
+    python sample.py --eval test.jsonl          # exact match, BLEU (sacreBLEU's 13a), chrF, ROUGE-L
     python sample.py --eval test.txt            # NELBO per byte, bits per byte, perplexity bound
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default out/ckpt.pt)")
     p.add_argument("--model", default="", choices=["", *MODEL_TYPES],
                    help="fail unless the checkpoint holds this model type (default: any)")
-    p.add_argument("--eval", default="", help="evaluate on a data file: .jsonl/.tsv pairs (exact "
-                   "match, BLEU, chrF, ROUGE-L) or plain text (NELBO and perplexity bound)")
+    p.add_argument("--eval", default="", help=f"evaluate on a data file: {'/'.join(data.PAIR_FORMATS)} pairs "
+                   "(exact match, BLEU, chrF, ROUGE-L) or plain text (NELBO and perplexity bound)")
     p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences per batch, >= 1 (default 64)")
     p.add_argument("--eval_draws", type=int, default=4,
                    help="--eval on text: draws of (t, x_t) per window for the NELBO estimate, >= 1 (default 4)")
@@ -208,7 +208,7 @@ def run(args, device: str):
 
 @torch.no_grad()
 def evaluate_file(model, path: str, args, device: str, tok=None) -> dict:
-    """Seq2seq pairs (.jsonl / .tsv): sample an answer for every source and report exact
+    """Seq2seq pairs (.jsonl / .tsv / .csv): sample an answer for every source and report exact
     match, corpus BLEU, chrF and ROUGE-L against the targets (data.py says which BLEU).
     Anything else is plain text:
     the NELBO over consecutive windows of seq_len bytes (for AR: the exact NLL), per byte

@@ -3,7 +3,7 @@ Train E2D2 (or a baseline) on a built-in task or on your own data.
 
     python train.py                          # defaults: E2D2 on 3-digit addition, GPU if any
     python train.py --task=words --n_dec=1   # any config field can be overridden
-    python train.py --data=pairs.jsonl       # your seq2seq file (.jsonl or .tsv)
+    python train.py --data=pairs.jsonl       # your seq2seq file (.jsonl, .tsv or .csv)
     python train.py --data=book.txt          # a plain text file (unconditional LM)
     python train.py --model=bd3lm            # a baseline: ar, mdlm, bd3lm
     python train.py --data=book.txt --tokenizer=bpe --bpe_vocab=1024   # a BPE tokenizer, learned here
@@ -54,7 +54,7 @@ class TrainConfig:
     # data: a built-in task, or a file of your own (data.load_dataset reads it)
     task: str = "addition"  # built-in task (data.TASKS)
     digits: int = 0  # digits per operand (addition) / max digits (words); 0 = task default
-    data: str = ""  # your data file instead of a task: .jsonl / .tsv pairs, else plain text
+    data: str = ""  # your data file instead of a task: .jsonl / .tsv / .csv pairs, else plain text
     data_format: str = "auto"  # "auto" (a pairs file by its extension, data.PAIR_FORMATS, else text), "pairs", "text"
     val_fraction: float = 0.1  # the share at the end of the data file held out, in (0, 1)
     too_long: str = "skip"  # examples longer than seq_len: "skip" (and count) or "error"
@@ -104,8 +104,8 @@ MAY_CHANGE_ON_RESUME = ("resume", "out_dir", "max_steps", "eval_every", "save_ev
 # paper fine-tunes with (e2d2.py, section 1, names the paper's two decoders): shared-KV, made
 # of the TOP half of the AR's N layers (N_dec = N / 2, rounded up), tied to them (no new
 # parameters). A run from scratch keeps ModelConfig's default, the paper's from-scratch
-# decoder ("hidden", untied). Measured on the vowels task (docs/finetuning.md, bench.py
-# finetune, 300 steps from an AR with N = 8): lr 3e-3 beat 1e-3 and 3e-4 for E2D2 (val NELBO
+# decoder ("hidden", untied). Measured on the vowels task (docs/finetuning.md, finetune.py,
+# 300 steps from an AR with N = 8): lr 3e-3 beat 1e-3 and 3e-4 for E2D2 (val NELBO
 # 1.68 vs 2.00, 2.53), and 3e-3 beat 1e-3 for BD3-LM (1.13 vs 1.38); no other decoder (hidden,
 # untied, bottom layers) beat the tied shared-KV one by more than its noise; N_dec = N / 2 beat
 # N_dec = 2 (blocks of 4: 1.23 vs 1.73, chrF 24.7 vs 18.0; blocks of 8: 1.54 vs 1.68) and
@@ -508,7 +508,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, device: str, ckpt=None, dataset=Non
     Under torchrun every process runs this; rank 0 alone evaluates, logs and saves.
     stop: main() passes the StopRequest that its signal handlers set (a first Ctrl-C or
     SIGTERM ends the run after the current step, saved); a caller that imports train()
-    (tests, notebooks, bench.py's runs of train.py) keeps its own signal handling.
+    (tests, notebooks, finetune.py's runs of train.py) keeps its own signal handling.
 
     Every step is a pure function of (seed, step): its examples, its noise and its dropout.
     So a run resumed from a checkpoint, or split over processes / micro-batches, follows

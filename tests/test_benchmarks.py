@@ -3,14 +3,13 @@ benchmarks run end to end at tiny sizes (their speed is measured by running them
 asserted here)."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import bench
 import models
-from conftest import ROOT, LayerCounter, random_layout, tiny
+from conftest import LayerCounter, random_layout, tiny
 from e2d2 import ModelConfig, generate
 from models import build_model
 
@@ -140,7 +139,7 @@ def test_speedup_benchmark_against_a_commit(tmp_path, monkeypatch, root):
 
 
 def test_attention_weights_times_values_is_the_layers_own_attention():
-    # bench.attention_weights recomputes softmax(q k^T / sqrt(hd)) by hand (the model's
+    # models.attention_weights recomputes softmax(q k^T / sqrt(hd)) by hand (the model's
     # scaled_dot_product_attention returns no weights). Checked against the layer itself:
     # weights @ values, through the output projection, is the attention sublayer's output,
     # in the training forward (with_past: the clean stream) and in the cached sampler (the cache)
@@ -157,78 +156,9 @@ def test_attention_weights_times_values_is_the_layers_own_attention():
     for h in hooks:
         h.remove()
     for (args, (y, (k, v))) in [(calls[0], calls[1]), (calls[2], calls[3])]:
-        w = bench.attention_weights(layer, *args)  # (b, H, n, n_keys)
+        w = models.attention_weights(layer, *args)  # (b, H, n, n_keys)
         _, values = args[4](k, v)  # [earlier values ; the layer's own]
         assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)))
         mine = layer.attn.out((w @ values).transpose(1, 2).flatten(2))
         torch.testing.assert_close(mine, y, atol=1e-10, rtol=1e-8)
     assert calls[0][4] is not None and calls[2][4] is not None  # both paths were exercised
-
-
-# --- the fine-tuning walk-through (bench.py finetune) ----------------------------------
-
-@pytest.mark.parametrize("kind", ["e2d2", "bd3lm"])
-def test_read_the_prompt_splits_all_attention_and_scores_every_block(kind):
-    model = tiny(kind)
-    _, x0, _, prompt_mask, P = random_layout(model, n_answer_blocks=3)
-    r = bench.read_the_prompt(model, x0, prompt_mask, torch.Generator().manual_seed(0))
-    n_layers = model.cfg.n_dec if kind == "e2d2" else model.cfg.n_enc
-    masses = r["attention"]
-    assert all(len(v) == n_layers for v in masses.values())
-    assert min(masses["own_block"]) > 0  # a [MASK] query always sees its own block (the noisy queries were read)
-    for layer in range(n_layers):  # a [MASK] query sees the prompt, earlier blocks and its own block: nothing else
-        assert sum(masses[k][layer] for k in masses) == pytest.approx(1.0)
-    assert len(r["loss_by_block"]) == 3 and all(v > 0 for v in r["loss_by_block"])
-    # a model that cannot see the prompt puts no weight on it: its prompt rows all padding
-    x0[:, :P] = model.cfg.pad_id
-    r = bench.read_the_prompt(model, x0, prompt_mask, torch.Generator().manual_seed(0))
-    assert max(r["attention"]["prompt"]) == 0.0
-
-
-def test_finetune_runs_are_train_flags_that_build_their_models():
-    import train  # the runs are train.py command lines: each must parse and build its model
-    state = {"best_lr": {fam: lrs[0] for fam, (_, lrs) in bench.FT_SWEPT.items()},
-             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": dict.fromkeys(bench.ft_equal_time(False), 700)}
-    names = []
-    for stage in ("pretrain", "sweep", "variants", "long", "frontier"):
-        for name, flags in bench.ft_runs(stage, "D", state, quick=False).items():
-            model_over, train_over = train.parse_args(flags)
-            assert train_over["data"] in ("D/topics.txt", "D/vowels_train.jsonl"), name
-            assert (train_over.get("init_from") == "D/ar-pre/ckpt.pt") == (name not in ("ar-pre", "ar-scratch"))
-            ModelConfig(**{**model_over, "vocab_size": 260})
-            names.append(name)
-    assert len(names) == len(set(names))
-    assert {"e2d2-ndec2-B8-equal-time", "e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4", "frontier-ndec4-B4",
-            "frontier-ndec1-B8"} <= set(names)
-
-
-def test_finetune_recipe_moves_off_the_papers_decoder_only_beyond_the_noise(monkeypatch):
-    # every run "finished", with a validation NELBO (and its standard error) made up here
-    monkeypatch.setattr(bench.os.path, "exists", lambda path: True)
-    paper = bench.FT_SWEPT["e2d2-paper"][1]
-    nelbo = {f"{fam}-lr{lr:g}": 2.0 for fam, (_, lrs) in bench.FT_SWEPT.items() for lr in lrs}
-    nelbo[f"e2d2-paper-lr{paper[-1]:g}"] = 1.70  # the paper's decoder at its best rate
-    monkeypatch.setattr(bench, "ft_val_nelbo", lambda d, name: nelbo[name])
-    monkeypatch.setattr(bench, "ft_val_nelbo_se", lambda d, name: 0.1)
-    others = [n for n in bench.FT_DECODERS if n != "e2d2-shared_kv-tied-top"]
-    for n in others:
-        nelbo[n] = 1.69  # better, but by far less than two standard errors (2 x 0.14)
-    assert bench.ft_state("D", False, None)["recipe"] == "e2d2-shared_kv-tied-top"
-    nelbo[others[1]] = 1.70 - 0.3  # lower by more than 2 x hypot(0.1, 0.1) = 0.28
-    assert bench.ft_state("D", False, None)["recipe"] == others[1]
-
-
-@pytest.mark.slow
-def test_finetune_walkthrough_runs_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "bench.py", "finetune", "--quick", f"--out_dir={tmp_path / 'runs'}",
-                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads((tmp_path / "finetune.json").read_text())
-    assert results["task"]["vowels"]["copy_chrf"] > 20 and results["task"]["spaces"]["copy_chrf"] == 100
-    assert set(bench.ft_equal_time(True)) | {"frontier-bd3lm-B4"} <= set(results["runs"])
-    speed = json.loads((tmp_path / "finetune_speed.json").read_text())
-    assert set(speed["train_step_s"]) >= {"ar", "bd3lm", "bd3lm-B4", "mdlm", "e2d2-ndec1-B4", *bench.FT_DECODERS}
-    assert set(speed["equal_time_steps"]) == set(bench.ft_equal_time(True))
-    probe = json.loads((tmp_path / "finetune_probe.json").read_text())
-    runs = {k: v for k, v in probe.items() if k not in ("commit", "dirty")}  # (write_json records the code's commit)
-    assert runs and all(rows[0]["step"] == 0 for rows in runs.values())

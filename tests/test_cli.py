@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import bench
 import data
+import finetune
 import models
 import sample
 import train
@@ -241,6 +242,17 @@ def test_bench_flags_are_checked(capsys, flags, message):
     assert message in script_error(bench.main, flags, capsys)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--jobs=0"], "--jobs=0 must be >= 1"),
+    (["--repeats=0"], "--repeats=0 must be >= 1"),
+    (["--stage=nope"], "--stage must be all or one of ('pretrain'"),
+    (["--stage=eval", "--repeat=3"], "unrecognized arguments: --repeat=3"),
+])
+def test_finetune_flags_are_checked(capsys, flags, message):
+    # checked before anything is written: no task files, no runs
+    assert message in script_error(finetune.main, flags, capsys)
+
+
 # --- threads and load -----------------------------------------------------------------
 
 
@@ -249,7 +261,8 @@ def test_threads_flag_of_every_script(tmp_path, capsys):
     try:
         for main, argv in [(train.main, ["--threads=2", "--data=/nonexistent.txt", f"--out_dir={tmp_path}"]),
                            (sample.main, ["--threads=2", "--ckpt=/nonexistent.pt", "1+1="]),
-                           (bench.main, ["train", "--threads=2", "--device=gpu"])]:
+                           (bench.main, ["train", "--threads=2", "--device=gpu"]),
+                           (finetune.main, ["--threads=2", "--stage=nope"])]:
             torch.set_num_threads(1)
             script_error(main, argv, capsys)  # each stops at a later error, threads already set
             assert torch.get_num_threads() == 2, main.__module__
@@ -389,7 +402,7 @@ def test_jsonl_lines_end_at_newline_only(tmp_path):
 
 
 def test_help_describes_every_flag_with_its_allowed_values():
-    for parser in (train.build_parser(), sample.build_parser(), bench.build_parser()):
+    for parser in (train.build_parser(), sample.build_parser(), bench.build_parser(), finetune.build_parser()):
         for action in parser._actions:
             if action.dest == "help":
                 continue
@@ -403,7 +416,7 @@ def test_help_describes_every_flag_with_its_allowed_values():
     assert "the longest example of the data" in helps["seq_len"]  # not the dataclass's 32
     helps = {a.dest: a.help for a in sample.build_parser()._actions}
     assert ">= 1" in helps["batch_size"] and ">= 1" in helps["num_examples"]
-    for parser in (train.build_parser(), sample.build_parser(), bench.build_parser()):
+    for parser in (train.build_parser(), sample.build_parser(), bench.build_parser(), finetune.build_parser()):
         assert parser.allow_abbrev is False
 
 
@@ -426,4 +439,5 @@ def test_bleu_is_smoothed_and_chrf_scores_one_word_answers(addition_checkpoint, 
     path.write_text("".join(json.dumps({"source": f"{n}+1=", "target": str(n + 1)}) + "\n" for n in range(4)))
     r = run("sample.py", f"--ckpt={addition_checkpoint}", f"--eval={path}")
     assert r.returncode == 0, r.stderr
-    assert "BLEU (corpus, 4-gram, exp smoothing, whitespace words)" in r.stdout and "chrF" in r.stdout
+    assert "BLEU (sacreBLEU's default: corpus, 4-gram, exp smoothing, 13a tokens)" in r.stdout
+    assert "chrF" in r.stdout

@@ -98,7 +98,59 @@ def test_the_data_format_is_decided_in_one_place(ext, tmp_path):
         data.read_pairs(path)
     # anything else is plain text under "auto", and an error naming the formats under "pairs"
     assert data.data_format(str(tmp_path / "book.txt")) == data.data_format(str(tmp_path / "notes")) == "text"
-    with pytest.raises(ValueError, match=r"unknown pairs file type '\.csv' \(use one of " + ", ".join(data.PAIR_FORMATS)):
-        data.data_format(str(tmp_path / "x.csv"), "pairs")
+    with pytest.raises(ValueError, match=r"unknown pairs file type '\.xlsx' \(use one of " + ", ".join(data.PAIR_FORMATS)):
+        data.data_format(str(tmp_path / "x.xlsx"), "pairs")
     with pytest.raises(ValueError, match="data_format must be one of"):
         data.data_format(path, "xml")
+
+
+# --- CSV pairs: read with the csv module, with or without a header ---------------------
+
+
+def write_csv(tmp_path, text, name="p.csv"):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))  # the bytes as given: no newline translation
+    return str(path)
+
+
+def test_csv_with_a_header(tmp_path):
+    # a first record "source,target" (any case, spaces around) is a header, not an example
+    path = write_csv(tmp_path, " Source ,TARGET\r\n1=,one\r\n2=,two\r\n")
+    assert data.data_format(path) == ".csv" and data.data_kind(path) == "seq2seq"
+    assert data.read_pairs(path) == [("1=", "one"), ("2=", "two")]
+    # only the FIRST record can be the header: a later one is an example like any other
+    assert data.read_pairs(write_csv(tmp_path, "source,target\nsource,target\n"))[0] == ("source", "target")
+
+
+def test_csv_without_a_header(tmp_path):
+    # any other first record is an example; blank lines are skipped, as in the other formats
+    path = write_csv(tmp_path, "\n1=,one\n\n2=,two\n")
+    assert data.read_pairs(path) == [("1=", "one"), ("2=", "two")]
+    # a spreadsheet's byte-order mark is not part of the first field
+    assert data.read_pairs(write_csv(tmp_path, "\ufeffsource,target\n1=,one\n")) == [("1=", "one")]
+
+
+def test_csv_quoted_fields_keep_commas_quotes_and_line_breaks(tmp_path):
+    text = 'source,target\n"a, b","line one\nline two"\n"say ""hi""",ok\n3=,three\n'
+    assert data.read_pairs(write_csv(tmp_path, text)) == [
+        ("a, b", "line one\nline two"), ('say "hi"', "ok"), ("3=", "three")]
+    # the same file trains: load_dataset reads it through the same table
+    settings = dict(task="", digits=0, data=write_csv(tmp_path, text), data_format="auto", val_fraction=0.1,
+                    too_long="skip")
+    ds, _ = data.load_dataset(settings, block_len=4)
+    assert ds.tok.decode(ds.train[0][1]) == "line one\nline two"
+
+
+@pytest.mark.parametrize("text,message", [
+    # a record spanning lines 2-3 (quoted line break), then a bad one starting on line 4
+    ('source,target\n"x","a\nb"\n1=,one,extra\n', r"p\.csv:4: expected 2 comma-separated columns \(source, "
+                                                       r"target\), found 3"),
+    ('1=,one\n"a\nb",c,d\n', r"p\.csv:2: expected 2 .* found 3"),  # a bad record is named by its first line
+    ("1=,one\nno comma here\n", r"p\.csv:2: expected 2 comma-separated columns .* found 1"),
+    ('1=,one\n"2=,two\n', r"p\.csv:2: not valid CSV \(unexpected end of data\)"),  # a quote never closed
+    ('1=,one\n"2="x,two\n', r"p\.csv:2: not valid CSV"),  # text after a closing quote
+    ("source,target\n\n", r"p\.csv: the file has no examples"),
+])
+def test_csv_bad_rows_name_the_file_and_line(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        data.read_pairs(write_csv(tmp_path, text))

@@ -3,8 +3,13 @@ t in [0, 1], with an honest standard error. Known value: a model whose logits ar
 equal predicts uniformly over the V - 1 tokens that are not [MASK] (SUBS), so its NELBO is
 (alpha(0) - alpha(1)) * log(V - 1) per token, i.e. log(V - 1) exactly for the linear, log
 and power schedules and (1 - eps) log(V - 1) for cosine, whose alpha(0) = 1 - eps. Every
-schedule in e2d2.SCHEDULES is checked, so a new one is tested the moment it is added."""
+schedule in e2d2.SCHEDULES is checked, so a new one is tested the moment it is added.
+
+Also: the answer metrics that sample.py --eval prints, BLEU and chrF, against the
+`sacrebleu` package (optional: those tests are skipped without it), on varied pairs and on
+the fine-tuning walk-through's test set."""
 import math
+import re
 
 import pytest
 import torch
@@ -119,3 +124,88 @@ def test_text_figures_per_byte_and_bits():
     est = eval_nelbo(model, [(x0, batches[0][1])], draws=1, generator=torch.Generator().manual_seed(0),
                      bytes_per_token=data.ByteTokenizer().bytes_per_token())
     assert est.seq_bytes.tolist() == [28] * 64 and est.seq_tokens.tolist() == [32] * 64
+
+
+# --- BLEU and chrF as sacreBLEU computes them ---------------------------------------------
+
+# (hypothesis, reference): what the 13a rules cut (punctuation, digits with periods, commas
+# and hyphens, apostrophes, HTML entities, line breaks), and what they leave alone
+VARIED = [
+    ("The cat sat on the mat.", "The cat sat on the mat."),
+    ("the cat, sat on a mat!", "The cat sat on the mat."),
+    ("It's 3.5-4 km, isn't it?", "It is 3.5 - 4 km, isn't it?"),
+    ("In 1990-2000 prices rose 1,000%.", "From 1990 to 2000, prices rose by 1,000 %."),
+    ('well-known (and well-liked) "quotes"', "well known and well-liked 'quotes'"),
+    ("", "an empty answer"),
+    ("a.b,c 3.14 .5 5. x,1 1,x 2,3.4", "a . b , c 3.14 0.5 5 . x , 1"),
+    ("f(x) = [1, 2]; g{y} <z> @home #tag $5 ~a ^b |c \\d `e` _f_ a/b a*b+c", "f(x) = [1,2]; g{y} <z> @home"),
+    ("&quot;quoted&quot; &amp; &lt;tag&gt; &amp;quot;", '"quoted" & <tag>'),
+    ("a line-\nbreak and\nnewline<skipped>", "a linebreak and newline"),
+    ("trailing spaces   \t", "  trailing spaces"),
+    ("naïve café — “smart quotes” don’t", 'naive café - "smart quotes" don\'t'),
+    ("x-", "x -"),
+    ("x-\n", "x"),
+    ("one", "one"),
+    ("Th bjcts rtrnd by \"dct.kys()\",", 'The objects returned by "dict.keys()",'),
+]
+
+
+def sacre(hyps, refs):
+    """sacrebleu's corpus BLEU and chrF, default settings, in [0, 1]."""
+    sacrebleu = pytest.importorskip("sacrebleu")
+    return sacrebleu.corpus_bleu(hyps, [refs]).score / 100, sacrebleu.corpus_chrf(hyps, [refs]).score / 100
+
+
+def test_13a_words_by_hand():
+    assert data.tokenize_13a("It's 3.5-4 km, isn't it?") == ["It's", "3.5", "-", "4", "km", ",", "isn't", "it", "?"]
+    assert data.tokenize_13a("end. a,b 1,000 well-known") == ["end", ".", "a", ",", "b", "1,000", "well-known"]
+    assert data.tokenize_13a("a &amp; b\nc-\nd") == ["a", "&", "b", "cd"]  # a hyphenated line break joins
+    assert data.tokenize_13a("   ") == [] and data.tokenize_13a("") == []
+
+
+def test_bleu_and_chrf_equal_sacrebleu_on_varied_pairs():
+    hyps, refs = [h for h, _ in VARIED], [r for _, r in VARIED]
+    bleu, chrf = sacre(hyps, refs)
+    assert 0 < bleu < 1 and 0 < chrf < 1  # a corpus where both figures mean something
+    assert data.corpus_bleu(hyps, refs) == pytest.approx(bleu, rel=1e-9, abs=1e-12)
+    assert data.chrf(hyps, refs) == pytest.approx(chrf, rel=1e-9, abs=1e-12)
+    # tokenize="none" is sacreBLEU's tokenize="none" (the whitespace words)
+    sacrebleu = pytest.importorskip("sacrebleu")
+    none = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score / 100
+    assert data.corpus_bleu(hyps, refs, tokenize="none") == pytest.approx(none, rel=1e-9)
+    assert abs(none - bleu) > 0.01  # the two tokenizations really differ on this corpus
+    for h, r in VARIED:  # each pair alone: short corpora, missing orders, empty answers
+        bleu, chrf = sacre([h], [r])
+        assert data.corpus_bleu([h], [r]) == pytest.approx(bleu, rel=1e-9, abs=1e-12), (h, r)
+        assert data.chrf([h], [r]) == pytest.approx(chrf, rel=1e-9, abs=1e-12), (h, r)
+    with pytest.raises(ValueError, match="tokenize must be one of"):
+        data.corpus_bleu(hyps, refs, tokenize="13A")
+
+
+def vowels_answers(pairs):
+    """Deterministic damaged answers to the vowels task, from nothing to everything right:
+    the prompts themselves (the vowel-less phrases), every other word's vowels put back, the
+    first half of each phrase right, the phrase without its last word, nothing at all, and
+    the references themselves."""
+    strip = lambda w: re.sub("[aeiouAEIOU]", "", w)  # noqa: E731  (the task's damage)
+    refs = [t for _, t in pairs]
+    every_other = [" ".join(w if i % 2 else strip(w) for i, w in enumerate(t.split())) for t in refs]
+    first_half = [" ".join(w if i < len(t.split()) // 2 else strip(w) for i, w in enumerate(t.split()))
+                  for t in refs]
+    return {"prompts": [s for s, _ in pairs], "every_other_word": every_other, "first_half": first_half,
+            "last_word_dropped": [t.rsplit(" ", 1)[0] for t in refs], "empty": [""] * len(refs),
+            "references": refs,
+            "mixed": [[s, eo, fh, t, ""][i % 5] for i, (s, eo, fh, t) in
+                      enumerate(zip([s for s, _ in pairs], every_other, first_half, refs))]}
+
+
+def test_bleu_and_chrf_equal_sacrebleu_on_the_finetuning_test_set():
+    pytest.importorskip("sacrebleu")
+    pairs = data.pydoc_task_pairs("test")  # the walk-through's vowels_test.jsonl, in memory
+    assert len(pairs) > 200
+    refs = [t for _, t in pairs]
+    for name, hyps in vowels_answers(pairs).items():
+        bleu, chrf = sacre(hyps, refs)
+        assert data.corpus_bleu(hyps, refs) == pytest.approx(bleu, rel=1e-9, abs=1e-12), name
+        assert data.chrf(hyps, refs) == pytest.approx(chrf, rel=1e-9, abs=1e-12), name
+        assert round(100 * data.corpus_bleu(hyps, refs), 2) == round(100 * bleu, 2), name  # as printed

@@ -11,7 +11,7 @@ device each is skipped, and -rs prints why; with one (a few minutes on one GPU) 
   - train.py --compile trains on cuda;
   - a 1-process run under torchrun, on NCCL;
   - the training and sampling benchmarks of bench.py on cuda, their figures printed (every
-    timing waits for the GPU before and after: bench.timed).
+    timing waits for the GPU before and after: models.timed).
 The figures are printed even though pytest captures output (capsys.disabled)."""
 import re
 import sys

@@ -1,0 +1,489 @@
+"""
+The fine-tuning walk-through (docs/finetuning.md; notebooks/06_finetuning.ipynb draws its
+figures): a pretrained AR model fine-tuned into every model type on a conditional task,
+restoring the vowels of a phrase of the Python documentation (data.write_pydoc_task). An
+AR model is pretrained on the documentation's text, then every model is fine-tuned from
+it with the same budget, each at the learning rate of a small sweep that gives it the
+lowest validation NELBO; the figures go to bench/finetune*.json, which the notebook reads.
+
+    python finetune.py --out_dir=out-ft --json_dir=bench --jobs=2 --threads=1   # every stage, in order
+    python finetune.py --stage=eval --out_dir=out-ft --json_dir=bench           # or one stage
+    python finetune.py --stage=steptime    # a timing (stages steptime, decode: run them alone)
+    python finetune.py --quick --out_dir=/tmp/ft   # tiny models, a few steps: a test of the code
+
+Every run is a train.py command line (ft_runs); each training stage skips the runs already
+finished and resumes the unfinished ones. The stages, in order (FT_STAGES): pretrain the AR;
+sweep each model's learning rate; the other E2D2 decoders (variants); the step time of each
+model (steptime); E2D2 for as long as BD3-LM's steps take (long); E2D2 at other N_dec and
+block lengths (frontier); every run on the test pairs (eval); decoding tokens/s (decode);
+where the noisy tokens look along training (probe).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+import data
+from e2d2 import Layer, ModelConfig, generate, q_sample, sample_t, subs_log_probs
+from models import (MODELS, answer_pairs, attention_weights, build_model, config_from_dict, init_from_checkpoint,
+                    load_checkpoint, model_from_checkpoint, timed, write_json)
+
+FT_STAGES = ("pretrain", "sweep", "variants", "steptime", "long", "frontier", "eval", "decode", "probe")
+FT_STEPS = 300  # the short fine-tuning budget, in steps of batch 32
+# The AR pretrained on the text; every fine-tuned model takes its width and depth. N = 8, so
+# that E2D2 with N_dec = 2 can decode up to (T N + N) / (T N_dec + N_enc) = 3x faster than
+# BD3-LM per block at B = T = 8 (N = 4 would allow 1.8x at most).
+FT_PRETRAIN = ["--model=ar", "--data={dir}/topics.txt", "--seq_len=96", "--d_model=128",
+               "--n_heads=4", "--n_enc=8", "--batch_size=32", "--max_steps=1200", "--warmup_steps=100", "--lr=2e-3",
+               "--eval_every=200", "--eval_batches=4", "--eval_draws=1"]
+FT_COMMON = ["--data={dir}/vowels_train.jsonl", "--seq_len=96", "--batch_size=32", "--warmup_steps=30",
+             "--eval_every=75", "--eval_examples=64", "--eval_batches=2", "--eval_draws=1", "--keep_evals"]
+
+
+def e2d2_decoder(decoder: str, tie: bool, where: str) -> tuple:
+    """(run name, flags) of an E2D2 whose N_dec = 2 decoder layers come from the AR this way."""
+    name = f"e2d2-{decoder}-{'tied' if tie else 'untied'}-{where}"
+    return name, ["--model=e2d2", f"--decoder={decoder}", f"--tie_decoder={tie}", f"--decoder_layers={where}", "--n_dec=2"]
+
+
+# The decoders compared: the paper's fine-tuning recipe (shared_kv, tied, top), each of its
+# three choices changed alone, and the decoder --init_from gave before (hidden, untied, top).
+FT_DECODERS = dict(e2d2_decoder(*v) for v in [("shared_kv", True, "top"), ("hidden", False, "top"),
+                                              ("shared_kv", True, "bottom"), ("shared_kv", False, "top")])
+# the models whose learning rate is swept (min_lr = lr / 10): the paper's E2D2 over three
+# values (3e-4 was clearly the worst, so the others start at 1e-3), BD3-LM and AR over two,
+# MDLM at one (its second run did not fit the time); the other decoders train at the paper's best
+FT_SWEPT = {"e2d2-paper": (FT_DECODERS["e2d2-shared_kv-tied-top"], (3e-4, 1e-3, 3e-3)),
+            "bd3lm": (["--model=bd3lm"], (1e-3, 3e-3)),
+            "ar": (["--model=ar"], (1e-3, 3e-3)), "mdlm": (["--model=mdlm"], (3e-3,))}
+# a tiny version of all of it, for the tests (every stage runs in seconds)
+FT_QUICK = {"pretrain": ["--d_model=32", "--n_enc=2", "--max_steps=4", "--eval_every=4", "--batch_size=8"],
+            "common": ["--max_steps=3", "--eval_every=3", "--batch_size=8", "--eval_examples=4", "--eval_batches=1"],
+            "lrs": (1e-3,), "test_examples": 4, "repeats": 1}
+
+
+def ft_lrs(family: str, quick: bool) -> tuple:
+    return FT_QUICK["lrs"] if quick else FT_SWEPT[family][1]
+
+
+def ft_runs(stage: str, d: str, state: dict, quick: bool) -> dict:
+    """The train.py runs of a stage: name -> flags. `state` holds what earlier stages chose
+    (the best learning rates, the equal-time step count)."""
+    def run(flags, lr, steps=FT_STEPS, block_len=8, init=True):
+        extra = FT_QUICK["common"] if quick else []
+        return [f.format(dir=d) for f in FT_COMMON] + flags + [
+            f"--lr={lr:g}", f"--min_lr={lr / 10:g}", f"--max_steps={steps}", f"--block_len={block_len}",
+            *([f"--init_from={d}/ar-pre/ckpt.pt"] if init else []), *extra]
+    if stage == "pretrain":
+        return {"ar-pre": [f.format(dir=d) for f in FT_PRETRAIN] + (FT_QUICK["pretrain"] if quick else [])}
+    if stage == "sweep":  # every swept model x lr, then an AR from scratch (what pretraining is worth)
+        runs = {f"{fam}-lr{lr:g}": run(flags, lr) for fam, (flags, _) in FT_SWEPT.items() for lr in ft_lrs(fam, quick)}
+        return {**runs, "ar-scratch": run(["--model=ar"], 3e-3, init=False)}
+    best = state["best_lr"]
+    if stage == "variants":  # every other decoder at the paper recipe's learning rate
+        return {name: run(flags, best["e2d2-paper"]) for name, flags in FT_DECODERS.items()
+                if name != "e2d2-shared_kv-tied-top"}
+    recipe, lr = FT_DECODERS[state["recipe"]], best["e2d2-paper"]
+    if stage == "long":  # E2D2 for as long as BD3-LM's FT_STEPS take at the same B (each with its own schedule)
+        if set(ft_equal_time(quick)) - set(state.get("equal_time_steps", {})):
+            raise ValueError("the long stage needs the step times of its models: run --stage=steptime first")
+        return {name: run([*recipe[:-1], f"--n_dec={k}"], lr, steps=state["equal_time_steps"][name], block_len=B)
+                for name, (k, B) in ft_equal_time(quick).items()}
+    if stage == "frontier":  # the recipe at N_dec 1, 2, N/2 and blocks of 4, 8 (N_dec 2 at 8: the recipe's
+        half = (2 if quick else 8) // 2  # own run); BD3-LM at 4. Blocks of 8 first, then of 4
+        grid = [(k, 8) for k in sorted({1, half} - {2})] + [(2, 4), (0, 4)] + [(k, 4) for k in sorted({1, half} - {2})]
+        return {f"frontier-ndec{k}-B{B}" if k else "frontier-bd3lm-B4":
+                run([*recipe[:-1], f"--n_dec={k}"], lr, block_len=B) if k else run(["--model=bd3lm"], best["bd3lm"], block_len=4)
+                for k, B in grid}
+    raise ValueError(f"no runs in stage {stage}")
+
+
+def ft_equal_time(quick: bool) -> dict:
+    """The long stage's runs, name -> (N_dec, B): the recipe's decoder with N_dec = 2 (the
+    depth of the decoder comparisons) and N / 2 (train.INIT_RECIPE's), each trained for as
+    long as BD3-LM's FT_STEPS take with blocks of the same B."""
+    half = (2 if quick else 8) // 2
+    return {f"e2d2-ndec{k}-B{B}-equal-time": (k, B) for k, B in [(2, 8), (half, 8), (half, 4)]}
+
+
+def steptime_kinds(recipe: list, quick: bool) -> dict:
+    """What ft_steptime times, name -> (ModelConfig fields, B): every baseline and each E2D2
+    decoder at B = 8, and the long stage's E2D2 and BD3-LM at their block lengths."""
+    kinds = {**{name: (dict(model=name), 8) for name in MODELS if name != "e2d2"},
+             **{name: (flags_to_config(flags), 8) for name, flags in FT_DECODERS.items()}}
+    for k, B in ft_equal_time(quick).values():
+        kinds[f"e2d2-ndec{k}-B{B}"] = ({**flags_to_config(recipe), "n_dec": k}, B)
+        kinds["bd3lm" if B == 8 else f"bd3lm-B{B}"] = (dict(model="bd3lm"), B)
+    return kinds
+
+
+def run_dir(d: str, name: str) -> str:
+    return os.path.join(d, "runs", name) if name != "ar-pre" else os.path.join(d, name)
+
+
+def ft_train(runs: dict, d: str, jobs: int, threads: int) -> None:
+    """Train every run that has not finished, `jobs` at a time: a finished run (its
+    checkpoint at max_steps) is kept, an unfinished one resumed."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    todo = []
+    for name, flags in runs.items():
+        out = run_dir(d, name)
+        steps = int(next(f for f in flags[::-1] if f.startswith("--max_steps=")).split("=")[1])
+        ckpt = os.path.join(out, "ckpt.pt")
+        if os.path.exists(ckpt) and load_checkpoint(ckpt, "cpu")["step"] >= steps:
+            continue
+        go_on = ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
+        todo.append((name, [sys.executable, os.path.join(root, "train.py"), *flags, f"--out_dir={out}", *go_on,
+                            *([f"--threads={threads}"] if threads else [])]))
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            name, cmd = todo.pop(0)
+            os.makedirs(run_dir(d, name), exist_ok=True)
+            log = open(run_dir(d, name) + ".log", "w")
+            print(f"training {name}", flush=True)
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})))
+        time.sleep(1)
+        for name, proc in [r for r in running if r[1].poll() is not None]:
+            running.remove((name, proc))
+            if proc.returncode != 0:
+                raise ValueError(f"train.py for {name} failed (exit code {proc.returncode}); see {run_dir(d, name)}.log")
+            print(f"finished {name}", flush=True)
+
+
+def ft_step(d: str, name: str) -> int:
+    return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["step"]
+
+
+def ft_val_nelbo(d: str, name: str) -> float:
+    return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["metrics"]["val_nelbo"]
+
+
+def ft_val_nelbo_se(d: str, name: str) -> float:
+    return load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")["metrics"]["val_nelbo_se"]
+
+
+def ft_state(d: str, quick: bool, speed: Optional[dict]) -> dict:
+    """What the finished stages chose: each swept model's learning rate (the lowest
+    validation NELBO at the end of its run: the training file's held-out pairs, never the
+    test set), the recipe (the paper's decoder, unless another of FT_DECODERS at the paper's
+    learning rate has a validation NELBO lower by more than two standard errors of the
+    difference: a win inside the noise of 64 pairs does not move the default) and, once the
+    speeds are known, the step count of each long-stage run (ft_equal_time): as many E2D2
+    steps as take the time of BD3-LM's FT_STEPS at the same block length."""
+    state = {"best_lr": {}}
+    for fam in FT_SWEPT:
+        lrs = ft_lrs(fam, quick)
+        if all(os.path.exists(os.path.join(run_dir(d, f"{fam}-lr{lr:g}"), "ckpt.pt")) for lr in lrs):
+            state["best_lr"][fam] = min(lrs, key=lambda lr: ft_val_nelbo(d, f"{fam}-lr{lr:g}"))
+    if "e2d2-paper" in state["best_lr"]:
+        lr = state["best_lr"]["e2d2-paper"]
+        names = {n: f"e2d2-paper-lr{lr:g}" if n == "e2d2-shared_kv-tied-top" else n for n in FT_DECODERS}
+        state["decoder_runs"] = names  # variant -> the run that trained it at that lr
+        if all(os.path.exists(os.path.join(run_dir(d, r), "ckpt.pt")) for r in names.values()):
+            paper = "e2d2-shared_kv-tied-top"
+
+            def handicapped(n):  # another decoder's NELBO + 2 standard errors of its difference from the paper's
+                if n == paper:
+                    return ft_val_nelbo(d, names[n])
+                se_diff = math.hypot(ft_val_nelbo_se(d, names[n]), ft_val_nelbo_se(d, names[paper]))
+                return ft_val_nelbo(d, names[n]) + 2 * se_diff
+            state["recipe"] = min(names, key=handicapped)
+    if speed and "recipe" in state:  # each fixed by the first step timing that has it (a later one leaves the run as it is)
+        step, fixed = {k: v["median"] for k, v in speed["train_step_s"].items()}, speed.get("equal_time_steps", {})
+        state["equal_time_steps"] = {
+            name: fixed.get(name) or round(FT_STEPS * step["bd3lm" if B == 8 else f"bd3lm-B{B}"] / step[f"e2d2-ndec{k}-B{B}"])
+            for name, (k, B) in ft_equal_time(quick).items() if name in fixed or f"e2d2-ndec{k}-B{B}" in step}
+    return state
+
+
+def ft_task(d: str, quick: bool) -> dict:
+    """Write the text and the task's files into d (once), and what a model that answers
+    nothing but the prompt scores on each candidate task: why the vowels task was chosen."""
+    if not os.path.exists(os.path.join(d, "vowels_test.jsonl")):
+        os.makedirs(d, exist_ok=True)
+        data.write_pydoc_task(os.path.join(d, "vowels_train.jsonl"), os.path.join(d, "vowels_test.jsonl"),
+                              os.path.join(d, "topics.txt"))
+    out = {}
+    for task in data.PYDOC_TASKS:  # the copy-the-prompt baseline of every candidate (in memory)
+        with tempfile.TemporaryDirectory() as tmp:
+            n_train, n_test = data.write_pydoc_task(os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "b.jsonl"), task=task)
+            pairs = data.read_pairs(os.path.join(tmp, "b.jsonl"))
+        src, ref = [s for s, _ in pairs], [t for _, t in pairs]
+        out[task] = {"train": n_train, "test": n_test, "copy_chrf": 100 * data.chrf(src, ref),
+                     "copy_bleu": 100 * data.corpus_bleu(src, ref), "example": pairs[0]}
+    return out
+
+
+def ft_test_pairs(d: str, quick: bool) -> list:
+    pairs = data.read_pairs(os.path.join(d, "vowels_test.jsonl"))
+    return pairs[:FT_QUICK["test_examples"]] if quick else pairs
+
+
+def block_steps(model) -> list:
+    """The steps per block a quality table shows: T = B and B/2 for a model that samples in
+    blocks of its block_len (E2D2, BD3-LM), its default alone otherwise (AR: one token per
+    step, MDLM: one block of the whole answer)."""
+    B = model.cfg.block_len  # asked of its runner, for an answer of two blocks: its own block length
+    own = model.make_runner(torch.zeros(1, B, dtype=torch.long, device=model.embed.weight.device), False, 2 * B)
+    return [B, B // 2] if own.block_len == B > 1 else [None]
+
+
+def ft_eval(d: str, names: list, quick: bool) -> dict:
+    """Every finished run on the test pairs: exact match, BLEU, chrF at T = B steps per block
+    (and T = B/2 for the block models), its validation curve and three answers."""
+    pairs, tok = ft_test_pairs(d, quick), data.ByteTokenizer()
+    rows = {}
+    for name in tqdm(names, desc="eval"):
+        ckpt = load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")
+        model, tc = model_from_checkpoint(ckpt, "cpu"), ckpt["train_config"]
+        cfg = model.cfg
+        B = cfg.block_len
+        tests = {}
+        for T in block_steps(model):
+            r = answer_pairs(model, pairs, tok, steps=T)
+            tests[str(T or "default")] = {k: r[k] for k in ("exact_match", "bleu", "chrf", "rouge_l")}
+            answers = r["answers"][:3]
+        with open(os.path.join(run_dir(d, name), "log.jsonl")) as f:
+            curve = [(e["step"], e["val_nelbo"], e["val_nelbo_se"]) for e in map(json.loads, f) if "val_nelbo" in e]
+        rows[name] = {"model": cfg.model, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "decoder": cfg.decoder,
+                      "decoder_layers": cfg.decoder_layers, "tie_decoder": cfg.tie_decoder, "block_len": B,
+                      "params": model.num_params(), "lr": tc["lr"], "steps": ckpt["step"],
+                      "init_from": bool(tc["init_from"]), "val_nelbo": ckpt["metrics"]["val_nelbo"],
+                      "val_curve": curve, "test": tests, "answers": list(zip([s for s, _ in pairs[:3]], answers))}
+    return rows
+
+
+def ft_steptime(d: str, quick: bool, repeats: int, recipe: list) -> dict:
+    """Seconds per training step (batch 32 of the task, forward + backward + AdamW) of each
+    model at the sizes of the runs, on random weights: alternating rounds, the median and
+    the spread of `repeats`. Training time = steps x this (runs made side by side on a shared
+    machine have no clean wall time)."""
+    ckpt = load_checkpoint(os.path.join(d, "ar-pre", "ckpt.pt"), "cpu")
+    arch = {k: ckpt["config"][k] for k in ("d_model", "n_heads", "n_enc")}
+    ds, _ = data.load_dataset({**FT_SETTINGS, "data": os.path.join(d, "vowels_train.jsonl")}, 8, 96)
+    steps = {}
+    for name, (over, B) in steptime_kinds(recipe, quick).items():
+        batch = ds.collate(ds.train_examples(8 if quick else 32, 0, 0), B, 96)  # the same pairs, in blocks of B
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**{**arch, **over, "seq_len": 96, "block_len": B}))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+
+        def step(model=model, opt=opt, g=g, batch=batch):
+            model(batch.x0, batch.prompt_mask, generator=g).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # warm-up
+        steps[name] = step
+    order, times = list(steps), {name: [] for name in steps}
+    for r in tqdm(range(repeats), desc="step time"):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(timed(steps[name], "cpu")[1])
+    return {name: spread(t) for name, t in times.items()}
+
+
+def flags_to_config(flags: list) -> dict:
+    """ModelConfig fields from train.py flags ["--n_dec=2", "--tie_decoder=True", ...]."""
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    out = {}
+    for flag in flags:
+        k, v = flag[2:].split("=", 1)
+        out[k] = v == "True" if types[k] is bool else types[k](v)
+    return out
+
+
+def spread(times: list) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+def ft_decode(d: str, names: list, quick: bool, repeats: int) -> dict:
+    """Decoding tokens/s of each trained run on the first 8 test prompts, one prompt at a
+    time (batch 1, as the paper measures) and all 8 in one batch, T = B and T = B/2 steps
+    per block (block models), greedy, stopping at [EOS]: alternating rounds, median and spread."""
+    prompts = [data.ByteTokenizer().encode(s) for s, _ in ft_test_pairs(d, quick)[:8]]
+    jobs = {}
+    for name in names:
+        model = model_from_checkpoint(load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu"), "cpu")
+        B = model.cfg.block_len
+        for T in block_steps(model):
+            def one_by_one(model=model, T=T):
+                return sum(generate(model, [p], steps=T).new_tokens for p in prompts)
+
+            def batched(model=model, T=T):
+                return generate(model, prompts, steps=T).new_tokens
+            jobs[(name, str(T or "default"), 1)], jobs[(name, str(T or "default"), len(prompts))] = one_by_one, batched
+    for fn in jobs.values():
+        fn()  # warm-up
+    order, rates = list(jobs), {key: [] for key in jobs}
+    for r in tqdm(range(repeats), desc="decode"):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            tokens, s = timed(jobs[key], "cpu")
+            rates[key].append(tokens / s)
+    out = {}
+    for (name, T, batch), r in rates.items():
+        out.setdefault(name, {}).setdefault(T, {})[f"batch{batch}"] = spread(r)
+    return out
+
+
+FT_SETTINGS = dict(task="", digits=0, data_format="auto", val_fraction=0.1, too_long="skip", tokenizer="bytes")
+
+
+@torch.no_grad()
+def read_the_prompt(model, x0, prompt_mask, generator) -> dict:
+    """Where the noisy tokens look, and how well they are predicted, for an E2D2 or a BD3-LM
+    model on a batch (x0, prompt_mask) noised as in training: per layer that reads the noisy
+    tokens (E2D2: the decoder; BD3-LM: all N), the attention mass that a [MASK] query puts on
+    the prompt's keys, on earlier answer blocks and on its own block (averaged over heads and
+    queries); and the masked cross-entropy by answer block (0 = the first after the prompt)."""
+    cfg, B = model.cfg, model.cfg.block_len
+    b, L = x0.shape
+    target = (x0 != cfg.pad_id) & ~prompt_mask
+    t = sample_t(b, L // B, cfg.t_min, cfg.t_max, generator)
+    noised = q_sample(x0, target, t, B, cfg.mask_id, cfg.schedule, generator=generator)
+    calls = []  # every Layer call: (layer, its arguments)
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, args))) for m in model.modules()
+             if isinstance(m, Layer)]
+    try:
+        logits = model.logits(x0, noised.x_t, prompt_mask)  # (b, L, V)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the calls that hold the noisy queries: E2D2's last N_dec (the decoder runs after the
+    # encoder; queries = the L noisy tokens); BD3-LM's N, whose queries L..2L are the noisy half
+    reads = calls[-cfg.n_dec:] if cfg.model == "e2d2" else calls
+    keys_prompt = torch.cat([prompt_mask, torch.zeros_like(prompt_mask)], 1)  # (b, 2L): clean prompt keys
+    keys_answer = torch.cat([target, torch.zeros_like(target)], 1)  # clean answer keys
+    keys_own = torch.cat([torch.zeros_like(target), torch.ones_like(target)], 1)  # noisy keys (own block)
+    queries = noised.masked  # (b, L): [MASK] queries only
+    mass = {"prompt": [], "earlier_blocks": [], "own_block": []}
+    for layer, args in reads:
+        w = attention_weights(layer, *args).mean(1)  # (b, n, 2L), heads averaged
+        w = w[:, -L:]  # BD3-LM: the noisy half of its queries
+        for key, cols in (("prompt", keys_prompt), ("earlier_blocks", keys_answer), ("own_block", keys_own)):
+            mass[key].append(((w * cols[:, None, :]).sum(-1)[queries].mean()).item())
+    nll = -subs_log_probs(logits, noised.x_t, cfg.mask_id).gather(-1, x0[..., None]).squeeze(-1)  # (b, L)
+    block = (torch.arange(L) - prompt_mask.sum(1, keepdim=True)).div(B, rounding_mode="floor")  # answer block index
+    by_block = [nll[queries & (block == k)].mean().item() for k in range(int(block.max()) + 1)
+                if (queries & (block == k)).any()]
+    return {"attention": mass, "loss_by_block": by_block}
+
+
+def ft_probe(d: str, names: list, quick: bool) -> dict:
+    """read_the_prompt along training: at the initialisation (the AR's weights, step 0) and
+    at every kept checkpoint, on 64 held-out pairs of the training file, 4 draws of the noise."""
+    ds, _ = data.load_dataset({**FT_SETTINGS, "data": os.path.join(d, "vowels_train.jsonl")}, 8, 96)
+    out = {}
+    for name in names:
+        folder = run_dir(d, name)
+        steps = sorted(int(f[5:-3]) for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))
+        last = load_checkpoint(os.path.join(folder, "ckpt.pt"), "cpu")
+        rows = []
+        for step in [0, *steps]:
+            if step == 0:  # the model as --init_from made it
+                torch.manual_seed(last["train_config"]["seed"])
+                model = build_model(config_from_dict(last["config"])).eval()
+                init_from_checkpoint(model, load_checkpoint(last["train_config"]["init_from"], "cpu"))
+            else:
+                model = model_from_checkpoint(load_checkpoint(os.path.join(folder, f"ckpt_{step}.pt"), "cpu"), "cpu")
+            batch = ds.collate(ds.val_examples(8 if quick else 64), model.cfg.block_len, model.cfg.seq_len)
+            g = torch.Generator().manual_seed(0)
+            draws = [read_the_prompt(model, batch.x0, batch.prompt_mask, g) for _ in range(1 if quick else 4)]
+            mean = lambda xs: [sum(v) / len(v) for v in zip(*xs)]  # noqa: E731  (over the draws)
+            rows.append({"step": step, "attention": {k: mean([r["attention"][k] for r in draws]) for k in draws[0]["attention"]},
+                         "loss_by_block": mean([r["loss_by_block"] for r in draws])})
+        out[name] = rows
+    return out
+
+
+def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int) -> dict:
+    """Run one stage of the walk-through (or all of them, in FT_STAGES order); each training
+    stage skips the runs already finished. The figures go to json_dir/finetune.json (the
+    task, the choices, every run on the test set), finetune_speed.json (step times, decoding
+    tokens/s) and finetune_probe.json (read_the_prompt along training)."""
+    if stage != "all" and stage not in FT_STAGES:
+        raise ValueError(f"--stage must be all or one of {FT_STAGES}, got {stage!r}")
+    paths = {k: os.path.join(json_dir, f"finetune{k}.json") for k in ("", "_speed", "_probe")}
+    load = lambda p: json.load(open(p)) if os.path.exists(p) else {}  # noqa: E731
+    task = ft_task(d, quick)
+    for st in (FT_STAGES if stage == "all" else [stage]):
+        speed = load(paths["_speed"])
+        state = ft_state(d, quick, speed if speed.get("train_step_s") else None)
+        print(f"--- stage {st}; so far: {state}", flush=True)
+        if st in ("pretrain", "sweep", "variants", "long", "frontier"):
+            if st == "long":  # the step counts the long runs were given (kept by later step timings)
+                write_json(paths["_speed"], {**speed, "equal_time_steps": state["equal_time_steps"]})
+            ft_train(ft_runs(st, d, state, quick), d, jobs, threads)
+            continue
+        done = sorted(n for n in os.listdir(os.path.join(d, "runs")) if os.path.exists(os.path.join(d, "runs", n, "ckpt.pt")))
+        if st == "steptime":
+            write_json(paths["_speed"], {**speed, "train_step_s": ft_steptime(d, quick, repeats, FT_DECODERS[state["recipe"]]),
+                                         "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
+        elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
+            shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
+            shown = sorted((set(shown) | {n for n in done if n.startswith("frontier") or n.endswith("equal-time")}) & set(done))
+            write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
+                                         "threads": torch.get_num_threads()})
+        elif st == "eval":  # a run already scored at the same step with the same BLEU is kept (delete the file
+            scored = load(paths[""])  # to score all again); a file without "bleu" predates 13a: all scored again
+            old = scored.get("runs", {}) if scored.get("bleu") == data.BLEU_NAME else {}
+            keep = {n: r for n, r in old.items() if n in done and r["steps"] == ft_step(d, n)}
+            runs = {**keep, **ft_eval(d, [n for n in done if n not in keep], quick)}
+            write_json(paths[""], {"task": task, "state": state, "steps": FT_STEPS, "bleu": data.BLEU_NAME,
+                                   "runs": dict(sorted(runs.items()))})
+        elif st == "probe":
+            names = [f"bd3lm-lr{state['best_lr']['bd3lm']:g}", *state["decoder_runs"].values(),
+                     *(n for n in done if n.startswith("frontier-ndec"))]  # and the deeper/shallower decoders
+            write_json(paths["_probe"], ft_probe(d, sorted(set(names) & set(done)), quick))  # those trained so far
+    return ft_state(d, quick, load(paths["_speed"]) or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a prefix (--stag) is not taken for a flag
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--stage", default="all", help=f"all, or one of {', '.join(FT_STAGES)} (default all)")
+    p.add_argument("--out_dir", default="out-finetune", help="where the task's files and every run go "
+                   "(default out-finetune)")
+    p.add_argument("--json_dir", default="bench", help="where the figures go (default bench)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time, >= 1 (default 1)")
+    p.add_argument("--quick", action="store_true", help="tiny models and a few steps (a test of the code)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="steptime, decode: timed rounds (median), >= 1 (default 7; --quick 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch here and in every train.py run, >= 0; 0 = torch's default "
+                        "(default 0). Timings are only comparable at the same thread count; 1 on a busy or "
+                        "shared machine")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        bad = [f"--{name}={value} must be {rule}" for name, value, ok, rule in [
+            ("repeats", args.repeats, args.repeats is None or args.repeats >= 1, ">= 1"),
+            ("jobs", args.jobs, args.jobs >= 1, ">= 1"),
+            ("threads", args.threads, args.threads >= 0, ">= 0 (0 = torch's default)")] if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return finetune(args.stage, args.out_dir, args.jobs, args.threads, args.quick, args.json_dir,
+                        args.repeats or (FT_QUICK["repeats"] if args.quick else 7))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
