@@ -894,13 +894,106 @@ def ft_probe(d: str, names: list, quick: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# What docs/claims.md asks of the walk-through, beyond the stages above:
+#   - the AR trained from scratch timed beside the others (ft_decode_names: --stage=decode
+#     times it too), so both AR models sit on the frontier;
+#   - the equal-time comparison of E2D2 and BD3-LM repeated over seeds, with mean and spread:
+#     python bench.py finetune --stage=seeds --out_dir=out-ft --jobs=2 --threads=1
+#     (its own stage, not part of --stage=all: about 95 single-thread CPU minutes of training)
+# ---------------------------------------------------------------------------------------
+
+FT_SEEDS = (1337, 1338, 1339)  # 1337 is train.py's default: the seed of every run above, reused as trained
+FT_SEED_BLOCKS = (4, 8)  # the block lengths compared (4: the README's claim; 8: the docs' second one)
+
+
+def ft_decode_names(state: dict, done: list) -> list:
+    """The runs --stage=decode times, in one session: every model at its best learning rate,
+    every decoder, the frontier, the equal-time runs, and the AR trained from scratch."""
+    shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
+    shown += [n for n in done if n.startswith("frontier") or n.endswith("equal-time")] + ["ar-scratch"]
+    return sorted(set(shown) & set(done))
+
+
+def ft_seed_pairs(state: dict, quick: bool) -> dict:
+    """B -> (E2D2 run, BD3-LM run) of the equal-time comparison at FT_SEEDS[0]: E2D2 with the
+    recipe's depth N / 2 trained for BD3-LM's time (the long stage), BD3-LM for FT_STEPS at
+    its best learning rate (B = 8: the sweep's run; B = 4: the frontier's)."""
+    half = next(k for k, B in ft_equal_time(quick).values() if B == 4)  # the long stage's N / 2
+    bd3lm = {8: f"bd3lm-lr{state['best_lr']['bd3lm']:g}", 4: "frontier-bd3lm-B4"}
+    return {B: (f"e2d2-ndec{half}-B{B}-equal-time", bd3lm[B]) for B in FT_SEED_BLOCKS}
+
+
+def seed_run(name: str, seed: int) -> str:
+    """The run of `name` at `seed`: the run itself at FT_SEEDS[0], else one under runs/seeds/
+    (out of the other stages' way: their listings of runs/ never see it)."""
+    return name if seed == FT_SEEDS[0] else f"seeds/{name}-seed{seed}"
+
+
+def ft_seed_runs(d: str, state: dict, quick: bool) -> dict:
+    """The train.py runs of --stage=seeds, name -> flags: each run of ft_seed_pairs again at
+    every other seed of FT_SEEDS, with the same flags (so the same steps) but --seed. The seed
+    sets the order of the training pairs, the noise and the validation draws; the weights
+    come from the same pretrained AR (the spread is over fine-tuning, not over pretraining)."""
+    flags = {**ft_runs("sweep", d, state, quick), **ft_runs("long", d, state, quick), **ft_runs("frontier", d, state, quick)}
+    return {seed_run(name, seed): flags[name] + [f"--seed={seed}"]
+            for pair in ft_seed_pairs(state, quick).values() for name in pair for seed in FT_SEEDS[1:]}
+
+
+def mean_sd(xs: list) -> dict:
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+
+
+def ft_seed_table(rows: dict, state: dict, quick: bool) -> dict:
+    """From every run's figures (rows: name -> an ft_eval row, the seed-1337 runs under their
+    own names), per B: each model's validation NELBO and test chrF (T = B and B / 2) per seed,
+    their mean and standard deviation over seeds, and the paired differences E2D2 - BD3-LM
+    (same seed, same test set) with how many seeds E2D2 was ahead on."""
+    out = {}
+    for B, (e2d2, bd3lm) in ft_seed_pairs(state, quick).items():
+        per = {}
+        for model, name in (("e2d2", e2d2), ("bd3lm", bd3lm)):
+            runs = [rows[seed_run(name, seed)] for seed in FT_SEEDS]
+            per[model] = {"runs": [seed_run(name, seed) for seed in FT_SEEDS], "steps": [r["steps"] for r in runs],
+                          "val_nelbo": [r["val_nelbo"] for r in runs],
+                          **{f"chrf_T{T}": [r["test"][str(T)]["chrf"] for r in runs] for T in (B, B // 2)}}
+        figures = [k for k in per["e2d2"] if k.startswith(("val_nelbo", "chrf"))]
+        out[str(B)] = {**per, "summary": {m: {k: mean_sd(per[m][k]) for k in figures} for m in per},
+                       "e2d2_minus_bd3lm": {k: mean_sd([a - b for a, b in zip(per["e2d2"][k], per["bd3lm"][k])]) for k in figures},
+                       "e2d2_ahead_on_seeds": {k: sum((a < b) if k == "val_nelbo" else (a > b)
+                                                      for a, b in zip(per["e2d2"][k], per["bd3lm"][k])) for k in figures}}
+    return {"seeds": list(FT_SEEDS), "by_block_len": out}
+
+
+def ft_seeds(d: str, jobs: int, threads: int, quick: bool, json_dir: str) -> dict:
+    """--stage=seeds: train ft_seed_runs (after the stages they repeat), score every run of
+    the comparison on the test set (the seed-1337 runs' scores taken from finetune.json when
+    it has them at the same step) and write json_dir/finetune_seeds.json."""
+    speed_path, main_path = os.path.join(json_dir, "finetune_speed.json"), os.path.join(json_dir, "finetune.json")
+    speed = json.load(open(speed_path)) if os.path.exists(speed_path) else {}
+    state = ft_state(d, quick, speed if speed.get("train_step_s") else None)
+    if "equal_time_steps" not in state or "frontier-bd3lm-B4" not in os.listdir(os.path.join(d, "runs")):
+        raise ValueError("--stage=seeds repeats the long and frontier stages' runs: run those stages first")
+    runs = ft_seed_runs(d, state, quick)
+    ft_train(runs, d, jobs, threads)
+    old = json.load(open(main_path)).get("runs", {}) if os.path.exists(main_path) else {}
+    first = [n for pair in ft_seed_pairs(state, quick).values() for n in pair]
+    keep = {n: old[n] for n in first if n in old and old[n]["steps"] == ft_step(d, n)}
+    rows = {**keep, **ft_eval(d, [n for n in first + list(runs) if n not in keep], quick)}
+    table = ft_seed_table(rows, state, quick)
+    write_json(os.path.join(json_dir, "finetune_seeds.json"), {**table, "threads": threads, "load_after": os.getloadavg()})
+    return table
+
+
 def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int) -> dict:
     """Run one stage of the walk-through (or all of them, in FT_STAGES order); each training
     stage skips the runs already finished. The figures go to json_dir/finetune.json (the
     task, the choices, every run on the test set), finetune_speed.json (step times, decoding
     tokens/s) and finetune_probe.json (read_the_prompt along training)."""
+    if stage == "seeds":  # not part of "all": the repeat of the equal-time comparison over seeds
+        return ft_seeds(d, jobs, threads, quick, json_dir)
     if stage != "all" and stage not in FT_STAGES:
-        raise ValueError(f"--stage must be all or one of {FT_STAGES}, got {stage!r}")
+        raise ValueError(f"--stage must be all, seeds or one of {FT_STAGES}, got {stage!r}")
     paths = {k: os.path.join(json_dir, f"finetune{k}.json") for k in ("", "_speed", "_probe")}
     load = lambda p: json.load(open(p)) if os.path.exists(p) else {}  # noqa: E731
     task = ft_task(d, quick)
@@ -918,9 +1011,7 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
             write_json(paths["_speed"], {**speed, "train_step_s": ft_steptime(d, quick, repeats, FT_DECODERS[state["recipe"]]),
                                          "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
         elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
-            shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
-            shown = sorted((set(shown) | {n for n in done if n.startswith("frontier") or n.endswith("equal-time")}) & set(done))
-            write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
+            write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, ft_decode_names(state, done), quick, repeats),
                                          "threads": torch.get_num_threads()})
         elif st == "eval":  # a run already scored at the same step is kept (delete the file to score all again)
             old = load(paths[""]).get("runs", {})
@@ -952,7 +1043,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs (median), >= 1 (default: train 5, sample 3)")
     p.add_argument("--out_dir", default="", help="compare, finetune: where each model's run goes "
                    "(default out-compare, out-finetune)")
-    p.add_argument("--stage", default="all", help=f"finetune: all, or one of {', '.join(FT_STAGES)} (default all)")
+    p.add_argument("--stage", default="all", help=f"finetune: all (every stage of {', '.join(FT_STAGES)}, in order), one of them, "
+                        "or seeds (the equal-time comparison again at more seeds; not part of all) (default all)")
     p.add_argument("--jobs", type=int, default=1, help="finetune: training runs at a time, >= 1 (default 1)")
     p.add_argument("--json_dir", default="bench", help="finetune: where its figures go (default bench)")
     p.add_argument("--quick", action="store_true", help="finetune: tiny models and a few steps (a test of the code)")

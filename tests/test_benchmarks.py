@@ -233,3 +233,40 @@ def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     probe = json.loads((tmp_path / "finetune_probe.json").read_text())
     runs = {k: v for k, v in probe.items() if k not in ("commit", "dirty")}  # (write_json records the code's commit)
     assert runs and all(rows[0]["step"] == 0 for rows in runs.values())
+
+
+def test_finetune_seed_runs_repeat_the_equal_time_comparison_with_only_the_seed_changed():
+    import train
+    state = {"best_lr": {fam: lrs[-1] for fam, (_, lrs) in bench.FT_SWEPT.items()},
+             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": dict.fromkeys(bench.ft_equal_time(False), 467)}
+    first = {**bench.ft_runs("sweep", "D", state, False), **bench.ft_runs("long", "D", state, False),
+             **bench.ft_runs("frontier", "D", state, False)}
+    pairs = bench.ft_seed_pairs(state, False)
+    assert pairs == {4: ("e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4"), 8: ("e2d2-ndec4-B8-equal-time", "bd3lm-lr0.003")}
+    runs = bench.ft_seed_runs("D", state, False)
+    assert len(runs) == 2 * 2 * (len(bench.FT_SEEDS) - 1)
+    for B, pair in pairs.items():
+        for name in pair:
+            for seed in bench.FT_SEEDS[1:]:
+                flags = runs[f"seeds/{name}-seed{seed}"]
+                assert flags == first[name] + [f"--seed={seed}"]  # the same run (steps, lr, B), another seed
+                model_over, train_over = train.parse_args(flags)
+                assert train_over["seed"] == seed and model_over["block_len"] == B
+
+
+def test_finetune_seed_table_pairs_each_seed_and_counts_the_wins():
+    state = {"best_lr": {"bd3lm": 0.003}}
+    rows = {}
+    for B, (e2d2, bd3lm) in bench.ft_seed_pairs(state, False).items():
+        for i, seed in enumerate(bench.FT_SEEDS):
+            # E2D2 ahead on chrF at T = B at two seeds of three, BD3-LM lower NELBO at every seed
+            chrf = {"e2d2": [30.0, 32.0, 20.0][i], "bd3lm": [28.0, 29.0, 25.0][i]}
+            for model, name in (("e2d2", e2d2), ("bd3lm", bd3lm)):
+                rows[bench.seed_run(name, seed)] = {"steps": 300, "val_nelbo": 1.0 + (model == "e2d2") + i,
+                                                    "test": {str(B): {"chrf": chrf[model]}, str(B // 2): {"chrf": 1.0}}}
+    t = bench.ft_seed_table(rows, state, False)["by_block_len"]["4"]
+    assert t["e2d2"]["chrf_T4"] == [30.0, 32.0, 20.0]
+    assert t["summary"]["e2d2"]["chrf_T4"]["mean"] == pytest.approx(82 / 3)
+    assert t["e2d2_minus_bd3lm"]["chrf_T4"]["mean"] == pytest.approx((2 + 3 - 5) / 3)
+    assert t["e2d2_minus_bd3lm"]["chrf_T4"]["sd"] == pytest.approx(4.3589, abs=1e-4)  # of (2, 3, -5)
+    assert t["e2d2_ahead_on_seeds"] == {"val_nelbo": 0, "chrf_T4": 2, "chrf_T2": 0}
