@@ -78,6 +78,8 @@ MASK_NOISY = "46_$"  # one x_t of the answer (the masks do not depend on which t
 
 
 def masks_data() -> dict:
+    """Every model's training mask on the example, as 0/1 rows (queries) of columns (keys),
+    with the token of each row and column: clean x_0 (or h, its encoding) and noisy x_t."""
     tok = data.ByteTokenizer()
     batch = data.collate([(tok.encode(MASK_PROMPT), tok.encode(MASK_ANSWER))], MASK_B, 64)
     x0, prompt = batch.x0, batch.prompt_mask  # (1, L)
@@ -86,14 +88,13 @@ def masks_data() -> dict:
     if len(clean) != x0.shape[1]:
         raise ValueError("every token of the mask example must be one character")
     noisy = clean[:int(prompt.sum())] + list(MASK_NOISY)  # the prompt is never noised
-    x = lambda labels: [f"{c}" for c in labels]  # noqa: E731
     masks = {  # name -> (mask, query labels, key labels, key groups: label of each group, its width)
-        "AR": (causal_mask(valid), x(clean), x(clean), [["x_0", len(clean)]]),
-        "MDLM": (full_mask(valid), x(noisy), x(noisy), [["x_t", len(noisy)]]),
-        "BD3-LM": (bd3lm_mask(prompt, valid, MASK_B), x(clean) + x(noisy), x(clean) + x(noisy),
+        "AR": (causal_mask(valid), clean, clean, [["x_0", len(clean)]]),
+        "MDLM": (full_mask(valid), noisy, noisy, [["x_t", len(noisy)]]),  # MDLM reads x_t alone
+        "BD3-LM": (bd3lm_mask(prompt, valid, MASK_B), clean + noisy, clean + noisy,
                    [["x_0", len(clean)], ["x_t", len(noisy)]]),
-        "E2D2 encoder": (encoder_mask(prompt, valid, MASK_B), x(clean), x(clean), [["x_0", len(clean)]]),
-        "E2D2 decoder": (decoder_mask(valid, MASK_B), x(noisy), x(clean) + x(noisy),
+        "E2D2 encoder": (encoder_mask(prompt, valid, MASK_B), clean, clean, [["x_0", len(clean)]]),
+        "E2D2 decoder": (decoder_mask(valid, MASK_B), noisy, clean + noisy,
                          [["h (of x_0)", len(clean)], ["x_t", len(noisy)]]),
     }
     return {"example": {"prompt": MASK_PROMPT, "answer": MASK_ANSWER, "x_t answer": MASK_NOISY, "block_len": MASK_B,

@@ -233,6 +233,16 @@ def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     probe = json.loads((tmp_path / "finetune_probe.json").read_text())
     runs = {k: v for k, v in probe.items() if k not in ("commit", "dirty")}  # (write_json records the code's commit)
     assert runs and all(rows[0]["step"] == 0 for rows in runs.values())
+    assert "ar-scratch" in speed["decode_tokens_per_s"]  # both AR models on the frontier
+    # the equal-time comparison again at the other seeds: only the seed runs train
+    r = subprocess.run([sys.executable, "bench.py", "finetune", "--quick", "--stage=seeds", f"--out_dir={tmp_path / 'runs'}",
+                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("training ") == len(bench.FT_SEED_BLOCKS) * 2 * (len(bench.FT_SEEDS) - 1)
+    seeds = json.loads((tmp_path / "finetune_seeds.json").read_text())
+    for B in bench.FT_SEED_BLOCKS:
+        table = seeds["by_block_len"][str(B)]
+        assert len(table["e2d2"]["val_nelbo"]) == len(bench.FT_SEEDS) and table["summary"]["bd3lm"]["val_nelbo"]["n"] == 3
 
 
 def test_finetune_seed_runs_repeat_the_equal_time_comparison_with_only_the_seed_changed():
