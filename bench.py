@@ -956,8 +956,9 @@ def ft_seed_table(rows: dict, state: dict, quick: bool) -> dict:
             runs = [rows[seed_run(name, seed)] for seed in FT_SEEDS]
             per[model] = {"runs": [seed_run(name, seed) for seed in FT_SEEDS], "steps": [r["steps"] for r in runs],
                           "val_nelbo": [r["val_nelbo"] for r in runs],
+                          "val_nelbo_se": [r["val_curve"][-1][2] for r in runs],  # the evaluation's own noise, per run
                           **{f"chrf_T{T}": [r["test"][str(T)]["chrf"] for r in runs] for T in (B, B // 2)}}
-        figures = [k for k in per["e2d2"] if k.startswith(("val_nelbo", "chrf"))]
+        figures = [k for k in per["e2d2"] if k == "val_nelbo" or k.startswith("chrf")]
         out[str(B)] = {**per, "summary": {m: {k: mean_sd(per[m][k]) for k in figures} for m in per},
                        "e2d2_minus_bd3lm": {k: mean_sd([a - b for a, b in zip(per["e2d2"][k], per["bd3lm"][k])]) for k in figures},
                        "e2d2_ahead_on_seeds": {k: sum((a < b) if k == "val_nelbo" else (a > b)

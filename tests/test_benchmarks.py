@@ -273,6 +273,7 @@ def test_finetune_seed_table_pairs_each_seed_and_counts_the_wins():
             chrf = {"e2d2": [30.0, 32.0, 20.0][i], "bd3lm": [28.0, 29.0, 25.0][i]}
             for model, name in (("e2d2", e2d2), ("bd3lm", bd3lm)):
                 rows[bench.seed_run(name, seed)] = {"steps": 300, "val_nelbo": 1.0 + (model == "e2d2") + i,
+                                                    "val_curve": [[300, 1.0 + (model == "e2d2") + i, 0.05]],
                                                     "test": {str(B): {"chrf": chrf[model]}, str(B // 2): {"chrf": 1.0}}}
     t = bench.ft_seed_table(rows, state, False)["by_block_len"]["4"]
     assert t["e2d2"]["chrf_T4"] == [30.0, 32.0, 20.0]
