@@ -243,6 +243,12 @@ def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     for B in bench.FT_SEED_BLOCKS:
         table = seeds["by_block_len"][str(B)]
         assert len(table["e2d2"]["val_nelbo"]) == len(bench.FT_SEEDS) and table["summary"]["bd3lm"]["val_nelbo"]["n"] == 3
+    # both AR models timed beside E2D2 and BD3-LM (every run already trained: nothing trains)
+    r = subprocess.run([sys.executable, "bench.py", "finetune", "--quick", "--stage=ar_speed", f"--out_dir={tmp_path / 'runs'}",
+                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "training " not in r.stdout, r.stderr[-2000:]
+    ar_speed = json.loads((tmp_path / "finetune_ar_speed.json").read_text())
+    assert {"ar-scratch", "frontier-bd3lm-B4"} <= set(ar_speed["decode_tokens_per_s"]) == set(ar_speed["test"])
 
 
 def test_finetune_seed_runs_repeat_the_equal_time_comparison_with_only_the_seed_changed():
@@ -254,9 +260,10 @@ def test_finetune_seed_runs_repeat_the_equal_time_comparison_with_only_the_seed_
     pairs = bench.ft_seed_pairs(state, False)
     assert pairs == {4: ("e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4"), 8: ("e2d2-ndec4-B8-equal-time", "bd3lm-lr0.003")}
     runs = bench.ft_seed_runs("D", state, False)
-    assert len(runs) == 2 * 2 * (len(bench.FT_SEEDS) - 1)
+    assert len(runs) == 2 * 2 * len(bench.FT_SEEDS)
     for B, pair in pairs.items():
         for name in pair:
+            assert runs[name] == first[name]  # the first seed's run is the walk-through's own
             for seed in bench.FT_SEEDS[1:]:
                 flags = runs[f"seeds/{name}-seed{seed}"]
                 assert flags == first[name] + [f"--seed={seed}"]  # the same run (steps, lr, B), another seed
