@@ -44,3 +44,12 @@ def test_figure_data_is_the_projects_own(today):
     c = today["sampling_cost"]["against_T"]
     assert c["AR"]["layer_calls"] == [figures.COST["n_enc"]] * len(c["T"])
     assert all(e < b for e, b in zip(c["E2D2"]["layer_calls"], c["BD3-LM"]["layer_calls"]))
+
+
+@pytest.mark.slow
+def test_python_figures_draws_every_figure(tmp_path):
+    """The one command draws all three (SVG and PNG) and writes the same data as committed."""
+    figures.write(str(tmp_path))
+    for name in figures.DRAW:
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.svg").stat().st_size > 10_000
+        assert (tmp_path / f"{name}.json").read_text() == open(os.path.join(figures.OUT, f"{name}.json")).read()
