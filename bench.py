@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from e2d2 import Layer, ModelConfig, generate
 from models import (DTYPES, MODEL_TYPES, MODELS, autocast_for, build_model, compile_for_sampling, is_cuda,
-                    load_checkpoint, model_from_checkpoint, model_spec, peak_bf16_tflops, pick_device, timed,
-                    train_flops_per_token, upgrade_state_dict, write_json)
+                    load_checkpoint, model_from_checkpoint, model_spec, peak_bf16_tflops, pick_device, sampling_cost,
+                    timed, train_flops_per_token, upgrade_state_dict, write_json)
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,23 +154,6 @@ BENCH = dict(prompt=16, answer=128, d_model=256, n_heads=4, n_enc=12, n_dec=2, b
 # and E2D2 without (the reference every cached sampler must match, to show what the cache saves)
 BENCH_VARIANTS = [(f"{name} cached" if spec.has_cache else name, name, spec.has_cache) for name, spec in MODELS.items()]
 BENCH_VARIANTS.insert(1, ("e2d2 no cache", "e2d2", False))
-
-
-def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n_enc: int, n_dec: int):
-    """Analytic cost per generated token of sampling A tokens after a P-token prompt, with
-    T steps per block of B (no early stop), as the model's registry entry counts it
-    (models.MODELS[model].sampling_cost). Returns (layer-token passes, layer calls): the
-    first is what compute-bound hardware pays (linear layers; attention left out), the
-    second what a latency-bound one pays (one call per layer, whatever its width).
-      E2D2 cached:   prompt through the encoder; per block T decoder calls on B tokens, then
-                     the encoder on the finished block (not after the last one).
-      E2D2 no cache: every step re-runs encoder + decoder over prompt + blocks so far.
-      BD3-LM cached: as E2D2 cached, but all N layers at every step.
-      MDLM:          K * T steps (as many as the block models take), all N layers over P + A.
-      AR cached:     the prompt, then one token per call."""
-    cfg = ModelConfig(model=model, n_enc=n_enc, n_dec=n_dec, block_len=B, seq_len=B * math.ceil((P + A) / B))
-    tokens, calls = model_spec(model).sampling_cost(cfg, use_cache, P, A, B, T)
-    return tokens / A, calls / A
 
 
 def steps_per_own_block(model, P: int, A: int, B: int, T: int) -> int:

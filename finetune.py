@@ -407,13 +407,146 @@ def ft_probe(d: str, names: list, quick: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# Two measurements docs/claims.md asks of the walk-through, a stage each (not part of "all"),
+# each runnable from an empty out_dir: it takes the walk-through's choices (learning rates,
+# decoder, equal-time step counts) from json_dir/finetune.json, trains what it needs that is
+# not there yet (the pretrained AR first) and keeps every run it finds finished.
+#   --stage=ar_speed  both AR models timed in one session with E2D2's and BD3-LM's
+#                     equal-time points (blocks of 4): the AR on the frontier
+#   --stage=seeds     the equal-time comparison of E2D2 and BD3-LM at each of FT_SEEDS
+# The ordinary --stage=decode times the AR trained from scratch too (ft_decode_names).
+# ---------------------------------------------------------------------------------------
+
+FT_SEEDS = (1337, 1338, 1339)  # 1337 is train.py's default: the seed of every run of the walk-through
+FT_SEED_BLOCKS = (4, 8)  # the block lengths compared (4: the README's claim; 8: the docs' second one)
+
+
+def ft_decode_names(state: dict, done: list) -> list:
+    """The runs --stage=decode times, in one session: every model at its best learning rate,
+    every decoder, the frontier, the equal-time runs, and the AR trained from scratch."""
+    shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
+    shown += [n for n in done if n.startswith("frontier") or n.endswith("equal-time")] + ["ar-scratch"]
+    return sorted(set(shown) & set(done))
+
+
+def ft_recorded_state(d: str, quick: bool, json_dir: str) -> dict:
+    """The walk-through's choices: as recorded in json_dir/finetune.json (what its tables were
+    made with), or, failing that, as the finished stages in d give them."""
+    path = os.path.join(json_dir, "finetune.json")
+    recorded = json.load(open(path)).get("state", {}) if os.path.exists(path) else {}
+    if "equal_time_steps" in recorded:
+        return recorded
+    speed_path = os.path.join(json_dir, "finetune_speed.json")
+    speed = json.load(open(speed_path)) if os.path.exists(speed_path) else {}
+    state = ft_state(d, quick, speed if speed.get("train_step_s") else None)
+    if "equal_time_steps" not in state:
+        raise ValueError(f"this stage needs the walk-through's choices: {path} (its state), or the stages up to "
+                         f"long run in {d}")
+    return state
+
+
+def ft_seed_pairs(state: dict, quick: bool) -> dict:
+    """B -> (E2D2 run, BD3-LM run) of the equal-time comparison: E2D2 with the recipe's depth
+    N / 2 trained for BD3-LM's time (the long stage), BD3-LM for FT_STEPS at its best learning
+    rate (B = 8: the sweep's run; B = 4: the frontier's)."""
+    half = next(k for k, B in ft_equal_time(quick).values() if B == 4)  # the long stage's N / 2
+    bd3lm = {8: f"bd3lm-lr{state['best_lr']['bd3lm']:g}", 4: "frontier-bd3lm-B4"}
+    return {B: (f"e2d2-ndec{half}-B{B}-equal-time", bd3lm[B]) for B in FT_SEED_BLOCKS}
+
+
+def seed_run(name: str, seed: int) -> str:
+    """The run of `name` at `seed`: at FT_SEEDS[0] the walk-through's own run, else one under
+    runs/seeds/ (out of the other stages' way: their listings of runs/ never see it)."""
+    return name if seed == FT_SEEDS[0] else f"seeds/{name}-seed{seed}"
+
+
+def ft_named_runs(d: str, state: dict, quick: bool) -> dict:
+    """Every fine-tuning run of the walk-through, name -> train.py flags."""
+    return {name: flags for stage in ("sweep", "variants", "long", "frontier")
+            for name, flags in ft_runs(stage, d, state, quick).items()}
+
+
+def ft_seed_runs(d: str, state: dict, quick: bool) -> dict:
+    """The train.py runs of --stage=seeds, name -> flags: each run of ft_seed_pairs at every
+    seed of FT_SEEDS, with the walk-through's flags (so the same steps) and --seed. The seed
+    sets the order of the training pairs, the noise and the validation draws; the weights
+    come from the same pretrained AR (the spread is over fine-tuning, not over pretraining)."""
+    flags = ft_named_runs(d, state, quick)
+    return {seed_run(name, seed): flags[name] + ([f"--seed={seed}"] if seed != FT_SEEDS[0] else [])
+            for pair in ft_seed_pairs(state, quick).values() for name in pair for seed in FT_SEEDS}
+
+
+def mean_sd(xs: list) -> dict:
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+
+
+def ft_seed_table(rows: dict, state: dict, quick: bool) -> dict:
+    """From every run's ft_eval row: per B, each model's validation NELBO (with its evaluation
+    standard error) and test chrF (T = B and B / 2) per seed, their mean and standard deviation
+    over seeds, and the paired differences E2D2 - BD3-LM (same seed, same test set) with the
+    number of seeds E2D2 was ahead on."""
+    out = {}
+    for B, (e2d2, bd3lm) in ft_seed_pairs(state, quick).items():
+        per = {}
+        for model, name in (("e2d2", e2d2), ("bd3lm", bd3lm)):
+            runs = [rows[seed_run(name, seed)] for seed in FT_SEEDS]
+            per[model] = {"runs": [seed_run(name, seed) for seed in FT_SEEDS], "steps": [r["steps"] for r in runs],
+                          "val_nelbo": [r["val_nelbo"] for r in runs],
+                          "val_nelbo_se": [r["val_curve"][-1][2] for r in runs],  # the evaluation's own noise, per run
+                          **{f"chrf_T{T}": [r["test"][str(T)]["chrf"] for r in runs] for T in (B, B // 2)}}
+        figures = [k for k in per["e2d2"] if k == "val_nelbo" or k.startswith("chrf")]
+        out[str(B)] = {**per, "summary": {m: {k: mean_sd(per[m][k]) for k in figures} for m in per},
+                       "e2d2_minus_bd3lm": {k: mean_sd([a - b for a, b in zip(per["e2d2"][k], per["bd3lm"][k])]) for k in figures},
+                       "e2d2_ahead_on_seeds": {k: sum((a < b) if k == "val_nelbo" else (a > b)
+                                                      for a, b in zip(per["e2d2"][k], per["bd3lm"][k])) for k in figures}}
+    return {"seeds": list(FT_SEEDS), "by_block_len": out}
+
+
+def ft_prepare(d: str, jobs: int, threads: int, quick: bool, json_dir: str) -> dict:
+    """The task's files and the pretrained AR in d (made once), and the walk-through's choices."""
+    ft_task(d, quick)
+    state = ft_recorded_state(d, quick, json_dir)
+    ft_train(ft_runs("pretrain", d, state, quick), d, jobs, threads)
+    return state
+
+
+def ft_seeds(d: str, jobs: int, threads: int, quick: bool, json_dir: str) -> dict:
+    """--stage=seeds: train ft_seed_runs, score every one on the test set (all of them now,
+    so that every seed is scored by the same code) and write json_dir/finetune_seeds.json."""
+    state = ft_prepare(d, jobs, threads, quick, json_dir)
+    runs = ft_seed_runs(d, state, quick)
+    ft_train(runs, d, jobs, threads)
+    table = ft_seed_table(ft_eval(d, list(runs), quick), state, quick)
+    write_json(os.path.join(json_dir, "finetune_seeds.json"), {**table, "threads": threads, "load_after": os.getloadavg()})
+    return table
+
+
+def ft_ar_speed(d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int) -> dict:
+    """--stage=ar_speed: the AR trained from scratch and the fine-tuned AR (at its best rate)
+    timed in one session with the equal-time E2D2 and BD3-LM with blocks of 4 (the frontier's
+    best points), each scored on the test set: json_dir/finetune_ar_speed.json."""
+    state = ft_prepare(d, jobs, threads, quick, json_dir)
+    names = ["ar-scratch", f"ar-lr{state['best_lr']['ar']:g}", *ft_seed_pairs(state, quick)[4]]
+    flags = ft_named_runs(d, state, quick)
+    ft_train({name: flags[name] for name in names}, d, jobs, threads)
+    out = {"test": ft_eval(d, names, quick), "decode_tokens_per_s": ft_decode(d, names, quick, repeats),
+           "threads": torch.get_num_threads(), "load_after": os.getloadavg()}
+    write_json(os.path.join(json_dir, "finetune_ar_speed.json"), out)
+    return out
+
+
 def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int) -> dict:
     """Run one stage of the walk-through (or all of them, in FT_STAGES order); each training
     stage skips the runs already finished. The figures go to json_dir/finetune.json (the
     task, the choices, every run on the test set), finetune_speed.json (step times, decoding
     tokens/s) and finetune_probe.json (read_the_prompt along training)."""
+    if stage == "seeds":  # these two are not part of "all" (docs/claims.md)
+        return ft_seeds(d, jobs, threads, quick, json_dir)
+    if stage == "ar_speed":
+        return ft_ar_speed(d, jobs, threads, quick, json_dir, repeats)
     if stage != "all" and stage not in FT_STAGES:
-        raise ValueError(f"--stage must be all or one of {FT_STAGES}, got {stage!r}")
+        raise ValueError(f"--stage must be all, seeds, ar_speed or one of {FT_STAGES}, got {stage!r}")
     paths = {k: os.path.join(json_dir, f"finetune{k}.json") for k in ("", "_speed", "_probe")}
     load = lambda p: json.load(open(p)) if os.path.exists(p) else {}  # noqa: E731
     task = ft_task(d, quick)
@@ -431,9 +564,7 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
             write_json(paths["_speed"], {**speed, "train_step_s": ft_steptime(d, quick, repeats, FT_DECODERS[state["recipe"]]),
                                          "threads": torch.get_num_threads(), "load_before": os.getloadavg()})
         elif st == "decode":  # the runs of the tables: each model at its best lr, every decoder, the frontier
-            shown = [f"{fam}-lr{lr:g}" for fam, lr in state["best_lr"].items()] + list(state["decoder_runs"].values())
-            shown = sorted((set(shown) | {n for n in done if n.startswith("frontier") or n.endswith("equal-time")}) & set(done))
-            write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, shown, quick, repeats),
+            write_json(paths["_speed"], {**speed, "decode_tokens_per_s": ft_decode(d, ft_decode_names(state, done), quick, repeats),
                                          "threads": torch.get_num_threads()})
         elif st == "eval":  # a run already scored at the same step with the same BLEU is kept (delete the file
             scored = load(paths[""])  # to score all again); a file without "bleu" predates 13a: all scored again
@@ -453,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix (--stag) is not taken for a flag
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--stage", default="all", help=f"all, or one of {', '.join(FT_STAGES)} (default all)")
+    p.add_argument("--stage", default="all", help=f"all (every stage of {', '.join(FT_STAGES)}, in order), one of them, "
+                   "or, not part of all: seeds (the equal-time comparison at 3 seeds), ar_speed (both AR "
+                   "models timed beside E2D2 and BD3-LM) (default all)")
     p.add_argument("--out_dir", default="out-finetune", help="where the task's files and every run go "
                    "(default out-finetune)")
     p.add_argument("--json_dir", default="bench", help="where the figures go (default bench)")

@@ -149,6 +149,23 @@ MODELS = {
 MODEL_TYPES = tuple(MODELS)
 
 
+def sampling_cost(model: str, use_cache: bool, P: int, A: int, B: int, T: int, n_enc: int, n_dec: int):
+    """Analytic cost per generated token of sampling A tokens after a P-token prompt, with
+    T steps per block of B (no early stop), as the model's registry entry counts it
+    (MODELS[model].sampling_cost). Returns (layer-token passes, layer calls): the
+    first is what compute-bound hardware pays (linear layers; attention left out), the
+    second what a latency-bound one pays (one call per layer, whatever its width).
+      E2D2 cached:   prompt through the encoder; per block T decoder calls on B tokens, then
+                     the encoder on the finished block (not after the last one).
+      E2D2 no cache: every step re-runs encoder + decoder over prompt + blocks so far.
+      BD3-LM cached: as E2D2 cached, but all N layers at every step.
+      MDLM:          K * T steps (as many as the block models take), all N layers over P + A.
+      AR cached:     the prompt, then one token per call."""
+    cfg = ModelConfig(model=model, n_enc=n_enc, n_dec=n_dec, block_len=B, seq_len=B * math.ceil((P + A) / B))
+    tokens, calls = model_spec(model).sampling_cost(cfg, use_cache, P, A, B, T)
+    return tokens / A, calls / A
+
+
 def model_spec(name: str) -> ModelSpec:
     """The registry entry of a model type; a clear error for a name it does not hold."""
     if name not in MODELS:

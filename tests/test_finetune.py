@@ -104,3 +104,58 @@ def test_finetune_walkthrough_runs_end_to_end(tmp_path):
     probe = json.loads((tmp_path / "finetune_probe.json").read_text())
     runs = {k: v for k, v in probe.items() if k not in ("commit", "dirty")}  # (write_json records the code's commit)
     assert runs and all(rows[0]["step"] == 0 for rows in runs.values())
+    assert "ar-scratch" in speed["decode_tokens_per_s"]  # both AR models on the frontier
+    # the equal-time comparison again at the other seeds: only the seed runs train
+    r = subprocess.run([sys.executable, "finetune.py", "--quick", "--stage=seeds", f"--out_dir={tmp_path / 'runs'}",
+                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("training ") == len(finetune.FT_SEED_BLOCKS) * 2 * (len(finetune.FT_SEEDS) - 1)
+    seeds = json.loads((tmp_path / "finetune_seeds.json").read_text())
+    for B in finetune.FT_SEED_BLOCKS:
+        table = seeds["by_block_len"][str(B)]
+        assert len(table["e2d2"]["val_nelbo"]) == len(finetune.FT_SEEDS) and table["summary"]["bd3lm"]["val_nelbo"]["n"] == 3
+    # both AR models timed beside E2D2 and BD3-LM (every run already trained: nothing trains)
+    r = subprocess.run([sys.executable, "finetune.py", "--quick", "--stage=ar_speed", f"--out_dir={tmp_path / 'runs'}",
+                        f"--json_dir={tmp_path}", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "training " not in r.stdout, r.stderr[-2000:]
+    ar_speed = json.loads((tmp_path / "finetune_ar_speed.json").read_text())
+    assert {"ar-scratch", "frontier-bd3lm-B4"} <= set(ar_speed["decode_tokens_per_s"]) == set(ar_speed["test"])
+
+
+def test_finetune_seed_runs_repeat_the_equal_time_comparison_with_only_the_seed_changed():
+    import train
+    state = {"best_lr": {fam: lrs[-1] for fam, (_, lrs) in finetune.FT_SWEPT.items()},
+             "recipe": "e2d2-shared_kv-tied-top", "equal_time_steps": dict.fromkeys(finetune.ft_equal_time(False), 467)}
+    first = {**finetune.ft_runs("sweep", "D", state, False), **finetune.ft_runs("long", "D", state, False),
+             **finetune.ft_runs("frontier", "D", state, False)}
+    pairs = finetune.ft_seed_pairs(state, False)
+    assert pairs == {4: ("e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4"), 8: ("e2d2-ndec4-B8-equal-time", "bd3lm-lr0.003")}
+    runs = finetune.ft_seed_runs("D", state, False)
+    assert len(runs) == 2 * 2 * len(finetune.FT_SEEDS)
+    for B, pair in pairs.items():
+        for name in pair:
+            assert runs[name] == first[name]  # the first seed's run is the walk-through's own
+            for seed in finetune.FT_SEEDS[1:]:
+                flags = runs[f"seeds/{name}-seed{seed}"]
+                assert flags == first[name] + [f"--seed={seed}"]  # the same run (steps, lr, B), another seed
+                model_over, train_over = train.parse_args(flags)
+                assert train_over["seed"] == seed and model_over["block_len"] == B
+
+
+def test_finetune_seed_table_pairs_each_seed_and_counts_the_wins():
+    state = {"best_lr": {"bd3lm": 0.003}}
+    rows = {}
+    for B, (e2d2, bd3lm) in finetune.ft_seed_pairs(state, False).items():
+        for i, seed in enumerate(finetune.FT_SEEDS):
+            # E2D2 ahead on chrF at T = B at two seeds of three, BD3-LM lower NELBO at every seed
+            chrf = {"e2d2": [30.0, 32.0, 20.0][i], "bd3lm": [28.0, 29.0, 25.0][i]}
+            for model, name in (("e2d2", e2d2), ("bd3lm", bd3lm)):
+                rows[finetune.seed_run(name, seed)] = {"steps": 300, "val_nelbo": 1.0 + (model == "e2d2") + i,
+                                                    "val_curve": [[300, 1.0 + (model == "e2d2") + i, 0.05]],
+                                                    "test": {str(B): {"chrf": chrf[model]}, str(B // 2): {"chrf": 1.0}}}
+    t = finetune.ft_seed_table(rows, state, False)["by_block_len"]["4"]
+    assert t["e2d2"]["chrf_T4"] == [30.0, 32.0, 20.0]
+    assert t["summary"]["e2d2"]["chrf_T4"]["mean"] == pytest.approx(82 / 3)
+    assert t["e2d2_minus_bd3lm"]["chrf_T4"]["mean"] == pytest.approx((2 + 3 - 5) / 3)
+    assert t["e2d2_minus_bd3lm"]["chrf_T4"]["sd"] == pytest.approx(4.3589, abs=1e-4)  # of (2, 3, -5)
+    assert t["e2d2_ahead_on_seeds"] == {"val_nelbo": 0, "chrf_T4": 2, "chrf_T2": 0}
