@@ -129,9 +129,10 @@ def test_finetune_seed_runs_repeat_the_equal_time_comparison_with_only_the_seed_
     first = {**finetune.ft_runs("sweep", "D", state, False), **finetune.ft_runs("long", "D", state, False),
              **finetune.ft_runs("frontier", "D", state, False)}
     pairs = finetune.ft_seed_pairs(state, False)
-    assert pairs == {4: ("e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4"), 8: ("e2d2-ndec4-B8-equal-time", "bd3lm-lr0.003")}
+    expected = {4: ("e2d2-ndec4-B4-equal-time", "frontier-bd3lm-B4"), 8: ("e2d2-ndec4-B8-equal-time", "bd3lm-lr0.003")}
+    assert pairs == {B: expected[B] for B in finetune.FT_SEED_BLOCKS}
     runs = finetune.ft_seed_runs("D", state, False)
-    assert len(runs) == 2 * 2 * len(finetune.FT_SEEDS)
+    assert len(runs) == 2 * len(finetune.FT_SEED_BLOCKS) * len(finetune.FT_SEEDS)
     for B, pair in pairs.items():
         for name in pair:
             assert runs[name] == first[name]  # the first seed's run is the walk-through's own
