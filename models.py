@@ -15,6 +15,7 @@ import functools
 import hashlib
 import math
 import os
+import subprocess
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
@@ -462,6 +463,26 @@ def compile_for_sampling(model: TokenModel) -> TokenModel:
     model.eval()
     model.run = torch.compile(model.run)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# The code version figures are measured at (bench.py's JSON, the race page's caption).
+# ---------------------------------------------------------------------------------------
+
+
+def code_version(out: str = "") -> dict:
+    """The git commit this code is at, and whether the working tree differs from it (the
+    figures of a dirty tree belong to no commit). `out`, the file the figures go to, does
+    not count: a figures file committed by an earlier run would otherwise mark every rerun
+    dirty."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()  # "XY path"
+    own = os.path.relpath(os.path.abspath(out), root) if out else None
+    return {"commit": head.stdout.strip(), "dirty": any(line[3:] != own for line in changed)}
 
 
 # ---------------------------------------------------------------------------------------
