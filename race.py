@@ -257,7 +257,7 @@ h1 { font-size: 1.3em; margin: 0 0 .3em; }
 .lane.finished { border-color: #2a7; }
 .head { display: flex; justify-content: space-between; align-items: baseline; gap: 1em; }
 .name { font-weight: 600; font-size: 1.1em; }
-.now { color: #555; font-size: .9em; min-width: 15em; }
+.running { color: #555; font-size: .9em; }
 .counters { font-variant-numeric: tabular-nums; font-size: .9em; }
 .result { font-weight: 600; color: #2a7; min-height: 1.3em; }
 .row { font-family: ui-monospace, monospace; margin: 2px 0; display: flex; align-items: center; white-space: pre; }
@@ -309,7 +309,7 @@ let tau = 0, playing = true, lastTick = null, order = [];
 const view = D.lanes.map((lane, li) => {
   const el = $("div", "lane"); el.dataset.lane = lane.name;
   const head = $("div", "head"); const name = $("span", "name", lane.name);
-  const now = $("span", "now"); const counters = $("span", "counters");
+  const now = $("span", "running"); const counters = $("span", "counters");
   head.append(name, now, counters); el.append(head);
   const bar = $("div", "bar");
   for (const [t0, t1, kind] of lane.calls) {
@@ -332,6 +332,8 @@ const view = D.lanes.map((lane, li) => {
   return {el, now, counters, cursor, rows, result};
 });
 
+const finished = (lane, t) => t >= lane.total_ms;  // a lane has finished once the clock reaches its total time
+
 function stateAt(lane, t) {
   // tokens revealed by every step at or before t; the next step says which block is being denoised
   const grid = D.prompts.map(() => ({}));
@@ -344,7 +346,7 @@ function stateAt(lane, t) {
   for (const [t0, t1, kind, n] of lane.calls) {
     if (t1 <= t) { calls += 1; layers += n; } else if (t0 <= t) running = kind;
   }
-  return {grid, next, calls, layers, running, done: t >= lane.total_ms};
+  return {grid, next, calls, layers, running, done: finished(lane, t)};
 }
 
 function render() {
@@ -394,9 +396,9 @@ function render() {
 
 function advance(t) {
   // lanes that finish within one move of the clock are ranked by their recorded times
-  const before = D.lanes.map(l => tau >= l.total_ms);
+  const before = D.lanes.map(l => finished(l, tau));
   tau = t;
-  D.lanes.map((l, i) => [l, i]).filter(([l, i]) => !before[i] && tau >= l.total_ms)
+  D.lanes.map((l, i) => [l, i]).filter(([l, i]) => !before[i] && finished(l, tau))
     .sort((a, b) => a[0].total_ms - b[0].total_ms).forEach(([l, i]) => order.includes(i) || order.push(i));
   render();
 }

@@ -1,5 +1,6 @@
 """The race (race.py, sample.py --race, bench.py race): the recorder against the sampler it
 records, and the page in a real browser (headless Chromium, marked slow)."""
+import fcntl
 import json
 import os
 import queue
@@ -23,6 +24,20 @@ PROMPTS = ["12+34=", "905+7=", "1+1="]
 A = 8  # answer tokens: two blocks of 4 for E2D2 and BD3-LM
 
 
+def vivid(name: str):
+    """A tiny model whose weights are drawn larger than at initialisation: its answers change
+    from position to position (a freshly initialised tiny model writes one token everywhere,
+    which would hide a page that shows tokens in the wrong places)."""
+    model = tiny(name)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 3 / p.shape[1] ** 0.5)
+        model.embed.weight.normal_(0, 1)
+    return model
+
+
 def race_of(models, **sampling):
     """run_race over tiny random models, one per type, on PROMPTS."""
     tok = data.ByteTokenizer()
@@ -38,7 +53,7 @@ def test_every_model_has_a_lane():
 def test_the_recording_is_the_generation(tmp_path):
     """The recorded tokens are generate()'s; the calls are timed in order within the total;
     the layer calls are the registry's count; the page is self-contained and small."""
-    models = [tiny(name) for name in MODELS]
+    models = [vivid(name) for name in MODELS]
     sampling = dict(max_new_tokens=A, stop_at_eos=False)
     result = race_of(models, **sampling)
     tok = data.ByteTokenizer()
@@ -104,8 +119,9 @@ class Browser:
     def __init__(self, exe: str, profile: str):
         cmd_r, cmd_w = os.pipe()
         ev_r, ev_w = os.pipe()
-        # above 4, so that moving them to 3 and 4 in the browser's process clobbers neither
-        cmd_r2, ev_w2 = os.dup2(cmd_r, 10), os.dup2(ev_w, 11)
+        # copies numbered above 4 (the lowest free ones), so that moving them to 3 and 4 in the
+        # browser's process clobbers neither
+        cmd_r2, ev_w2 = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 5), fcntl.fcntl(ev_w, fcntl.F_DUPFD, 5)
 
         def fds_3_and_4():
             os.dup2(cmd_r2, 3)
@@ -206,7 +222,7 @@ def open_page(path: str, slow: int, timeout: float = 60) -> tuple:
 def test_the_page_in_a_browser(tmp_path):
     """The page replays every lane to the sampler's tokens, the lanes finish in the order of
     their recorded times, and it fetches nothing and logs no error."""
-    models = [tiny(name) for name in MODELS]
+    models = [vivid(name) for name in MODELS]
     result = race_of(models)
     tok = data.ByteTokenizer()
     path = str(tmp_path / "race.html")
