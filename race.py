@@ -38,9 +38,9 @@ import torch
 from e2d2 import Layer, generate, masked_log_probs
 from models import MODELS, code_version, is_cuda, model_spec
 
-# The two runner calls that are timed, by their names in e2d2.Runner's interface: the
-# network call that gives a block's logits, and the one that makes a finished block clean
-# context. The only place those names appear here.
+# The two runner calls that are timed, by their names in e2d2.Runner's interface (what
+# generate() calls): the network call that gives a block's logits, and the one that makes a
+# finished block clean context. The only place those names appear here.
 LOGITS_CALL, FINISH_BLOCK_CALL = "logits", "commit"
 
 # What each lane is, and what its three kinds of timed call run (None: that call runs no
@@ -79,12 +79,16 @@ class Recorder:
         return (time.perf_counter() - self.t0 - self.overhead) * 1e3
 
     def timed(self, kind: Optional[str], fn, *args, **kw):
-        """Run fn, logging its start and end times and the Layer calls it made."""
+        """Run fn, logging its start and end times and the Layer calls it made; kind None: a
+        call that runs no network for this model (LANES), which is then not logged."""
         start, layers = self.now(), self.layer_calls
         out = fn(*args, **kw)
         end = self.now()
         if kind is not None:
-            self.calls.append([round(start, 4), round(end, 4), kind or "network", self.layer_calls - layers])
+            self.calls.append([round(start, 4), round(end, 4), kind, self.layer_calls - layers])
+        elif self.layer_calls > layers:
+            raise AssertionError(f"race.LANES[{self.model.cfg.model!r}] names no network for a call that ran "
+                                 f"{self.layer_calls - layers} layer calls")
         return out
 
     def make_runner(self, make):
@@ -118,22 +122,22 @@ class Recorder:
 
 
 class TimedRunner:
-    """A runner (e2d2.Runner) that times its network calls and otherwise is the runner."""
+    """A runner (e2d2.Runner) whose two calls LOGITS_CALL and FINISH_BLOCK_CALL are timed;
+    everything else is the runner's own."""
 
     def __init__(self, runner, recorder: Recorder):
         self._runner, self._recorder = runner, recorder
 
-    def __getattr__(self, name):  # everything not timed: the runner's own
-        return getattr(self._runner, name)
-
-    def logits(self, x_block):
-        rec = self._recorder
-        rec.last_logits = rec.timed(rec.lane["logits"], getattr(self._runner, LOGITS_CALL), x_block)
-        return rec.last_logits
-
-    def commit(self, block):
-        rec = self._recorder
-        return rec.timed(rec.lane["finish"], getattr(self._runner, FINISH_BLOCK_CALL), block)
+    def __getattr__(self, name):
+        attr, rec = getattr(self._runner, name), self._recorder
+        if name == LOGITS_CALL:
+            def logits(x_block):  # the logits are kept: on_step reads p_theta of what they revealed
+                rec.last_logits = rec.timed(rec.lane["logits"], attr, x_block)
+                return rec.last_logits
+            return logits
+        if name == FINISH_BLOCK_CALL:
+            return lambda block: rec.timed(rec.lane["finish"], attr, block)
+        return attr
 
 
 def record(model, prompts: list, device, count_layers: bool = True, **sampling) -> tuple:
@@ -176,14 +180,18 @@ def run_race(models: list, prompts: list, tok, device, repeats: int = 5, seed: i
     what the page shows (write_page)."""
     def gen_kw():  # a fresh generator per run: every run of a model draws the same tokens
         return dict(sampling, generator=torch.Generator(device=device).manual_seed(seed))
-    # warm-up (allocations, first-call costs), which also counts each call's layer calls
+    # warm-up (allocations, first-call costs; a compiled model compiles, with and without the
+    # hooks), which also counts each call's layer calls
     counted = {label: record(model, prompts, device, **gen_kw())[0].calls for label, model in models}
+    for _, model in models:
+        plain_ms(model, prompts, device, **gen_kw())
     runs = {label: [] for label, _ in models}
     plain = {label: [] for label, _ in models}
     for _ in range(repeats):
         for label, model in models:
             rec, out = record(model, prompts, device, count_layers=False, **gen_kw())
-            assert [c[2] for c in rec.calls] == [c[2] for c in counted[label]]  # the same calls, in the same order
+            if [c[2] for c in rec.calls] != [c[2] for c in counted[label]]:
+                raise AssertionError(f"{label}: a run made other calls than the warm-up (the same seed must repeat)")
             for call, warm in zip(rec.calls, counted[label]):
                 call[3] = warm[3]
             runs[label].append((rec, out))
@@ -201,11 +209,11 @@ def run_race(models: list, prompts: list, tok, device, repeats: int = 5, seed: i
             "network_calls": out.network_calls, "layer_calls": sum(c[3] for c in rec.calls),
             "new_tokens": out.new_tokens, "calls": rec.calls, "steps": rec.steps,
             "final": [tok.decode(ids) for ids in out.tokens], "tokens": out.tokens})
-    ids = {t for lane in lanes for s in lane["steps"] for r in s[3] for t in [r[2]]}
+    ids = {reveal[2] for lane in lanes for step in lane["steps"] for reveal in step[3]}  # the tokens shown
     cfg = models[0][1].cfg
     return {"prompts": [tok.decode(p) for p in prompts], "lanes": lanes, "eos_id": cfg.eos_id,
             "pieces": {str(i): tok.decode([i], mask_char="_", eos_char="$") for i in sorted(ids)},
-            "repeats": repeats, "sampling": {k: v for k, v in sampling.items()}, **machine(device)}
+            "repeats": repeats, "sampling": dict(sampling), **machine(device)}
 
 
 def machine(device) -> dict:
@@ -425,7 +433,7 @@ const cap = document.getElementById("caption");
 const ul = $("ul");
 for (const lane of D.lanes) ul.append($("li", "", lane.about + " Here: " + lane.network_calls + " network calls, " +
   lane.layer_calls + " layer calls, " + lane.new_tokens + " tokens in " + ms(lane.total_ms) +
-  " (the same generation without the recorder: " + ms(lane.plain_ms) + "; its network calls: " +
+  (lane.trained ? " " + lane.trained : "") + " (the same generation without the recorder: " + ms(lane.plain_ms) + "; its network calls: " +
   Math.round(100 * lane.calls_ms / lane.total_ms) + "% of the time, the rest is the sampler choosing tokens)."));
 cap.append(ul);
 cap.append($("p", "", "Measured on " + D.machine + " (" + D.device + ", " + D.threads + " thread" + (D.threads > 1 ? "s" : "") +

@@ -244,6 +244,12 @@ def race_page(args, device: str, command: str):
                            args.repeats, args.seed, max_new_tokens=args.max_new_tokens, steps=args.steps,
                            strategy=args.strategy, temperature=args.temperature, top_p=args.top_p,
                            confidence_threshold=args.threshold, use_cache=not args.no_cache)
+    for lane, ckpt in zip(result["lanes"], ckpts):  # how each model was trained, for the caption
+        tc, m = ckpt.get("train_config") or {}, ckpt.get("metrics") or {}
+        if tc:
+            lane["trained"] = (f"Trained {ckpt.get('step', tc.get('max_steps'))} steps of batch {tc.get('batch_size')} "
+                               f"on {tc.get('data') or tc.get('task')}" + (
+                                   f", held-out exact match {m['exact_match']:.3f}." if "exact_match" in m else "."))
     ref = next((lane for lane in result["lanes"] if lane["model"] == "e2d2"), result["lanes"][0])
     for lane in result["lanes"]:
         ok = "" if expected is None else sum(a == b for a, b in zip(lane["final"], expected))
