@@ -4,7 +4,7 @@ generation recorded with its measured wall time, replayed side by side in one we
 
     python sample.py --race=race.html --ckpt=out-compare/e2d2/ckpt.pt --ckpt=out-compare/bd3lm/ckpt.pt \\
         --ckpt=out-compare/mdlm/ckpt.pt --ckpt=out-compare/ar/ckpt.pt --num_examples=4 --threads=1
-    python bench.py race --threads=1   # from nothing: trains the four models (bench.py compare), then the above
+    python bench.py race --threads=1   # from nothing: trains the four models into out-compare/, then the above
 
 The paper's claim is a speed claim: E2D2 decodes faster than BD3-LM because each denoising
 step runs only the small decoder (N_dec layers) where BD3-LM runs all N. The page shows it

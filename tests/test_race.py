@@ -16,7 +16,7 @@ import torch
 import data
 import race
 import sample
-from conftest import run, script_error, tiny
+from conftest import SMALL, run, script_error, tiny
 from e2d2 import generate, left_pad
 from models import MODELS
 
@@ -102,6 +102,23 @@ def test_race_flags(capsys, tmp_path):
     assert "leave out --eval and --show" in err
     err = script_error(sample.main, ["--race=r.html", "--repeats=0"], capsys)
     assert "--repeats=0 must be >= 1" in err
+
+
+@pytest.mark.slow
+def test_bench_race_from_nothing(tmp_path):
+    """bench.py race trains the four models (here tiny, 2 steps), writes the page; run again
+    it reuses them; training flags for runs that exist are refused."""
+    page, runs = tmp_path / "race.html", tmp_path / "runs"
+    r = run("bench.py", "race", f"--out={page}", f"--out_dir={runs}", "--repeats=1", "--threads=1", "--digits=2",
+            "--max_steps=2", "--eval_every=2", "--batch_size=8", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(runs)) == sorted(MODELS) and page.stat().st_size > 0
+    assert "wrote" in r.stdout and "=== e2d2 ===" in r.stdout
+    page.unlink()
+    r = run("bench.py", "race", f"--out={page}", f"--out_dir={runs}", "--repeats=1", "--threads=1")
+    assert r.returncode == 0 and "===" not in r.stdout and page.stat().st_size > 0, r.stderr
+    r = run("bench.py", "race", f"--out={page}", f"--out_dir={runs}", "--max_steps=3")
+    assert r.returncode != 0 and "would not apply to them" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------
