@@ -433,8 +433,8 @@ const cap = document.getElementById("caption");
 const ul = $("ul");
 for (const lane of D.lanes) ul.append($("li", "", lane.about + " Here: " + lane.network_calls + " network calls, " +
   lane.layer_calls + " layer calls, " + lane.new_tokens + " tokens in " + ms(lane.total_ms) +
-  (lane.trained ? " " + lane.trained : "") + " (the same generation without the recorder: " + ms(lane.plain_ms) + "; its network calls: " +
-  Math.round(100 * lane.calls_ms / lane.total_ms) + "% of the time, the rest is the sampler choosing tokens)."));
+  " (the same generation without the recorder: " + ms(lane.plain_ms) + "; its network calls: " +
+  Math.round(100 * lane.calls_ms / lane.total_ms) + "% of the time, the rest is the sampler choosing tokens)." + (lane.trained ? " " + lane.trained : "")));
 cap.append(ul);
 cap.append($("p", "", "Measured on " + D.machine + " (" + D.device + ", " + D.threads + " thread" + (D.threads > 1 ? "s" : "") +
   ", torch " + D.torch + "), code at commit " + D.commit + ", " + D.date + ": batch of " + D.prompts.length +
