@@ -206,7 +206,9 @@ def run_race(models: list, prompts: list, tok, device, repeats: int = 5, seed: i
             "block_len": rec.block_len, "answer_len": rec.answer_len, "total_ms": round(rec.total_ms, 4),
             "plain_ms": round(statistics.median(plain[label]), 4),
             "calls_ms": round(sum(c[1] - c[0] for c in rec.calls), 4),
-            "network_calls": out.network_calls, "layer_calls": sum(c[3] for c in rec.calls),
+            # every network pass (the page's counter), and those that gave logits (generate()'s NFE)
+            "network_calls": len(rec.calls), "denoising_calls": out.network_calls,
+            "layer_calls": sum(c[3] for c in rec.calls),
             "new_tokens": out.new_tokens, "calls": rec.calls, "steps": rec.steps,
             "final": [tok.decode(ids) for ids in out.tokens], "tokens": out.tokens})
     ids = {reveal[2] for lane in lanes for step in lane["steps"] for reveal in step[3]}  # the tokens shown
@@ -431,7 +433,8 @@ sel.onchange = () => { slow = Number(sel.value); render(); };
 // --- the caption: what each lane is and where the figures come from -----------------
 const cap = document.getElementById("caption");
 const ul = $("ul");
-for (const lane of D.lanes) ul.append($("li", "", lane.about + " Here: " + lane.network_calls + " network calls, " +
+for (const lane of D.lanes) ul.append($("li", "", lane.about + " Here: " + lane.network_calls + " network calls (" + lane.denoising_calls +
+  " denoising steps" + (lane.network_calls > lane.denoising_calls ? ", the rest encoding clean tokens" : "") + "), " +
   lane.layer_calls + " layer calls, " + lane.new_tokens + " tokens in " + ms(lane.total_ms) +
   " (the same generation without the recorder: " + ms(lane.plain_ms) + "; its network calls: " +
   Math.round(100 * lane.calls_ms / lane.total_ms) + "% of the time, the rest is the sampler choosing tokens)." + (lane.trained ? " " + lane.trained : "")));

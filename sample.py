@@ -255,8 +255,9 @@ def race_page(args, device: str, command: str):
         ok = "" if expected is None else sum(a == b for a, b in zip(lane["final"], expected))
         right = "" if expected is None else f", exact match {ok}/{len(prompts)}"
         print(f"{lane['name']:>8}: {lane['total_ms']:8.2f} ms = {lane['total_ms'] / ref['total_ms']:.2f}x "
-              f"{ref['name']}'s (without the recorder {lane['plain_ms']:.2f} ms; network calls "
-              f"{lane['network_calls']}, {lane['calls_ms'] / lane['total_ms']:.0%} of the time), "
+              f"{ref['name']}'s (without the recorder {lane['plain_ms']:.2f} ms; {lane['network_calls']} network "
+              f"calls, {lane['denoising_calls']} of them denoising, {lane['calls_ms'] / lane['total_ms']:.0%} of the "
+              f"time), "
               f"{lane['new_tokens']} tokens{right}")
     size = race.write_page(result, args.race, command)
     print(f"wrote {args.race} ({size / 1024:.1f} KB)")
