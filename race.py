@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from e2d2 import Layer, generate, masked_log_probs
-from models import MODELS, code_version, is_cuda, model_spec
+from models import code_version, is_cuda, model_spec
 
 # The two runner calls that are timed, by their names in e2d2.Runner's interface (what
 # generate() calls): the network call that gives a block's logits, and the one that makes a
