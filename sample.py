@@ -14,6 +14,7 @@ every model side by side is measured by bench.py.
 """
 
 import argparse
+import os
 import select
 import sys
 import time
@@ -21,6 +22,14 @@ import time
 import torch
 
 import data
+
+# --impl=FILE (or $E2D2_IMPL): sample with your copy of e2d2.py (exercises.py), as train.py does
+if __name__ == "__main__" and data.impl_path(sys.argv[1:]):
+    try:
+        data.use_impl(data.impl_path(sys.argv[1:]))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
 from e2d2 import STRATEGIES, generate
 from models import (DTYPES, MODEL_TYPES, answer_pairs, autocast_for, compile_for_sampling, eval_nelbo, is_cuda,
                     load_checkpoint, model_from_checkpoint, pick_device)
@@ -100,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default, 1 on a busy or shared machine (default 0)")
+    p.add_argument("--impl", default=None, metavar="FILE",
+                   help="sample with FILE, your copy of e2d2.py (exercises.py), in place of e2d2.py (default: e2d2.py)")
     return p
 
 
@@ -121,6 +132,8 @@ def check_args(args) -> None:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.impl is not None and sys.modules["e2d2"].__file__ != os.path.abspath(args.impl):  # loaded at the top
+        sys.exit(f"error: --impl={args.impl} works on the command line only (python sample.py --impl=...)")
     try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
         check_args(args)
         if args.threads:  # torch's default (every core) crawls when other processes are busy
