@@ -170,7 +170,8 @@ def functions(source: str) -> dict:
 
 def exercise(n: int) -> Exercise:
     if not 1 <= n <= len(EXERCISES):
-        raise ValueError(f"there is no exercise {n}: they are numbered 1 to {len(EXERCISES)} (python exercises.py list)")
+        raise ValueError(f"there is no exercise {n}: they are numbered 1 to {len(EXERCISES)} "
+                         f"(python exercises.py list)")
     return EXERCISES[n - 1]
 
 
@@ -259,7 +260,8 @@ def run_checks(numbers, impl: str, verbose: bool = False) -> list:
     # (the lessons are the tests' messages)
     args = [os.path.join(ROOT, c) for c, _ in checks] + [
         f"--impl={os.path.abspath(impl)}", f"--rootdir={ROOT}", "-c", os.path.join(ROOT, "pytest.ini"),
-        "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--assert=plain", "-q", "--tb=short" if verbose else "--tb=no"]
+        "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--assert=plain", "-q",
+        "--tb=short" if verbose else "--tb=no"]
     out = io.StringIO()
     with contextlib.redirect_stdout(sys.stdout if verbose else out):
         code = pytest.main(args, plugins=[collector])
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
         results = run_checks(numbers, args.impl, args.verbose)
         print(report(numbers, args.impl, results))
         return 0 if all(r.passed for r in results) else 1
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, RuntimeError) as e:  # RuntimeError: pytest could not run the checks
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -59,6 +59,8 @@ def pytest_configure(config):
         data.use_impl(impl)
     except ValueError as e:
         raise pytest.UsageError(str(e))
+    except Exception as e:  # the file's own mistake, at import time: say where
+        raise pytest.UsageError(f"--impl={impl}: importing it raised {type(e).__name__}: {e}") from e
     ENV[data.IMPL_ENV] = os.path.abspath(impl)
 
 

@@ -128,7 +128,8 @@ LOOPS = {
                         if not valid[r, i]:
                             mask[r, i, j] = i == j
                         else:
-                            mask[r, i, j] = bool(valid[r, j]) and (j // block_len <= i // block_len or bool(prompt_mask[r, j]))
+                            mask[r, i, j] = bool(valid[r, j]) and (j // block_len <= i // block_len
+                                                                   or bool(prompt_mask[r, j]))
             return mask
         """),
     4: ("decoder_mask", """
