@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         check_table(source)
         if args.command == "list":
             for n, ex in enumerate(EXERCISES, 1):
-                print(f"{n}. {ex.title}: {', '.join(ex.names)}\n     {ex.teaches}")
+                print(f"{n}. {ex.title}: {', '.join(ex.names)}. Teaches: {ex.teaches}")
             return 0
         numbers = range(1, len(EXERCISES) + 1) if args.command == "check" and args.n == 0 else \
             range(1, args.n + 1) if getattr(args, "upto", False) else [args.n]
