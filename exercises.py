@@ -333,9 +333,10 @@ def main(argv=None) -> int:
                 raise ValueError(f"{args.out} exists (your work?): pass --force to replace it, or --out=another.py")
             with open(args.out, "w") as f:
                 f.write(blanked(source, numbers))
+            impl = f" --impl={args.out}" if args.out != "my_e2d2.py" else ""
             print(f"wrote {args.out}: e2d2.py with {', '.join(n for k in numbers for n in exercise(k).names)} to "
-                  f"write.\nThen: python exercises.py check {args.n}" + (f" --impl={args.out}" if args.out !=
-                                                                           "my_e2d2.py" else ""))
+                  f"write.\nThen: python exercises.py check {numbers[0]}{impl}"
+                  + (f" (then {numbers[1]}, ... {numbers[-1]}, in order)" if len(numbers) > 1 else ""))
             return 0
         if not os.path.isfile(args.impl):
             raise ValueError(f"no file {args.impl}: run `python exercises.py start {args.n}` first (it writes "
