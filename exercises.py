@@ -176,7 +176,7 @@ def exercise(n: int) -> Exercise:
 
 
 def check_table(source: str, where: str = "e2d2.py") -> None:
-    """Every name of the table must be a function of the source, or the lead's fix is one line here."""
+    """Every name of the table must be a function of the source (a renamed one: fix its name in the table)."""
     have = functions(source)
     missing = [f"exercise {n} ({name})" for n, ex in enumerate(EXERCISES, 1) for name in ex.names if name not in have]
     if missing:
