@@ -2,14 +2,13 @@
 classic wrong answers fail with their lesson, correct answers written differently pass;
 `pytest --impl=FILE` makes the scripts and the tests use FILE. The gradings run in this
 process (exercises.run_checks: pytest.main with --impl), a few seconds each."""
-import os
 import textwrap
 
 import pytest
 
 import data
 import exercises
-from conftest import ROOT, SMALL, run
+from conftest import SMALL, run
 
 with open(exercises.SOLUTION) as f:
     SOLUTION = f.read()
