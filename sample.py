@@ -17,6 +17,7 @@ them side by side (race.py).
 """
 
 import argparse
+import os
 import select
 import shlex
 import sys
@@ -25,7 +26,15 @@ import time
 import torch
 
 import data
-import race
+
+# --impl=FILE (or $E2D2_IMPL): sample with your copy of e2d2.py (exercises.py), as train.py does
+if __name__ == "__main__" and data.impl_path(sys.argv[1:]):
+    try:
+        data.use_impl(data.impl_path(sys.argv[1:]))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+import race  # (after --impl: it imports e2d2)
 from e2d2 import STRATEGIES, generate
 from models import (DTYPES, MODEL_TYPES, answer_pairs, autocast_for, compile_for_sampling, eval_nelbo, is_cuda,
                     load_checkpoint, model_from_checkpoint, pick_device)
@@ -110,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default, 1 on a busy or shared machine (default 0)")
+    p.add_argument("--impl", default=None, metavar="FILE",
+                   help="sample with FILE, your copy of e2d2.py (exercises.py), in place of e2d2.py (default: e2d2.py)")
     return p
 
 
@@ -138,6 +149,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     command = "python sample.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # for the race's caption
     args.ckpt = args.ckpt or ["out/ckpt.pt"]
+    if args.impl is not None and sys.modules["e2d2"].__file__ != os.path.abspath(args.impl):  # loaded at the top
+        sys.exit(f"error: --impl={args.impl} works on the command line only (python sample.py --impl=...)")
     try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
         check_args(args)
         if args.threads:  # torch's default (every core) crawls when other processes are busy
