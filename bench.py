@@ -6,6 +6,7 @@ measured figures.
     python bench.py sample    # sampling tokens/s: E2D2 cached and uncached, BD3-LM, MDLM, AR
     python bench.py compare   # train every model with train.py's settings, held-out results
     python bench.py speedup --against=COMMIT  # cached samplers of a git commit vs this code
+    python bench.py race --out=docs/race.html  # the four models (trained unless out-compare holds them) race in a page
     python bench.py train --out=bench/training_cpu.json     # also write the figures as JSON
     python bench.py compare --max_steps=500                 # other flags go to train.py
 
@@ -35,6 +36,8 @@ from e2d2 import Layer, ModelConfig, generate
 from models import (DTYPES, MODEL_TYPES, MODELS, autocast_for, build_model, compile_for_sampling, is_cuda,
                     load_checkpoint, model_from_checkpoint, model_spec, peak_bf16_tflops, pick_device, sampling_cost,
                     timed, train_flops_per_token, upgrade_state_dict, write_json)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # where the scripts are (compare and race run them)
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,21 +426,25 @@ def bench_speedup(against: str, batches: list, repeats: int, out: str = "", comp
 # ---------------------------------------------------------------------------------------
 
 
+def train_one(name: str, run_dir: str, train_flags: list) -> None:
+    """train.py --model=name into run_dir, with the given flags."""
+    print(f"\n=== {name} ===", flush=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--model={name}", f"--out_dir={run_dir}",
+                        *train_flags])
+    if r.returncode != 0:
+        raise ValueError(f"train.py --model={name} failed (exit code {r.returncode})")
+
+
 def compare(train_flags: list, out_dir: str, out: str = ""):
     """Train E2D2 and the three baselines by running train.py with the same flags
     (baselines: N = n_enc layers), each into out_dir/<model>, then print a markdown table
     of what their checkpoints hold: held-out results, sampling and training speed."""
     if any(f.startswith("--model") for f in train_flags):
         raise ValueError("compare trains every model type; drop --model")
-    root = os.path.dirname(os.path.abspath(__file__))
     rows = []
     for name in MODEL_TYPES:
         run_dir = os.path.join(out_dir, name)
-        print(f"\n=== {name} ===", flush=True)
-        r = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--model={name}",
-                            f"--out_dir={run_dir}", *train_flags])
-        if r.returncode != 0:
-            raise ValueError(f"train.py --model={name} failed (exit code {r.returncode})")
+        train_one(name, run_dir, train_flags)
         ckpt = load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "cpu")
         model = model_from_checkpoint(ckpt, "cpu")
         cfg, m = model.cfg, ckpt["metrics"]
@@ -457,23 +464,61 @@ def compare(train_flags: list, out_dir: str, out: str = ""):
     return rows
 
 
+# ---------------------------------------------------------------------------------------
+# The race (race.py): compare's four models answer the same held-out prompts, every step
+# timed, and a web page replays them side by side. One command from nothing to the page.
+# ---------------------------------------------------------------------------------------
+
+RACE_PROMPTS = 4  # held-out prompts: one batch, a row each in every lane
+# the budget of the models race trains (on train.py's default task; flags given after them
+# win): 400 steps of batch 128. Held-out exact match there: E2D2 0.996, BD3-LM 0.867, AR
+# 0.012, MDLM 0.000 (a busy 2-core CPU took about 50 minutes for the four, one thread)
+RACE_TRAIN = ["--max_steps=400", "--eval_every=400"]
+
+
+def race(given: list, train_flags: list, out_dir: str, page: str, repeats: int, threads: int, device: str) -> None:
+    """Train the models compare trains, each into out_dir/<model> with the same flags
+    (RACE_TRAIN, then train_flags; train.py's defaults are the default task), unless out_dir
+    already holds its checkpoint (then it is reused, and the user gave no training flags:
+    `given`), then `sample.py --race` records them all answering the same prompts and
+    writes the page."""
+    lanes = ["e2d2", "bd3lm"] + [name for name in MODEL_TYPES if name not in ("e2d2", "bd3lm")]  # E2D2 beside what it splits
+    ckpts = {name: os.path.join(out_dir, name, "ckpt.pt") for name in lanes}
+    have = [name for name, path in ckpts.items() if os.path.exists(path)]
+    if have and given:
+        raise ValueError(f"{out_dir} already holds the runs of {', '.join(have)}: the training flags "
+                         f"{' '.join(given)} would not apply to them (another --out_dir trains anew)")
+    for name in MODEL_TYPES:
+        if name not in have:
+            train_one(name, os.path.join(out_dir, name), RACE_TRAIN + train_flags)
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), f"--race={page}", *(f"--ckpt={p}" for p in ckpts.values()),
+           f"--num_examples={RACE_PROMPTS}", f"--repeats={repeats}", f"--device={device}"]
+    if threads:
+        cmd.append(f"--threads={threads}")
+    print("\n" + " ".join(cmd[1:]), flush=True)
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise ValueError(f"sample.py --race failed (exit code {r.returncode})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix (--repeat) is not taken for a flag; for compare it is
     # passed on to train.py, which refuses it by name
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("what", choices=["train", "sample", "speedup", "compare"], help="which benchmark")
+    p.add_argument("what", choices=["train", "sample", "speedup", "compare", "race"], help="which benchmark")
     p.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="train, sample: precision, bf16 autocast on CUDA and float32 on the CPU (auto), or float32, "
                         "or bfloat16; compare passes it to train.py; speedup times float32 (default auto)")
-    p.add_argument("--out", default="", help="also write the figures to this JSON file (default: none)")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file (default: none); "
+                   "race: the page, an HTML file (default race.html)")
     p.add_argument("--batch", type=int, default=8, help="train: sequences per step, >= 1 (default 8)")
     p.add_argument("--batches", default="1,8", help="sample: batch sizes >= 1, comma-separated (default 1,8)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs (median), >= 1 (default: train 5, sample 3)")
-    p.add_argument("--out_dir", default="out-compare", help="compare: where each model's run goes "
+    p.add_argument("--out_dir", default="out-compare", help="compare, race: where each model's run goes "
                    "(default out-compare)")
     p.add_argument("--against", default="", help="speedup: the git commit whose samplers this code is timed against")
     p.add_argument("--compile", action="store_true",
@@ -487,13 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = build_parser()
     args, rest = p.parse_known_args(argv)
-    if rest and args.what != "compare":  # only compare passes flags on (to train.py)
+    trains = args.what in ("compare", "race")
+    if rest and not trains:  # only compare and race pass flags on (to train.py)
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.what == "compare" and args.device != "auto":
+    given = list(rest)  # the training flags the user gave
+    if trains and args.device != "auto":
         rest.append(f"--device={args.device}")  # train.py picks the device of each run
-    if args.what == "compare" and args.threads:
+    if trains and args.threads:
         rest.append(f"--threads={args.threads}")  # and sets the threads of each run
-    if args.what == "compare" and args.dtype != "auto":
+    if trains and args.dtype != "auto":
         rest.append(f"--dtype={args.dtype}")  # and its precision
     try:
         try:
@@ -523,6 +570,10 @@ def main(argv=None):
             return bench_speedup(args.against, batches, args.repeats or 5, args.out, args.compile)
         if args.what == "sample":
             return bench_sampling(batches, args.repeats or 3, device, args.out, args.dtype)
+        if args.what == "race":
+            if any(f.startswith("--model") for f in rest):
+                raise ValueError("race trains every model type; drop --model")
+            return race(given, rest, args.out_dir, args.out or "race.html", args.repeats or 5, args.threads, args.device)
         return compare(rest, args.out_dir, args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")

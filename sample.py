@@ -7,20 +7,34 @@ Sample from a trained checkpoint (E2D2 or a baseline).
     python sample.py --show "123+456="          # watch every block being denoised
     python sample.py --eval test.jsonl          # exact match, BLEU (sacreBLEU's 13a), chrF, ROUGE-L
     python sample.py --eval test.txt            # NELBO per byte, bits per byte, perplexity bound
+    python sample.py --race=race.html --ckpt=out-e2d2/ckpt.pt --ckpt=out-bd3lm/ckpt.pt   # the race page
 
 Prints one answer per prompt, then the speed: generated tokens/s and the number of
 network calls (denoising steps that ran the decoder) and encoder calls. The speed of
-every model side by side is measured by bench.py.
+every model side by side is measured by bench.py; --race records several checkpoints
+answering the same prompts, every network call timed, and writes a web page that replays
+them side by side (race.py).
 """
 
 import argparse
+import os
 import select
+import shlex
 import sys
 import time
 
 import torch
 
 import data
+
+# --impl=FILE (or $E2D2_IMPL): sample with your copy of e2d2.py (exercises.py), as train.py does
+if __name__ == "__main__" and data.impl_path(sys.argv[1:]):
+    try:
+        data.use_impl(data.impl_path(sys.argv[1:]))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+import race  # (after --impl: it imports e2d2)
 from e2d2 import STRATEGIES, generate
 from models import (DTYPES, MODEL_TYPES, answer_pairs, autocast_for, compile_for_sampling, eval_nelbo, is_cuda,
                     load_checkpoint, model_from_checkpoint, pick_device)
@@ -66,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("prompts", nargs="*", help="prompts (default: stdin if it holds any, else held-out examples)")
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default out/ckpt.pt)")
+    p.add_argument("--ckpt", action="append", default=None,
+                   help="checkpoint path (default out/ckpt.pt); with --race, one per lane: give the flag again")
+    p.add_argument("--race", default="", help="write the race page to this HTML file: every --ckpt answers the "
+                   "same prompts, each network call timed, replayed side by side (race.py)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="--race: recorded generations per model, the median one shown, >= 1 (default 5)")
     p.add_argument("--model", default="", choices=["", *MODEL_TYPES],
                    help="fail unless the checkpoint holds this model type (default: any)")
     p.add_argument("--eval", default="", help=f"evaluate on a data file: {'/'.join(data.PAIR_FORMATS)} pairs "
@@ -100,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, >= 0; 0 = torch's default, 1 on a busy or shared machine (default 0)")
+    p.add_argument("--impl", default=None, metavar="FILE",
+                   help="sample with FILE, your copy of e2d2.py (exercises.py), in place of e2d2.py (default: e2d2.py)")
     return p
 
 
@@ -108,6 +129,7 @@ def check_args(args) -> None:
     quietly do nothing (--num_examples=0 answered no prompt at all)."""
     rules = [("batch_size", args.batch_size >= 1, ">= 1"), ("eval_draws", args.eval_draws >= 1, ">= 1"),
              ("num_examples", args.num_examples >= 1, ">= 1"), ("threads", args.threads >= 0, ">= 0"),
+             ("repeats", args.repeats >= 1, ">= 1"),
              ("steps", args.steps is None or args.steps >= 1, ">= 1"),
              ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
              ("top_p", 0 < args.top_p <= 1, "in (0, 1] (1 = every token)"),
@@ -115,19 +137,27 @@ def check_args(args) -> None:
     bad = [f"--{name}={getattr(args, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if args.compile and args.eval:  # compilation is applied only where prompts are answered
         bad.append("--compile speeds up answering prompts; leave it out with --eval")
+    if len(args.ckpt or []) > 1 and not args.race:
+        bad.append(f"{len(args.ckpt)} checkpoints given: several --ckpt are for --race (one lane each)")
+    if args.race and (args.eval or args.show):
+        bad.append("--race answers prompts and writes a page; leave out --eval and --show")
     if bad:
         raise ValueError("; ".join(bad))
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    command = "python sample.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # for the race's caption
+    args.ckpt = args.ckpt or ["out/ckpt.pt"]
+    if args.impl is not None and sys.modules["e2d2"].__file__ != os.path.abspath(args.impl):  # loaded at the top
+        sys.exit(f"error: --impl={args.impl} works on the command line only (python sample.py --impl=...)")
     try:  # every mistake a user can make ends in one line "error: ...", never a stack trace
         check_args(args)
         if args.threads:  # torch's default (every core) crawls when other processes are busy
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         with autocast_for(device, args.dtype):  # every model call below runs in this precision
-            run(args, device)
+            race_page(args, device, command) if args.race else run(args, device)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -155,21 +185,12 @@ def stdin_prompts(stream=None, wait: float = 1.0) -> list:
 
 def run(args, device: str):
     """Load the checkpoint, then --eval a file, or answer prompts and print the speed."""
-    ckpt = load_checkpoint(args.ckpt, device)
+    ckpt = load_checkpoint(args.ckpt[0], device)
     model = model_from_checkpoint(ckpt, device, args.model)
     tok = data.tokenizer_from_dict(ckpt.get("tokenizer"))  # stored in the checkpoint: no side file
     if args.eval:
         return evaluate_file(model, args.eval, args, device, tok)
-
-    # prompts: command line, else stdin, else held-out examples of the task trained on
-    expected = None
-    prompts = args.prompts
-    if not prompts:
-        prompts = stdin_prompts()
-    if not prompts:
-        examples = heldout_examples(ckpt, args.num_examples, args.seed)
-        prompts, expected = [p for p, _ in examples], [a for _, a in examples]
-
+    prompts, expected = prompts_to_answer(args, ckpt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     show = ShowSteps(tok, prompts) if args.show else None
     if args.compile:  # compile now, on the same shapes, so that the timing below is of sampling alone
@@ -201,6 +222,59 @@ def run(args, device: str):
         print(f"exact match: {correct}/{len(prompts)}")
     print(f"{out.new_tokens} tokens in {seconds:.3f}s = {out.new_tokens / seconds:.1f} tokens/s; "
           f"network calls {out.network_calls} (decoder {out.decoder_calls}, encoder {out.encoder_calls})")
+
+
+def prompts_to_answer(args, ckpt: dict) -> tuple:
+    """The prompts: command line, else stdin, else held-out examples of the task the
+    checkpoint was trained on (then also their expected answers, else None)."""
+    prompts = args.prompts or stdin_prompts()
+    if prompts:
+        return prompts, None
+    examples = heldout_examples(ckpt, args.num_examples, args.seed)
+    return [p for p, _ in examples], [a for _, a in examples]
+
+
+# --- --race: every checkpoint on the same prompts, recorded, and the page ------------------
+
+
+def race_page(args, device: str, command: str):
+    """Load every --ckpt, have each answer the same prompts with the same settings (the batch
+    of all prompts, this process's threads), record every step (race.run_race) and write
+    the page. The checkpoints must share a tokenizer: the same prompt is the same tokens."""
+    ckpts = [load_checkpoint(path, device) for path in args.ckpt]
+    models = [model_from_checkpoint(ckpt, device, args.model) for ckpt in ckpts]
+    for path, ckpt in zip(args.ckpt[1:], ckpts[1:]):
+        if ckpt.get("tokenizer") != ckpts[0].get("tokenizer"):
+            raise ValueError(f"--race: {path} uses another tokenizer than {args.ckpt[0]}: the lanes would not "
+                             "read the same prompts")
+    tok = data.tokenizer_from_dict(ckpts[0].get("tokenizer"))
+    prompts, expected = prompts_to_answer(args, ckpts[0])
+    names = [race.LANES[m.cfg.model]["name"] for m in models]
+    labels = [name if names.count(name) == 1 else f"{name} ({path})" for name, path in zip(names, args.ckpt)]
+    if args.compile:  # run_race's warm-up compiles each model on the race's shapes
+        models = [compile_for_sampling(m) for m in models]
+    result = race.run_race(list(zip(labels, models)), [tok.encode(p) for p in prompts], tok, device,
+                           args.repeats, args.seed, max_new_tokens=args.max_new_tokens, steps=args.steps,
+                           strategy=args.strategy, temperature=args.temperature, top_p=args.top_p,
+                           confidence_threshold=args.threshold, use_cache=not args.no_cache)
+    for lane, ckpt in zip(result["lanes"], ckpts):  # how each model was trained, for the caption
+        tc, m = ckpt.get("train_config") or {}, ckpt.get("metrics") or {}
+        if tc:
+            lane["trained"] = (f"Trained {ckpt.get('step', tc.get('max_steps'))} steps of batch {tc.get('batch_size')} "
+                               f"on {tc.get('data') or tc.get('task')}" + (
+                                   f", held-out exact match {m['exact_match']:.3f}." if "exact_match" in m else "."))
+    ref = next((lane for lane in result["lanes"] if lane["model"] == "e2d2"), result["lanes"][0])
+    for lane in result["lanes"]:
+        ok = "" if expected is None else sum(a == b for a, b in zip(lane["final"], expected))
+        right = "" if expected is None else f", exact match {ok}/{len(prompts)}"
+        print(f"{lane['name']:>8}: {lane['total_ms']:8.2f} ms = {lane['total_ms'] / ref['total_ms']:.2f}x "
+              f"{ref['name']}'s (without the recorder {lane['plain_ms']:.2f} ms; {lane['network_calls']} network "
+              f"calls, {lane['denoising_calls']} of them denoising, {lane['calls_ms'] / lane['total_ms']:.0%} of the "
+              f"time), "
+              f"{lane['new_tokens']} tokens{right}")
+    size = race.write_page(result, args.race, command)
+    print(f"wrote {args.race} ({size / 1024:.1f} KB)")
+    return result
 
 
 # --- --eval: metrics on a data file ------------------------------------------------------
