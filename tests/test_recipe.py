@@ -13,7 +13,7 @@ import models
 import train
 from baselines import causal_mask
 from conftest import ENV, random_layout, run, script_error, tiny
-from e2d2 import ModelConfig, encoder_mask, denoise_step, generate, nucleus
+from e2d2 import ModelConfig, concat_after, denoise_step, encoder_mask, generate, nucleus
 from models import build_model, init_from_checkpoint, load_checkpoint, model_from_checkpoint
 
 TEXT = ("The for statement is used to iterate over the elements of a sequence. "
@@ -207,7 +207,7 @@ def test_shared_kv_decoder_from_ar_reads_what_its_layers_read_in_the_ar():
             logits = model.logits(x, x, torch.zeros_like(valid))[:, 11:]  # (nothing masked: the logits still run)
             z = ar.embed(x[:, 11:])  # by hand: the layers `used`, each with the AR's keys/values of 0..10
             for i in used:
-                z, _ = ar.layers[i](z, *ar.rope(slice(11, 12)), None, (ar_kv[i][0][:, :, :11], ar_kv[i][1][:, :, :11]))
+                z, _ = ar.layers[i](z, *ar.rope(slice(11, 12)), None, concat_after((ar_kv[i][0][:, :, :11], ar_kv[i][1][:, :, :11])))
             torch.testing.assert_close(logits, ar.head(z), rtol=0, atol=1e-12)
             if layers == "bottom":  # the AR's own hidden state after its first two layers
                 z_ar, _ = ar.run(ar.layers[:2], ar.embed(x), slice(0, 12), causal_mask(valid))
