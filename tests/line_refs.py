@@ -5,7 +5,7 @@ A reference is a Markdown link whose text is a function or class name in backtic
 as `Class.method`) and whose target is a .py file of the project with a line range:
 
     [`encoder_mask`](../e2d2.py#L253-L275)      the range holds `def encoder_mask` .. its last line
-    [`KVCache.write`](../e2d2.py#L589-L600)     a method
+    [`KVCache.append`](../e2d2.py#L648-L657)    a method
     [`generate`](../e2d2.py#L831)               one line: where the definition starts
 
 The path is relative to the Markdown file (as the code host resolves it). A reference holds
@@ -13,7 +13,7 @@ when the named definition (its decorators, its def line, its last line) lies wit
 a one-line reference holds when the definition starts on that line. Print the current ranges
 to paste into a page:
 
-    python tests/line_refs.py e2d2.py encoder_mask decoder_mask KVCache.write   # links as from docs/
+    python tests/line_refs.py e2d2.py encoder_mask decoder_mask KVCache.append  # links as from docs/
     python tests/line_refs.py --check docs/*.md README.md                       # check every reference
     python tests/line_refs.py --fix docs/paper_to_code.md                       # rewrite every range to today's
 """
