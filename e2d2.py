@@ -285,8 +285,9 @@ def check_length(cfg: ModelConfig, L: int, block_len: int) -> None:
 def diffusion_forward(model, x0, prompt_mask, block_len, generator=None, opts: LossOptions = LossOptions()) -> Loss:
     """The training step of E2D2 (and of BD3-LM and MDLM): one t per block, x_t ~ q(x_t | x_0),
     the logits of every noisy token in ONE call of model.logits(x0, x_t, prompt_mask) (the
-    network: section 6 for E2D2; the prompt is read bidirectionally), then the losses. x0: (b, L) clean tokens (PAD = padding),
-    prompt_mask: (b, L) bool, True on the prompt (never noised, never a target)."""
+    network: section 6 for E2D2; the prompt is read bidirectionally), then the losses.
+    x0: (b, L) clean tokens (PAD = padding); prompt_mask: (b, L) bool, True on the prompt
+    (never noised, never a target)."""
     cfg = model.cfg
     b, L = x0.shape
     check_length(cfg, L, block_len)
@@ -725,7 +726,8 @@ class CachedE2D2(Runner):  # [E2D2]
     def encode(self, tokens, mask):
         """Encode new clean tokens (b, n) after the cached ones; both caches grow by n."""
         positions = slice(self.enc.n, self.enc.n + tokens.shape[1])  # RoPE continues after the cache
-        h, enc_kv = self.model.encode(tokens, positions, mask, self.enc.per_layer())  # keys/values into enc's scratch slot
+        # keys/values are placed in enc's scratch slot ...
+        h, enc_kv = self.model.encode(tokens, positions, mask, self.enc.per_layer())
         self.enc.append(tokens, self.model.cfg.pad_id)  # ... where they stay
         clean_kv = self.model.clean_kv(h, positions, enc_kv)  # projected ONCE per clean token
         self.dec.append(tokens, self.model.cfg.pad_id, clean_kv)
@@ -865,8 +867,9 @@ def denoise_step(logits, x, alpha_t: float, alpha_s: float, mask_id: int, strate
     x_s. x_theta: the argmax of p_theta (temperature 0) or a sample of softmax(logits /
     temperature) (top_p < 1: of its nucleus). Which [MASK] it reveals: STRATEGIES[strategy]
     ("remask" reveals the most confident: "predict and remask"; "margin" the widest gap
-    between the two likeliest tokens; "ancestral" draws x_s ~ q(x_s | x_t, x_theta)); confidence_threshold also reveals every [MASK] whose p(x_theta)
-    exceeds it; `final` reveals all. Revealed tokens never change (SUBS carry-over). n_fill
+    between the two likeliest tokens; "ancestral" draws x_s ~ q(x_s | x_t, x_theta));
+    confidence_threshold also reveals every [MASK] whose p(x_theta) exceeds it; `final`
+    reveals all. Revealed tokens never change (SUBS carry-over). n_fill
     (b,): the positions each row fills (default B; MDLM: its own)."""
     is_mask = x == mask_id  # (b, B)
     # [speed] Only [MASK] positions need SUBS probabilities: the final torch.where keeps revealed
@@ -916,8 +919,9 @@ def generate(model: TokenModel, prompts: list, max_new_tokens: Optional[int] = N
     from all [MASK], T = `steps` (default B) denoise_steps per block (t from 1 to 0; see there
     for strategy etc.) on the runner's logits; an unchanged block reuses the last logits. A
     finished block joins the context (runner.finish_block: encoded, cached); a row stops
-    after the block where it wrote [EOS] (stop_at_eos). on_step(block, step, rows, x_block) runs after every step (--show);
-    `block` counts over the whole sequence, the prompt's blocks first (runner.first_block)."""
+    after the block where it wrote [EOS] (stop_at_eos). on_step(block, step, rows, x_block)
+    runs after every step (--show); `block` counts over the whole sequence, the prompt's
+    blocks first (runner.first_block)."""
     cfg, device = model.cfg, model.embed.weight.device
     prompt = left_pad(prompts, cfg.block_len, cfg.pad_id, device)  # (b, P')
     check_sampling_args(cfg, prompts, prompt.shape[1], max_new_tokens, steps, strategy, temperature, top_p)
