@@ -662,7 +662,51 @@ def load_dataset(settings: dict, block_len: int, seq_len=None, tok=None):
 # --- an English text that ships with Python, for the real-text walk-through --------------
 
 
-def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 0.1) -> int:
+def pydoc_topics_text() -> bytes:
+    """The Python documentation topics (pydoc_data.topics, the help() texts: the language
+    reference's prose and code, about 460 KB), topics in name order, blank lines between."""
+    from pydoc_data.topics import topics  # a dict: topic name -> its documentation text
+    return "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
+
+
+def stdlib_docstrings_text() -> bytes:
+    """The docstrings of the standard library's own Python files (modules, classes and
+    functions, in file order; about 1.5 MB): another English text that ships with Python,
+    written about APIs rather than the language (its tests, idlelib, tkinter, lib2to3 and
+    the demos are left out). Parsed, never imported; a few seconds."""
+    import ast
+    import sysconfig
+    root, docs = sysconfig.get_paths()["stdlib"], []
+    skip = {"test", "tests", "idlelib", "tkinter", "lib2to3", "turtledemo", "ensurepip", "site-packages", "__pycache__"}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(f for f in subfolders if f not in skip)  # the walk's order: sorted, every machine alike
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a file this Python cannot parse (a template, another encoding)
+            docs += [doc.strip() for node in ast.walk(tree)
+                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                     and (doc := ast.get_docstring(node))]
+    return "\n\n".join(docs).encode("utf-8") + b"\n"
+
+
+# The texts the tasks below are cut from, name -> a function that returns its bytes.
+TEXTS = {"pydoc": pydoc_topics_text, "docstrings": stdlib_docstrings_text}
+_TEXT_CACHE: dict = {}
+
+
+def text_bytes(text: str) -> bytes:
+    """The bytes of TEXTS[text], made once per process."""
+    if text not in TEXTS:
+        raise ValueError(f"unknown text {text!r}; choose one of {sorted(TEXTS)}")
+    if text not in _TEXT_CACHE:
+        _TEXT_CACHE[text] = TEXTS[text]()
+    return _TEXT_CACHE[text]
+
+
+def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 0.1, text: str = "pydoc") -> int:
     """Write the Python documentation topics (pydoc_data.topics, the help() texts that ship
     with every Python: about 460 KB of English prose and code) to `path` as one text file,
     topics in name order, separated by blank lines. No download. heldout_path: also write
@@ -670,8 +714,7 @@ def write_pydoc_topics(path: str, heldout_path: str = "", val_fraction: float = 
     evaluate on with sample.py --eval. Returns the bytes written to `path`.
         python -c "import data; data.write_pydoc_topics('topics.txt', 'topics_heldout.txt')"
     """
-    from pydoc_data.topics import topics  # a dict: topic name -> its documentation text
-    raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
+    raw = text_bytes(text)  # text="docstrings": the standard library's docstrings instead (TEXTS)
     with open(path, "wb") as f:
         f.write(raw)
     if heldout_path:
@@ -716,19 +759,19 @@ def pydoc_phrases(text: str, fits, min_chars: int, every_word: bool) -> list:
 
 
 def pydoc_task_pairs(split: str, task: str = "vowels", seq_len: int = 96, block_len: int = 8, min_chars: int = 30,
-                     val_fraction: float = 0.1) -> list:
+                     val_fraction: float = 0.1, text: str = "pydoc") -> list:
     """The (source, target) pairs of one split, "train" or "test", of the task that
     write_pydoc_task writes (the same arguments give the same pairs, in memory): phrases of
     pydoc_data.topics, each source the phrase damaged by PYDOC_TASKS[task]. The test phrases
     come from the last val_fraction of the text (what pretraining on the text holds out) and
     follow one another; the training phrases come from the rest and start at every word
-    (overlapping). Only examples that fit seq_len with blocks of block_len (example_length)."""
+    (overlapping). Only examples that fit seq_len with blocks of block_len (example_length).
+    text="docstrings" cuts the phrases from the standard library's docstrings (TEXTS)."""
     if task not in PYDOC_TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PYDOC_TASKS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    from pydoc_data.topics import topics
-    raw = "\n\n".join(topics[name].strip() for name in sorted(topics)).encode("utf-8") + b"\n"
+    raw = text_bytes(text)
     damage = PYDOC_TASKS[task]
 
     def example(phrase):  # the same phrase always gets the same damage (shuffle: its own seed)
@@ -744,9 +787,10 @@ def pydoc_task_pairs(split: str, task: str = "vowels", seq_len: int = 96, block_
 
 
 def write_pydoc_task(train_path: str, test_path: str, text_path: str = "", task: str = "vowels",
-                     seq_len: int = 96, block_len: int = 8, min_chars: int = 30, val_fraction: float = 0.1) -> tuple:
-    """Write a seq2seq task built from pydoc_data.topics (see PYDOC_TASKS and
-    pydoc_task_pairs): train and test JSON Lines files of {"source": damaged phrase,
+                     seq_len: int = 96, block_len: int = 8, min_chars: int = 30, val_fraction: float = 0.1,
+                     text: str = "pydoc") -> tuple:
+    """Write a seq2seq task built from pydoc_data.topics (text="docstrings": from the
+    standard library's docstrings; see TEXTS, PYDOC_TASKS and pydoc_task_pairs): train and test JSON Lines files of {"source": damaged phrase,
     "target": phrase}, and (text_path) the text to pretrain an AR model on, as
     write_pydoc_topics writes it. The test phrases come from the part of the text that
     pretraining on text_path holds out (its last val_fraction), the training phrases from
@@ -756,10 +800,10 @@ def write_pydoc_task(train_path: str, test_path: str, text_path: str = "", task:
     if task not in PYDOC_TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PYDOC_TASKS)}")
     if text_path:
-        write_pydoc_topics(text_path, val_fraction=val_fraction)
+        write_pydoc_topics(text_path, val_fraction=val_fraction, text=text)
     counts = []
     for path, split in ((train_path, "train"), (test_path, "test")):
-        pairs = pydoc_task_pairs(split, task, seq_len, block_len, min_chars, val_fraction)
+        pairs = pydoc_task_pairs(split, task, seq_len, block_len, min_chars, val_fraction, text)
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"source": source, "target": target}) + "\n" for source, target in pairs)
         counts.append(len(pairs))

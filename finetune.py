@@ -536,7 +536,176 @@ def ft_ar_speed(d: str, jobs: int, threads: int, quick: bool, json_dir: str, rep
     return out
 
 
-def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int) -> dict:
+# ---------------------------------------------------------------------------------------
+# The recipe protocol: does train.INIT_RECIPE hold beyond the task it was chosen on? Every
+# setting swept below is fine-tuned from an AR pretrained on each task's text, at two
+# budgets (RECIPE_BUDGETS steps, each run with its own schedule: a 1200-step run is not a
+# 300-step run continued), and scored on the task's test pairs (chrF, greedy, T = B). A
+# default is then picked per model by its WORST cell: the setting whose lowest ratio to the
+# best setting of its model in a (task, budget) cell is highest. A sweep read at one cell
+# can favour what a longer run pays for (a high learning rate), and a rule that takes the
+# best cell inherits that.
+#   python finetune.py --stage=recipe --out_dir=out-recipe --json_dir=bench --jobs=2 --threads=1
+#   python finetune.py --stage=recipe --cells=docstrings:300 ...   # one cell's runs only
+#   python finetune.py --stage=recipe_table --out_dir=out-recipe   # score what is finished
+# Each task has its own folder under out_dir (its files, ar-pre/, runs/); the 300-step
+# cells train first. --stage=recipe trains what is missing (or what --cells names), scores
+# every finished run once (kept in its folder as score.json) and writes
+# json_dir/finetune_recipe.json with the four-cell table; recipe_table only scores and writes.
+# ---------------------------------------------------------------------------------------
+
+# The two tasks: what differs between them is what the recipe might depend on: the text,
+# the answers' length, the AR's depth N (so N_dec = N / 2 is 4 or 2) and the data's size.
+RECIPE_TASKS = {
+    # the walk-through's own task: phrases of pydoc_data.topics (the language reference),
+    # answers of 48 characters on average, 27.9k training pairs, an AR of N = 8
+    "pydoc": dict(text="pydoc", seq_len=96, pretrain=FT_PRETRAIN, test_pairs=285),
+    # phrases of the standard library's docstrings (data.stdlib_docstrings_text: prose about
+    # APIs), seq_len 128: answers of 59 characters on average, 129k training pairs (the
+    # 1200-step runs see less than one epoch), an AR of N = 4, the first 400 test pairs
+    "docstrings": dict(text="docstrings", seq_len=128, test_pairs=400,
+                       pretrain=[f for f in FT_PRETRAIN if not f.startswith(("--n_enc", "--seq_len"))] +
+                       ["--n_enc=4", "--seq_len=128"]),
+}
+RECIPE_BUDGETS = (300, 1200)  # fine-tuning steps of batch 32
+RECIPE_LRS = (1e-3, 2e-3, 3e-3)  # every model's peak learning rate (min_lr = lr / 10)
+# setting -> train.py flags (E2D2's N_dec = N / 2 of the task's AR, the top layers)
+RECIPE_SETTINGS = {
+    "e2d2-hidden-untied": ["--model=e2d2", "--decoder=hidden", "--tie_decoder=False", "--decoder_layers=top"],
+    "e2d2-shared_kv-tied": ["--model=e2d2", "--decoder=shared_kv", "--tie_decoder=True", "--decoder_layers=top"],
+    "bd3lm": ["--model=bd3lm"],
+    "ar": ["--model=ar"],
+}
+RECIPE_QUICK = {"budgets": (3, 6), "lrs": (1e-3, 3e-3), "test_pairs": 4}
+
+
+def recipe_plan(quick: bool) -> tuple:
+    """(budgets, learning rates): the protocol's, or the tiny ones of --quick."""
+    return (RECIPE_QUICK["budgets"], RECIPE_QUICK["lrs"]) if quick else (RECIPE_BUDGETS, RECIPE_LRS)
+
+
+def recipe_model(setting: str) -> str:
+    return setting.split("-")[0]  # "e2d2-hidden-untied" -> "e2d2"
+
+
+def recipe_runs(out: str, task: str, budget: int, quick: bool) -> dict:
+    """The train.py runs of one cell (task, budget), name -> flags: every setting at every
+    learning rate, fine-tuned from the task's pretrained AR with the walk-through's flags."""
+    spec, d = RECIPE_TASKS[task], os.path.join(out, task)
+    n = int([f for f in recipe_pretrain(d, task, quick) if f.startswith("--n_enc=")][-1].split("=")[1])  # the AR's N
+    common = [f.replace("--seq_len=96", f"--seq_len={spec['seq_len']}").format(dir=d) for f in FT_COMMON]
+    runs = {}
+    for setting, flags in RECIPE_SETTINGS.items():
+        for lr in recipe_plan(quick)[1]:
+            half = [f"--n_dec={(n + 1) // 2}"] if recipe_model(setting) == "e2d2" else []
+            runs[f"{setting}-lr{lr:g}-{budget}"] = common + flags + half + [
+                f"--lr={lr:g}", f"--min_lr={lr / 10:g}", f"--max_steps={budget}", "--block_len=8",
+                f"--eval_every={max(budget // 4, 1)}", f"--init_from={d}/ar-pre/ckpt.pt",
+                *(FT_QUICK["common"][2:] if quick else [])]  # (--quick: its own steps, then its small batch)
+    return runs
+
+
+def recipe_pretrain(d: str, task: str, quick: bool) -> list:
+    """The train.py flags of the task's AR, pretrained on its text (d/text.txt)."""
+    flags = [f.replace("topics.txt", "text.txt").format(dir=d) for f in RECIPE_TASKS[task]["pretrain"]]
+    return flags + (FT_QUICK["pretrain"] if quick else [])
+
+
+def recipe_task(out: str, task: str, quick: bool) -> str:
+    """The task's folder with its files (written once): vowels_train.jsonl, vowels_test.jsonl
+    and the text to pretrain on, and the copy-the-prompt chrF of its test pairs."""
+    spec, d = RECIPE_TASKS[task], os.path.join(out, task)
+    if not os.path.exists(os.path.join(d, "vowels_test.jsonl")):
+        os.makedirs(d, exist_ok=True)
+        data.write_pydoc_task(os.path.join(d, "vowels_train.jsonl"), os.path.join(d, "vowels_test.jsonl"),
+                              os.path.join(d, "text.txt"), seq_len=spec["seq_len"], text=spec["text"])
+    return d
+
+
+def recipe_test_pairs(d: str, task: str, quick: bool) -> list:
+    return data.read_pairs(os.path.join(d, "vowels_test.jsonl"))[:RECIPE_QUICK["test_pairs"] if quick
+                                                                  else RECIPE_TASKS[task]["test_pairs"]]
+
+
+def recipe_score(d: str, task: str, name: str, quick: bool) -> dict:
+    """One finished run on the task's test pairs (greedy, T = B; AR: one token a step), kept
+    in the run's folder as score.json and used again while the checkpoint's step is the same."""
+    path, ckpt = os.path.join(run_dir(d, name), "score.json"), load_checkpoint(os.path.join(run_dir(d, name), "ckpt.pt"), "cpu")
+    if os.path.exists(path):
+        kept = json.load(open(path))
+        if kept["steps"] == ckpt["step"]:
+            return kept
+    model = model_from_checkpoint(ckpt, "cpu")
+    r = answer_pairs(model, recipe_test_pairs(d, task, quick), data.ByteTokenizer(),
+                     steps=block_steps(model)[0])  # T = B for the block models, the default otherwise
+    score = {"steps": ckpt["step"], "val_nelbo": ckpt["metrics"]["val_nelbo"], "val_nelbo_se": ckpt["metrics"]["val_nelbo_se"],
+             "chrf": r["chrf"], "bleu": r["bleu"], "exact_match": r["exact_match"], "answers": r["answers"][:3]}
+    write_json(path, score)
+    return score
+
+
+def recipe_choose(table: dict, models_of: dict) -> dict:
+    """The default of each model by its worst cell. table: cell -> {setting-lr: chrF} (only
+    complete cells: every setting scored); models_of: setting-lr -> model. For each model,
+    each candidate's ratio to the best of that model's candidates in each cell; the default is
+    the candidate whose lowest ratio is highest. Returns model -> {default, worst_ratio,
+    worst_cell, by_candidate: {candidate: its lowest ratio}}."""
+    out = {}
+    for model in sorted(set(models_of.values())):
+        cands = sorted(c for c, m in models_of.items() if m == model)
+        ratios = {c: {cell: row[c] / max(max(row[o] for o in cands), 1e-9) for cell, row in table.items()} for c in cands}
+        worst = {c: min(r.values()) for c, r in ratios.items()}
+        best = max(cands, key=lambda c: worst[c])
+        out[model] = {"default": best, "worst_ratio": worst[best], "worst_cell": min(ratios[best], key=ratios[best].get),
+                      "by_candidate": worst}
+    return out
+
+
+def recipe(out: str, jobs: int, threads: int, quick: bool, json_dir: str, cells: list, train: bool = True) -> dict:
+    """--stage=recipe (train, then score and tabulate) and --stage=recipe_table (score and
+    tabulate what is finished): see the section's comment."""
+    budgets = recipe_plan(quick)[0]
+    every = [(task, b) for b in budgets for task in RECIPE_TASKS]  # the cheap cells first
+    wanted = every if not cells else [c for c in every if f"{c[0]}:{c[1]}" in cells]
+    for task, budget in every:
+        d = recipe_task(out, task, quick)
+        if train and (task, budget) in wanted:
+            ft_train({"ar-pre": recipe_pretrain(d, task, quick)}, d, 1, threads)
+            ft_train(recipe_runs(out, task, budget, quick), d, jobs, threads)
+    rows, table, models_of = {}, {}, {}
+    for task, budget in every:
+        d, cell = os.path.join(out, task), f"{task}:{budget}"
+        done = {n: f for n, f in recipe_runs(out, task, budget, quick).items()
+                if os.path.exists(os.path.join(run_dir(d, n), "ckpt.pt")) and ft_step(d, n) >= budget}
+        rows[cell] = {n: recipe_score(d, task, n, quick) for n in tqdm(done, desc=f"score {cell}")}
+        names = recipe_runs(out, task, budget, quick)
+        if len(done) == len(names):  # a complete cell enters the choice
+            table[cell] = {n.rsplit("-", 1)[0]: rows[cell][n]["chrf"] for n in names}
+    for c in {n.rsplit("-", 1)[0] for n in recipe_runs(out, "pydoc", budgets[0], quick)}:
+        models_of[c] = recipe_model(c)
+    chosen = recipe_choose(table, models_of) if table else {}
+    result = {"cells": rows, "complete_cells": sorted(table), "chrf_table": table, "chosen": chosen,
+              "copy_chrf": {t: 100 * data.chrf(*zip(*recipe_test_pairs(os.path.join(out, t), t, quick))) for t in RECIPE_TASKS},
+              "budgets": list(budgets), "lrs": list(recipe_plan(quick)[1]), "threads": threads}
+    write_json(os.path.join(json_dir, "finetune_recipe.json"), result)
+    print(recipe_report(result))
+    return result
+
+
+def recipe_report(result: dict) -> str:
+    """The four-cell table as text: per cell each setting's chrF, then each model's default."""
+    lines = []
+    for cell, row in result["cells"].items():
+        done = "" if cell in result["complete_cells"] else " (incomplete)"
+        lines.append(f"{cell}{done} (copying the prompt: {result['copy_chrf'][cell.split(':')[0]]:.1f})")
+        lines += [f"  {n:34} chrF {r['chrf']:5.1f}  val NELBO {r['val_nelbo']:.3f}" for n, r in sorted(row.items())]
+    for model, c in result["chosen"].items():
+        lines.append(f"{model}: default {c['default']} (worst cell {c['worst_cell']}: {c['worst_ratio']:.2f}x the best there)")
+    return "\n".join(lines)
+
+
+def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir: str, repeats: int,
+             cells: tuple = ()) -> dict:
     """Run one stage of the walk-through (or all of them, in FT_STAGES order); each training
     stage skips the runs already finished. The figures go to json_dir/finetune.json (the
     task, the choices, every run on the test set), finetune_speed.json (step times, decoding
@@ -545,8 +714,10 @@ def finetune(stage: str, d: str, jobs: int, threads: int, quick: bool, json_dir:
         return ft_seeds(d, jobs, threads, quick, json_dir)
     if stage == "ar_speed":
         return ft_ar_speed(d, jobs, threads, quick, json_dir, repeats)
+    if stage in ("recipe", "recipe_table"):
+        return recipe(d, jobs, threads, quick, json_dir, cells, train=stage == "recipe")
     if stage != "all" and stage not in FT_STAGES:
-        raise ValueError(f"--stage must be all, seeds, ar_speed or one of {FT_STAGES}, got {stage!r}")
+        raise ValueError(f"--stage must be all, seeds, ar_speed, recipe, recipe_table or one of {FT_STAGES}, got {stage!r}")
     paths = {k: os.path.join(json_dir, f"finetune{k}.json") for k in ("", "_speed", "_probe")}
     load = lambda p: json.load(open(p)) if os.path.exists(p) else {}  # noqa: E731
     task = ft_task(d, quick)
@@ -586,7 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("--stage", default="all", help=f"all (every stage of {', '.join(FT_STAGES)}, in order), one of them, "
                    "or, not part of all: seeds (the equal-time comparison at 3 seeds), ar_speed (both AR "
-                   "models timed beside E2D2 and BD3-LM) (default all)")
+                   "models timed beside E2D2 and BD3-LM), recipe (the recipe protocol: train, score, tabulate), "
+                   "recipe_table (score and tabulate what is finished) (default all)")
+    p.add_argument("--cells", default="", help="recipe: only the runs of these cells, comma-separated task:steps "
+                   f"(tasks {', '.join(RECIPE_TASKS)}; steps {', '.join(map(str, RECIPE_BUDGETS))}); "
+                   "default: every cell")
     p.add_argument("--out_dir", default="out-finetune", help="where the task's files and every run go "
                    "(default out-finetune)")
     p.add_argument("--json_dir", default="bench", help="where the figures go (default bench)")
@@ -608,12 +783,15 @@ def main(argv=None):
             ("repeats", args.repeats, args.repeats is None or args.repeats >= 1, ">= 1"),
             ("jobs", args.jobs, args.jobs >= 1, ">= 1"),
             ("threads", args.threads, args.threads >= 0, ">= 0 (0 = torch's default)")] if not ok]
+        cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+        known = [f"{t}:{b}" for b in recipe_plan(args.quick)[0] for t in RECIPE_TASKS]
+        bad += [f"--cells: unknown cell {c!r}; the cells are {', '.join(known)}" for c in cells if c not in known]
         if bad:
             raise ValueError("; ".join(bad))
         if args.threads:
             torch.set_num_threads(args.threads)
         return finetune(args.stage, args.out_dir, args.jobs, args.threads, args.quick, args.json_dir,
-                        args.repeats or (FT_QUICK["repeats"] if args.quick else 7))
+                        args.repeats or (FT_QUICK["repeats"] if args.quick else 7), tuple(cells))
     except ValueError as e:
         sys.exit(f"error: {e}")
 

@@ -160,3 +160,97 @@ def test_finetune_seed_table_pairs_each_seed_and_counts_the_wins():
     assert t["e2d2_minus_bd3lm"]["chrf_T4"]["mean"] == pytest.approx((2 + 3 - 5) / 3)
     assert t["e2d2_minus_bd3lm"]["chrf_T4"]["sd"] == pytest.approx(4.3589, abs=1e-4)  # of (2, 3, -5)
     assert t["e2d2_ahead_on_seeds"] == {"val_nelbo": 0, "chrf_T4": 2, "chrf_T2": 0}
+
+
+# --- the recipe protocol: defaults that hold over two tasks and two budgets ------------
+
+def test_recipe_runs_sweep_every_setting_at_every_rate_from_each_tasks_ar():
+    import train
+    for task, half in (("pydoc", 4), ("docstrings", 2)):  # N_dec = N / 2 of an AR of N = 8 and N = 4
+        for budget in finetune.RECIPE_BUDGETS:
+            runs = finetune.recipe_runs("O", task, budget, quick=False)
+            assert len(runs) == len(finetune.RECIPE_SETTINGS) * len(finetune.RECIPE_LRS) == 12
+            for name, flags in runs.items():
+                model_over, train_over = train.parse_args(flags)
+                assert train_over["init_from"] == f"O/{task}/ar-pre/ckpt.pt" and train_over["max_steps"] == budget
+                assert name.endswith(f"-lr{train_over['lr']:g}-{budget}") and train_over["min_lr"] == pytest.approx(train_over["lr"] / 10)
+                assert model_over["seq_len"] == finetune.RECIPE_TASKS[task]["seq_len"]
+                if model_over["model"] == "e2d2":
+                    assert model_over["n_dec"] == half and model_over["decoder_layers"] == "top"
+                ModelConfig(**{**model_over, "vocab_size": 260})
+        pre = train.parse_args(finetune.recipe_pretrain(f"O/{task}", task, quick=False))
+        assert pre[0]["n_enc"] == 2 * half and pre[1]["data"] == f"O/{task}/text.txt"
+        assert pre[0]["seq_len"] == finetune.RECIPE_TASKS[task]["seq_len"]
+
+
+def test_recipe_default_is_the_best_worst_cell_not_the_best_cell():
+    # worked by hand: "hot" wins the short cells, loses the long ones; "cool" is never first
+    # but never far behind; "cold" is behind everywhere. Ratios to each cell's best:
+    #   hot:  1.00, 1.00, 30/40 = 0.75, 33/44 = 0.75   -> worst 0.75
+    #   cool: 18/20 = 0.90, 27/30 = 0.90, 1.00, 1.00  -> worst 0.90
+    #   cold: 10/20 = 0.50, ...                        -> worst 0.50
+    table = {"a:300": {"hot": 20.0, "cool": 18.0, "cold": 10.0, "b": 5.0},
+             "b:300": {"hot": 30.0, "cool": 27.0, "cold": 20.0, "b": 5.0},
+             "a:1200": {"hot": 30.0, "cool": 40.0, "cold": 39.0, "b": 5.0},
+             "b:1200": {"hot": 33.0, "cool": 44.0, "cold": 40.0, "b": 6.0}}
+    chosen = finetune.recipe_choose(table, {"hot": "m", "cool": "m", "cold": "m", "b": "other"})
+    assert chosen["m"]["default"] == "cool" and chosen["m"]["worst_ratio"] == pytest.approx(0.9)
+    assert chosen["m"]["by_candidate"]["hot"] == pytest.approx(0.75) and chosen["m"]["worst_cell"] in ("a:300", "b:300")
+    assert chosen["other"] == {"default": "b", "worst_ratio": 1.0, "worst_cell": "a:300", "by_candidate": {"b": 1.0}}
+    # the rule a 300-step sweep amounts to (best in one cell) picks the other one
+    assert max(table["a:300"], key=lambda c: table["a:300"][c] if c != "b" else 0) == "hot"
+
+
+def test_docstrings_task_is_another_text_with_held_out_test_phrases(monkeypatch):
+    # a stand-in for the standard library (the real one takes seconds to parse): the texts are
+    # looked up by name, and the pairs are cut from whichever text is asked for
+    para = lambda i: f"Return the {i}th element of the sequence, or raise an error when it is missing."  # noqa: E731
+    monkeypatch.setitem(data.TEXTS, "docstrings", lambda: "\n\n".join(para(i) for i in range(200)).encode())
+    monkeypatch.setattr(data, "_TEXT_CACHE", {})
+    train_pairs, test_pairs = (data.pydoc_task_pairs(s, text="docstrings", seq_len=128) for s in ("train", "test"))
+    assert train_pairs and test_pairs
+    text = data.TEXTS["docstrings"]().decode()
+    for src, tgt in train_pairs + test_pairs:
+        assert src == "".join(c for c in tgt if c not in "aeiouAEIOU") and tgt in text  # the vowels taken out of a phrase
+    assert {t for _, t in test_pairs}.isdisjoint(t for _, t in train_pairs)
+    held_out = text[int(len(text) * 0.9):]  # the test phrases come from the text's held-out tail
+    assert all(t in held_out or t.split()[-1] in held_out for _, t in test_pairs)
+    assert data.pydoc_task_pairs("test", seq_len=128)[0] != test_pairs[0]  # the default text is still pydoc's
+    with pytest.raises(ValueError, match="unknown text 'plays'"):
+        data.text_bytes("plays")
+
+
+@pytest.mark.slow  # parses the standard library twice (seconds each)
+def test_stdlib_docstrings_text_is_english_prose_about_the_library():
+    text = data.stdlib_docstrings_text().decode()
+    assert len(text) > 500_000 and "Return " in text
+    assert text == data.stdlib_docstrings_text().decode()  # the same bytes each time (sorted walk)
+    from pydoc_data.topics import topics
+    assert text[:2000] not in "\n\n".join(topics.values())  # another text than the walk-through's
+
+
+@pytest.mark.slow
+def test_recipe_protocol_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    # tiny models, tiny budgets, a small stand-in text for each task: every cell trains,
+    # is scored once and enters the table; recipe_table then scores nothing again
+    words = "the function returns a list of values from the module and raises an error otherwise".split()
+    text = "\n\n".join(" ".join(words[i % 7:] + words[:i % 7]) for i in range(400)).encode()
+    for name in data.TEXTS:
+        monkeypatch.setitem(data.TEXTS, name, lambda text=text: text)
+    monkeypatch.setattr(data, "_TEXT_CACHE", {})
+    out, js = str(tmp_path / "runs"), str(tmp_path)
+    finetune.finetune("recipe", out, 2, 1, True, js, 1, cells=("pydoc:3",))  # one cell's runs only
+    first = json.loads((tmp_path / "finetune_recipe.json").read_text())
+    assert first["complete_cells"] == ["pydoc:3"] and first["chrf_table"]["pydoc:3"].keys() == {
+        f"{s}-lr{lr:g}" for s in finetune.RECIPE_SETTINGS for lr in finetune.RECIPE_QUICK["lrs"]}
+    finetune.finetune("recipe", out, 2, 1, True, js, 1)  # the rest
+    result = json.loads((tmp_path / "finetune_recipe.json").read_text())
+    assert len(result["complete_cells"]) == 4 and set(result["chosen"]) == {"e2d2", "bd3lm", "ar"}
+    assert all(0 < c["worst_ratio"] <= 1 for c in result["chosen"].values())
+    scores = list(tmp_path.glob("runs/*/runs/*/score.json"))
+    assert len(scores) == 4 * 8
+    stamps = [p.stat().st_mtime_ns for p in scores]
+    capsys.readouterr()
+    finetune.finetune("recipe_table", out, 2, 1, True, js, 1)
+    assert [p.stat().st_mtime_ns for p in scores] == stamps  # kept, not scored again
+    assert "e2d2: default" in capsys.readouterr().out
