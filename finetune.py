@@ -672,7 +672,7 @@ def recipe(out: str, jobs: int, threads: int, quick: bool, json_dir: str, cells:
         if train and (task, budget) in wanted:
             ft_train({"ar-pre": recipe_pretrain(d, task, quick)}, d, 1, threads)
             ft_train(recipe_runs(out, task, budget, quick), d, jobs, threads)
-    rows, table, models_of = {}, {}, {}
+    rows, table = {}, {}  # cell -> {run: its score}; complete cell -> {setting-lr: chrF}
     for task, budget in every:
         d, cell = os.path.join(out, task), f"{task}:{budget}"
         done = {n: f for n, f in recipe_runs(out, task, budget, quick).items()
@@ -680,11 +680,17 @@ def recipe(out: str, jobs: int, threads: int, quick: bool, json_dir: str, cells:
         rows[cell] = {n: recipe_score(d, task, n, quick) for n in tqdm(done, desc=f"score {cell}")}
         names = recipe_runs(out, task, budget, quick)
         if len(done) == len(names):  # a complete cell enters the choice
-            table[cell] = {n.rsplit("-", 1)[0]: rows[cell][n]["chrf"] for n in names}
-    for c in {n.rsplit("-", 1)[0] for n in recipe_runs(out, "pydoc", budgets[0], quick)}:
-        models_of[c] = recipe_model(c)
+            table[cell] = {n.rsplit("-", 1)[0]: rows[cell][n]["chrf"] for n in names}  # (the budget cut off)
+    models_of = {f"{s}-lr{lr:g}": recipe_model(s) for s in RECIPE_SETTINGS for lr in recipe_plan(quick)[1]}
     chosen = recipe_choose(table, models_of) if table else {}
-    result = {"cells": rows, "complete_cells": sorted(table), "chrf_table": table, "chosen": chosen,
+    # E2D2's default (and today's INIT_RECIPE: shared-KV, tied, lr 3e-3) in every complete
+    # cell, against BD3-LM's default and the best E2D2 setting there
+    e2d2 = {"default": chosen["e2d2"]["default"], "init_recipe": "e2d2-shared_kv-tied-lr0.003"} if chosen else {}
+    ratio = lambda a, b: a / b if b else None  # noqa: E731  (a run that answers nothing scores chrF 0)
+    versus = {cell: {which: {"setting": c, "chrf": row[c], "to_bd3lm_default": ratio(row[c], row[chosen["bd3lm"]["default"]]),
+                             "to_best_e2d2": ratio(row[c], max(row[o] for o, m in models_of.items() if m == "e2d2"))}
+                     for which, c in e2d2.items() if c in row} for cell, row in table.items()}
+    result = {"cells": rows, "complete_cells": sorted(table), "chrf_table": table, "chosen": chosen, "e2d2_versus": versus,
               "copy_chrf": {t: 100 * data.chrf(*zip(*recipe_test_pairs(os.path.join(out, t), t, quick))) for t in RECIPE_TASKS},
               "budgets": list(budgets), "lrs": list(recipe_plan(quick)[1]), "threads": threads}
     write_json(os.path.join(json_dir, "finetune_recipe.json"), result)
@@ -699,8 +705,13 @@ def recipe_report(result: dict) -> str:
         done = "" if cell in result["complete_cells"] else " (incomplete)"
         lines.append(f"{cell}{done} (copying the prompt: {result['copy_chrf'][cell.split(':')[0]]:.1f})")
         lines += [f"  {n:34} chrF {r['chrf']:5.1f}  val NELBO {r['val_nelbo']:.3f}" for n, r in sorted(row.items())]
+    over = f"over the {len(result['complete_cells'])} complete cells of {len(result['cells'])}"
     for model, c in result["chosen"].items():
-        lines.append(f"{model}: default {c['default']} (worst cell {c['worst_cell']}: {c['worst_ratio']:.2f}x the best there)")
+        lines.append(f"{model}: default {c['default']} {over} (worst cell {c['worst_cell']}: "
+                     f"{c['worst_ratio']:.2f}x the best there)")
+    for cell, v in result["e2d2_versus"].items():
+        lines += [f"{cell}: E2D2 {which} ({r['setting']}) chrF {r['chrf']:.1f} = {r['to_bd3lm_default'] or 0:.2f}x "
+                  f"BD3-LM's default, {r['to_best_e2d2'] or 0:.2f}x the best E2D2" for which, r in v.items()]
     return "\n".join(lines)
 
 

@@ -247,6 +247,13 @@ def test_recipe_protocol_runs_end_to_end(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "finetune_recipe.json").read_text())
     assert len(result["complete_cells"]) == 4 and set(result["chosen"]) == {"e2d2", "bd3lm", "ar"}
     assert all(0 < c["worst_ratio"] <= 1 for c in result["chosen"].values())
+    versus = result["e2d2_versus"]  # E2D2's default and today's recipe against BD3-LM's default, in every cell
+    assert set(versus) == set(result["complete_cells"]) and all(set(v) == {"default", "init_recipe"} for v in versus.values())
+    for cell, v in versus.items():
+        row = result["chrf_table"][cell]
+        r = v["init_recipe"]
+        assert r["chrf"] == row["e2d2-shared_kv-tied-lr0.003"]
+        assert r["to_bd3lm_default"] == pytest.approx(r["chrf"] / row[result["chosen"]["bd3lm"]["default"]])
     scores = list(tmp_path.glob("runs/*/runs/*/score.json"))
     assert len(scores) == 4 * 8
     stamps = [p.stat().st_mtime_ns for p in scores]
