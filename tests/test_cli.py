@@ -245,7 +245,7 @@ def test_bench_flags_are_checked(capsys, flags, message):
 @pytest.mark.parametrize("flags,message", [
     (["--jobs=0"], "--jobs=0 must be >= 1"),
     (["--repeats=0"], "--repeats=0 must be >= 1"),
-    (["--stage=nope"], "--stage must be all, seeds, ar_speed or one of ('pretrain'"),
+    (["--stage=nope"], "--stage must be all, seeds, ar_speed, recipe, recipe_table or one of ('pretrain'"),
     (["--stage=eval", "--repeat=3"], "unrecognized arguments: --repeat=3"),
 ])
 def test_finetune_flags_are_checked(capsys, flags, message):
